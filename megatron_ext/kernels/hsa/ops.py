@@ -1,0 +1,156 @@
+"""Public HSA functions: argument checks, backend choice, and the autograd ops over the Triton kernels.
+
+Shapes (batch first): q ``[B, L, Hq, D]``, k/v ``[B, C*S, Hk, D]``, q_r ``[B, L, R, Dr]``,
+landmarks ``[B, C, R, Dr]``, indices/weights ``[B, L, Hk or R, K]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ext.kernels.hsa import reference as ref
+from megatron_ext.kernels.utils import check_dtype, resolve_backend
+
+__all__ = ["hsa_retrieval", "hsa_attention", "hsa_decode", "ATTENTION_SCHEDULES"]
+
+# "token": one program per (token, KV head) gathers its K selected chunks; the G query heads of the group fill the
+#   MMA rows, so it is efficient when G >= 16.
+# "chunk": one program per (chunk, KV head) visits the (token, slot) pairs that selected it (reverse index) and
+#   packs several tokens per tile, so small groups (G < 16) still fill the MMA rows; per-slot outputs are summed
+#   afterwards.
+ATTENTION_SCHEDULES = ("auto", "token", "chunk")
+TOKEN_SCHEDULE_MIN_GROUP = 16
+
+
+def _triton_ready() -> bool:
+    try:
+        from megatron_ext.kernels.hsa import attention, retrieval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hsa_retrieval(
+    q_r: torch.Tensor,
+    landmarks: torch.Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    weight_rule: str = "softmax",
+    gumbel: bool = False,
+    rank_decay: torch.Tensor | float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    seed: int | None = None,
+):
+    """Select the top-k past chunks of every token and weigh them.
+
+    q_r ``[B, L, R, Dr]``, landmarks ``[B, C, R, Dr]`` -> ``indices`` int32 ``[B, L, R, K]`` (most recent first, -1 in
+    invalid slots) and ``weights`` fp32 ``[B, L, R, K]`` (0 in invalid slots). Chunk c is eligible for token t iff
+    (c+1)*S <= t and, with ``cu_seqlens`` (packed, B == 1, documents starting on chunk boundaries), c lies in t's
+    document. ``gumbel`` adds Gumbel noise to the scores for the choice only (training); ``seed`` fixes it.
+    Gradients reach q_r, landmarks and a tensor ``rank_decay`` through the weights.
+    """
+    ref._check_retrieval_inputs(q_r, landmarks, chunk_size, topk)
+    check_dtype("q_r", q_r)
+    check_dtype("landmarks", landmarks)
+    if q_r.dtype != landmarks.dtype:
+        raise TypeError(f"q_r ({q_r.dtype}) and landmarks ({landmarks.dtype}) must share a dtype")
+    if cu_seqlens is not None and q_r.shape[0] != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {q_r.shape[0]}")
+    if resolve_backend(backend, q_r, landmarks) == "reference" or not _triton_ready():
+        gen = None
+        if gumbel and seed is not None:
+            gen = torch.Generator(device=q_r.device).manual_seed(seed)
+        return ref.hsa_retrieval_reference(
+            q_r, landmarks, chunk_size=chunk_size, topk=topk, weight_rule=weight_rule, gumbel=gumbel,
+            rank_decay=rank_decay, cu_seqlens=cu_seqlens, generator=gen,
+        )
+    from megatron_ext.kernels.hsa.retrieval import retrieval_triton
+
+    return retrieval_triton(
+        q_r, landmarks, chunk_size=chunk_size, topk=topk, weight_rule=weight_rule, gumbel=gumbel,
+        rank_decay=rank_decay, cu_seqlens=cu_seqlens, seed=seed,
+    )
+
+
+def hsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    chunk_size: int,
+    sm_scale: float | None = None,
+    softmax_off_by_one: bool = False,
+    backend: str = "auto",
+    schedule: str = "auto",
+) -> torch.Tensor:
+    """Sparse chunk attention: o[t, g] = sum_k weights[t, h, k] * softmax(q[t, g] K_c^T * scale) V_c, c = indices[t, h, k].
+
+    q ``[B, L, Hq, D]``, k/v ``[B, C*S, Hk, D]``, weights/indices ``[B, L, Hk, K]`` -> o ``[B, L, Hq, D]``.
+    Negative indices are skipped. Gradients flow to q, k, v and weights (fp32), never to indices.
+    ``schedule`` picks the Triton loop order ("token" or "chunk"; "auto": token when Hq/Hk >= 16).
+    """
+    ref._check_attention_inputs(q, k, v, weights, indices, chunk_size)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if schedule not in ATTENTION_SCHEDULES:
+        raise ValueError(f"schedule must be one of {ATTENTION_SCHEDULES}, got {schedule!r}")
+    if resolve_backend(backend, q, k, v) == "reference" or not _triton_ready():
+        return ref.hsa_attention_reference(
+            q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=sm_scale,
+            softmax_off_by_one=softmax_off_by_one,
+        )
+    from megatron_ext.kernels.hsa.attention import HSAAttentionFunction
+
+    group = q.shape[2] // k.shape[2]
+    if schedule == "auto":
+        schedule = "token" if group >= TOKEN_SCHEDULE_MIN_GROUP else "chunk"
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    return HSAAttentionFunction.apply(q, k, v, weights, indices, chunk_size, scale, softmax_off_by_one, schedule)
+
+
+def hsa_decode(
+    q: torch.Tensor,
+    q_r: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    landmarks: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    weight_rule: str = "softmax",
+    rank_decay: torch.Tensor | float | None = None,
+    sm_scale: float | None = None,
+    softmax_off_by_one: bool = False,
+    backend: str = "auto",
+):
+    """Inference: one new token per sequence against the cached chunk K/V and landmarks.
+
+    q ``[B, Hq, D]``, q_r ``[B, R, Dr]`` (R = Hk or 1), k_cache/v_cache ``[B, C*S, Hk, D]``,
+    landmarks ``[B, C, R, Dr]``, positions int ``[B]`` = index of the new token in its sequence (chunks with
+    (c+1)*S <= position are eligible; caches may hold more chunks than that).
+    Returns ``(o [B, Hq, D], indices [B, Hk, K] int32, weights [B, Hk, K] fp32)``.
+    """
+    if q.dim() != 3 or q_r.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D] and q_r [B, R, Dr]; got {tuple(q.shape)} and {tuple(q_r.shape)}")
+    if positions.shape != (q.shape[0],):
+        raise ValueError(f"positions must be [B={q.shape[0]}], got {tuple(positions.shape)}")
+    if resolve_backend(backend, q, k_cache, v_cache) == "reference" or not _triton_ready():
+        return ref.hsa_decode_reference(
+            q, q_r, k_cache, v_cache, landmarks, positions, chunk_size=chunk_size, topk=topk,
+            weight_rule=weight_rule, rank_decay=rank_decay, sm_scale=sm_scale, softmax_off_by_one=softmax_off_by_one,
+        )
+    from megatron_ext.kernels.hsa.decode import decode_triton
+
+    return decode_triton(
+        q, q_r, k_cache, v_cache, landmarks, positions, chunk_size=chunk_size, topk=topk, weight_rule=weight_rule,
+        rank_decay=rank_decay, sm_scale=sm_scale, softmax_off_by_one=softmax_off_by_one,
+    )

@@ -1,0 +1,78 @@
+"""Helpers shared by the Triton kernel families (HSA, GCA).
+
+Nothing here launches a kernel: it answers "may a Triton kernel run on these tensors", maps dtypes, and holds the
+small numeric helpers every family needs. Importing this module never imports triton eagerly, so the PyTorch
+references stay usable on machines without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "interpreter_enabled",
+    "triton_available",
+    "resolve_backend",
+    "next_power_of_2",
+    "dot_precision",
+    "check_dtype",
+    "SUPPORTED_DTYPES",
+]
+
+BACKENDS = ("auto", "triton", "reference")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` set before triton's import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Turn ``backend="auto"|"triton"|"reference"`` into "triton" or "reference".
+
+    "auto" picks Triton when every tensor lives on a CUDA device, or when the interpreter is on (CPU tensors);
+    otherwise the PyTorch reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    on_cuda = all(t.is_cuda for t in tensors)
+    runnable = triton_available() and (on_cuda or (interpreter_enabled() and not any(t.is_cuda for t in tensors)))
+    if backend == "triton":
+        if not runnable:
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+                "imported; use backend='reference' or 'auto' instead"
+            )
+        return "triton"
+    return "triton" if runnable else "reference"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (no TF32), native for fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
