@@ -31,3 +31,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def _megatron_process_group():
+    """A single-process distributed world (gloo on CPU, NCCL on a GPU) shared by the in-process megatron tests."""
+    import torch
+
+    from megatron_ext.compat import cpu as cpu_compat
+
+    cpu_compat.apply()
+    cpu_compat.init_process_group(0, 1)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def megatron_world(_megatron_process_group):
+    """megatron-core's parallel state at world size 1 (TP=PP=EP=1), fresh for each test and seeded with 1234."""
+    from megatron_ext.testing import initialize_megatron_parallel, teardown_megatron_parallel
+
+    initialize_megatron_parallel(seed=1234)
+    yield
+    teardown_megatron_parallel()

@@ -1,0 +1,35 @@
+"""The multi-rank harness: results in rank order, a failing rank is reported and nothing is left running."""
+
+import multiprocessing
+import socket
+
+import pytest
+import torch
+
+from megatron_ext.testing import RankFailed, run_on_ranks
+
+
+def _rank_and_sum():
+    from megatron.core import parallel_state
+
+    t = torch.tensor([float(torch.distributed.get_rank() + 1)])
+    torch.distributed.all_reduce(t)
+    return torch.distributed.get_rank(), parallel_state.get_tensor_model_parallel_world_size(), t.item()
+
+
+def _rank1_fails_while_rank0_waits():
+    if torch.distributed.get_rank() == 1:
+        raise ValueError("rank 1 broke on purpose")
+    torch.distributed.barrier()  # never completes: rank 1 is gone
+    return "unreachable"
+
+
+def test_results_come_back_in_rank_order():
+    out = run_on_ranks(_rank_and_sum, 2, parallel_sizes={"tensor_model_parallel_size": 2})
+    assert out == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
+def test_failing_rank_is_reported_and_no_process_or_port_leaks():
+    with pytest.raises(RankFailed, match="rank 1 broke on purpose"):
+        run_on_ranks(_rank1_fails_while_rank0_waits, 2, timeout_s=120)
+    assert multiprocessing.active_children() == []
