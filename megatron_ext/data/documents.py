@@ -1,0 +1,290 @@
+"""Reading JSONL inputs and turning lines into token arrays, with every kind of bad input counted, not fatal.
+
+This is the worker side of preprocessing: it imports no torch, so that worker processes start fast.
+A *batch* is a run of consecutive lines of one input file; ``tokenize_batch`` maps it to one ``KeyOutput`` per
+JSON key (all documents' tokens concatenated, plus their lengths) and a ``BadInputLog``. The output of a batch
+depends on its lines only, which is what makes the output identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+# Bad-input categories, in report order, with the meaning printed in the report.
+BAD_INPUT_KINDS = {
+    "line_too_long": "line longer than --max-line-bytes (skipped unread)",
+    "invalid_utf8": "line is not valid UTF-8",
+    "malformed_json": "line is not valid JSON",
+    "not_an_object": "JSON value is not an object",
+    "missing_key": "object lacks a --json-keys key",
+    "non_string_value": "value under the key is not a string",
+    "invalid_unicode": "string holds lone surrogate escapes (not encodable as UTF-8)",
+    "empty_document": "string is empty or whitespace only",
+    "no_tokens": "tokenizer produced no tokens",
+    "tokenizer_error": "tokenizer raised an error",
+}
+# Not an error, but counted: blank lines between JSONL records.
+BLANK_LINE = "blank_line"
+
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd")
+
+
+class InputError(ValueError):
+    """Bad input met under ``--on-error fail``, or an input that cannot be opened."""
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[str]:
+    """Expand files, directories (their files, sorted) and glob patterns, keeping the given order, once each."""
+    paths: List[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(p for p in glob.glob(os.path.join(pattern, "*")) if os.path.isfile(p))
+        elif glob.has_magic(pattern):
+            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        else:
+            found = [pattern] if os.path.isfile(pattern) else []
+        if not found:
+            raise InputError(f"--input {pattern!r} matches no file")
+        paths.extend(found)
+    unique = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    return unique
+
+
+def open_input(path: str) -> io.BufferedIOBase:
+    """Open a (possibly compressed) input file for binary reading."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if path.endswith((".zst", ".zstd")):
+        try:
+            import zstandard
+        except ImportError as err:
+            raise InputError(f"{path}: reading .zst needs the `zstandard` package: pip install zstandard") from err
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+@dataclass
+class LineBatch:
+    """Consecutive lines of one file. ``lines[i]`` is None for a line that was too long (not kept)."""
+
+    file_index: int
+    first_line: int  # 1-based number of lines[0] in its file
+    lines: List[Optional[bytes]]
+    num_bytes: int
+
+
+def read_line_batches(
+    paths: Sequence[str], *, max_line_bytes: int, batch_bytes: int = 1 << 20, batch_lines: int = 4096,
+    file_index_offset: int = 0,
+) -> Iterator[LineBatch]:
+    """Yield the lines of each file in batches; a line longer than max_line_bytes is skipped without being held
+    in memory whole (it is read and dropped in pieces)."""
+    for index, path in enumerate(paths):
+        with open_input(path) as stream:
+            lines: List[Optional[bytes]] = []
+            first, number, size = 1, 0, 0
+            while True:
+                line = stream.readline(max_line_bytes + 1)
+                if not line:
+                    break
+                number += 1
+                size += len(line)
+                if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                    while True:  # drain the rest of the long line
+                        rest = stream.readline(1 << 20)
+                        size += len(rest)
+                        if not rest or rest.endswith(b"\n"):
+                            break
+                    line = None
+                lines.append(line)
+                if len(lines) >= batch_lines or size >= batch_bytes:
+                    yield LineBatch(file_index_offset + index, first, lines, size)
+                    lines, first, size = [], number + 1, 0
+            if lines:
+                yield LineBatch(file_index_offset + index, first, lines, size)
+
+
+@dataclass
+class BadInputLog:
+    """Counts of bad input per kind and a few (file index, line, detail) samples per kind."""
+
+    counts: Dict[str, int] = field(default_factory=dict)
+    samples: Dict[str, List[Tuple[int, int, str]]] = field(default_factory=dict)
+    max_samples: int = 5
+
+    def add(self, kind: str, file_index: int, line: int, detail: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        kept = self.samples.setdefault(kind, [])
+        if len(kept) < self.max_samples:
+            kept.append((file_index, line, detail))
+
+    def merge(self, other: "BadInputLog") -> None:
+        for kind, n in other.counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + n
+        for kind, items in other.samples.items():
+            kept = self.samples.setdefault(kind, [])
+            kept.extend(items[: max(0, self.max_samples - len(kept))])
+
+    @property
+    def num_bad(self) -> int:
+        return sum(n for kind, n in self.counts.items() if kind != BLANK_LINE)
+
+    def first_error(self) -> Optional[Tuple[str, int, int, str]]:
+        """The earliest bad record (by file, then line) among the samples."""
+        found = [(f, ln, kind, d) for kind, items in self.samples.items() if kind != BLANK_LINE for f, ln, d in items]
+        if not found:
+            return None
+        f, ln, kind, d = min(found)
+        return kind, f, ln, d
+
+    def to_json(self, paths: Sequence[str]) -> dict:
+        return {
+            "counts": dict(self.counts),
+            "samples": {kind: [[paths[f], ln, d] for f, ln, d in items] for kind, items in self.samples.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, paths: Sequence[str], max_samples: int) -> "BadInputLog":
+        index = {p: i for i, p in enumerate(paths)}
+        log = cls(counts=dict(data["counts"]), max_samples=max_samples)
+        for kind, items in data["samples"].items():
+            log.samples[kind] = [(index[p], ln, d) for p, ln, d in items]
+        return log
+
+    def format(self, paths: Sequence[str]) -> List[str]:
+        """Human-readable report lines: one per kind with its count and file:line samples."""
+        out = []
+        for kind in list(BAD_INPUT_KINDS) + [BLANK_LINE]:
+            n = self.counts.get(kind, 0)
+            if not n:
+                continue
+            meaning = BAD_INPUT_KINDS.get(kind, "blank line (ignored)")
+            out.append(f"  {kind}: {n:,}  ({meaning})")
+            if kind != BLANK_LINE:
+                out.extend(f"      {paths[f]}:{ln}: {d}" for f, ln, d in self.samples.get(kind, []))
+        return out
+
+
+@dataclass
+class KeyOutput:
+    """The documents of one JSON key in a batch: tokens concatenated, and each document's length."""
+
+    tokens: np.ndarray  # [sum(lengths)] int64
+    lengths: np.ndarray  # [num_documents] int64
+
+
+@dataclass
+class BatchResult:
+    outputs: Dict[str, KeyOutput]
+    bad: BadInputLog
+    num_bytes: int
+    num_lines: int
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tokenize_batch(batch: LineBatch, tokenizer, json_keys: Sequence[str], append_eod: bool,
+                   max_samples: int = 5) -> BatchResult:
+    """Validate and tokenize every line of the batch; bad documents are logged and left out."""
+    bad = BadInputLog(max_samples=max_samples)
+    texts: Dict[str, List[str]] = {k: [] for k in json_keys}
+    where: Dict[str, List[int]] = {k: [] for k in json_keys}
+    f = batch.file_index
+    for offset, raw in enumerate(batch.lines):
+        ln = batch.first_line + offset
+        if raw is None:
+            bad.add("line_too_long", f, ln, "line skipped")
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad.add("invalid_utf8", f, ln, f"byte {err.start}: {err.reason}")
+            continue
+        if not line.strip():
+            bad.add(BLANK_LINE, f, ln, "blank line")
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            bad.add("malformed_json", f, ln, str(err))
+            continue
+        if not isinstance(record, dict):
+            bad.add("not_an_object", f, ln, f"got {type(record).__name__}")
+            continue
+        for key in json_keys:
+            if key not in record:
+                bad.add("missing_key", f, ln, f"no {key!r} (keys: {_short(', '.join(map(str, record)))})")
+                continue
+            value = record[key]
+            if not isinstance(value, str):
+                bad.add("non_string_value", f, ln, f"{key!r} is {type(value).__name__}")
+                continue
+            if not value.strip():
+                bad.add("empty_document", f, ln, f"{key!r} is {value!r}")
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                bad.add("invalid_unicode", f, ln, f"{key!r} char {err.start}: {err.reason}")
+                continue
+            texts[key].append(value)
+            where[key].append(ln)
+
+    outputs: Dict[str, KeyOutput] = {}
+    for key in json_keys:
+        try:
+            token_lists = tokenizer.tokenize_batch(texts[key])
+        except Exception:  # find the documents at fault one by one
+            token_lists = []
+            for text, ln in zip(texts[key], where[key]):
+                try:
+                    token_lists.append(tokenizer.tokenize(text))
+                except Exception as err:  # noqa: BLE001 - any tokenizer failure is bad input, logged
+                    bad.add("tokenizer_error", f, ln, f"{type(err).__name__}: {_short(str(err))}")
+                    token_lists.append(None)
+        arrays, lengths = [], []
+        for ids, ln in zip(token_lists, where[key]):
+            if ids is None:
+                continue
+            if len(ids) == 0:
+                bad.add("no_tokens", f, ln, f"{key!r} tokenized to nothing")
+                continue
+            arr = np.asarray(ids, dtype=np.int64)
+            if append_eod:
+                arr = np.append(arr, tokenizer.eod)
+            arrays.append(arr)
+            lengths.append(arr.size)
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        outputs[key] = KeyOutput(tokens=tokens, lengths=np.asarray(lengths, dtype=np.int64))
+    return BatchResult(outputs=outputs, bad=bad, num_bytes=batch.num_bytes, num_lines=len(batch.lines))
+
+
+# Worker-process state (set once per process by init_worker).
+_WORKER: dict = {}
+
+
+def init_worker(tokenizer_spec, json_keys: Sequence[str], append_eod: bool, max_samples: int) -> None:
+    _WORKER.update(tokenizer=tokenizer_spec.build(), json_keys=list(json_keys), append_eod=append_eod,
+                   max_samples=max_samples)
+
+
+def worker_tokenize(batch: LineBatch) -> BatchResult:
+    return tokenize_batch(batch, _WORKER["tokenizer"], _WORKER["json_keys"], _WORKER["append_eod"],
+                          _WORKER["max_samples"])

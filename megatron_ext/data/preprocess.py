@@ -1,0 +1,370 @@
+"""JSONL -> megatron-core indexed datasets (``.bin``/``.idx``), fast, deterministic and safe to interrupt.
+
+Pipeline: the main process reads input lines in batches (``documents.read_line_batches``), a pool of worker
+processes validates and tokenizes the batches (``documents.tokenize_batch``), and the main process takes the
+results back *in input order* and writes them with megatron-core's ``IndexedDatasetBuilder``. Because each
+batch's output depends on its lines alone and results are written in order, the files are byte-identical for
+any ``--workers``.
+
+``--partitions N`` splits the input files into N contiguous groups (balanced by size). Each group is written to a
+partial dataset that is finalized on its own with a stamp recording its inputs; a rerun after an interruption
+reuses finished partitions whose stamp still matches. The partials are then merged (``add_index``) in order.
+
+Safety: everything is written under ``*.tmp`` names and renamed at the end, ``.bin`` before ``.idx`` (an old
+``.idx`` is removed first), so an interrupted run never leaves an ``.idx`` that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from megatron_ext.data.documents import (
+    BadInputLog,
+    BatchResult,
+    InputError,
+    expand_inputs,
+    init_worker,
+    read_line_batches,
+    worker_tokenize,
+)
+from megatron_ext.data.tokenizers import TokenizerSpec
+
+REPORT_SUFFIX = "_preprocess_report.json"
+
+
+@dataclass
+class PreprocessOptions:
+    """The options of tools/preprocess_data.py (Megatron-LM flag names in brackets)."""
+
+    inputs: List[str]  # [--input] files, directories or globs; .gz/.bz2/.xz, and .zst with `zstandard`
+    output_prefix: str  # [--output-prefix]; writes {prefix}_{key}_document.{bin,idx}
+    tokenizer: TokenizerSpec  # [--tokenizer-type, --tokenizer-model, --vocab-file, --merge-file]
+    json_keys: List[str] = field(default_factory=lambda: ["text"])  # [--json-keys]
+    append_eod: bool = False  # [--append-eod]
+    workers: int = 1  # [--workers]
+    partitions: int = 1  # [--partitions]
+    log_interval: int = 1000  # [--log-interval] documents between progress lines
+    on_error: str = "skip"  # skip: count, report and leave out bad documents; fail: stop at the first one
+    max_line_bytes: int = 64 << 20  # longer lines are skipped without being held in memory
+    error_samples: int = 5  # file:line samples kept per kind of bad input
+    batch_bytes: int = 1 << 20  # input bytes per work unit sent to a worker
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("skip", "fail"):
+            raise ValueError(f"--on-error must be 'skip' or 'fail'; got {self.on_error!r}")
+        if self.workers < 1 or self.partitions < 1:
+            raise ValueError(f"--workers and --partitions must be >= 1; got {self.workers}, {self.partitions}")
+        if not self.json_keys:
+            raise ValueError("--json-keys needs at least one key")
+
+
+@dataclass
+class PreprocessSummary:
+    output_prefixes: Dict[str, str]  # json key -> dataset prefix
+    documents: Dict[str, int]
+    tokens: Dict[str, int]
+    input_bytes: int
+    lines: int
+    seconds: float
+    bad: BadInputLog
+    input_paths: List[str]
+    resumed_partitions: int = 0
+
+    def report_lines(self) -> List[str]:
+        secs = max(self.seconds, 1e-9)
+        docs, toks = sum(self.documents.values()), sum(self.tokens.values())
+        lines = [
+            f"done: {self.lines:,} lines, {docs:,} documents, {toks:,} tokens from "
+            f"{self.input_bytes / 1e6:,.1f} MB in {self.seconds:.1f} s "
+            f"({docs / secs:,.0f} docs/s, {toks / secs:,.0f} tokens/s, {self.input_bytes / 1e6 / secs:,.2f} MB/s)",
+        ]
+        for key, prefix in self.output_prefixes.items():
+            lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {prefix}.bin/.idx")
+        if self.bad.counts:
+            lines.append(f"bad input: {self.bad.num_bad:,} skipped")
+            lines.extend(self.bad.format(self.input_paths))
+        return lines
+
+
+def dataset_prefix(output_prefix: str, json_key: str) -> str:
+    """Megatron-LM's naming: one dataset per JSON key, at document level."""
+    return f"{output_prefix}_{json_key}_document"
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def publish_dataset(tmp_prefix: str, prefix: str) -> None:
+    """Move a finished ``tmp_prefix.{bin,idx}`` into place: drop any old .idx, then .bin, then .idx."""
+    _remove(prefix + ".idx")
+    os.replace(tmp_prefix + ".bin", prefix + ".bin")
+    os.replace(tmp_prefix + ".idx", prefix + ".idx")
+
+
+def _split_files(paths: List[str], parts: int) -> List[List[str]]:
+    """Contiguous groups of files with about equal total size (never more groups than files)."""
+    parts = max(1, min(parts, len(paths)))
+    sizes = [max(os.path.getsize(p), 1) for p in paths]
+    total, done = sum(sizes), 0
+    groups: List[List[str]] = [[]]
+    for i, (path, size) in enumerate(zip(paths, sizes)):
+        groups_to_open = parts - len(groups)
+        if groups[-1] and (done >= total * len(groups) / parts or len(paths) - i <= groups_to_open):
+            groups.append([])
+        groups[-1].append(path)
+        done += size
+    return groups
+
+
+def _ordered_results(batches: Iterator, workers: int, init_args: tuple) -> Iterator[BatchResult]:
+    """Tokenized batches in input order; at most a few batches per worker in flight (bounded memory)."""
+    if workers == 1:
+        init_worker(*init_args)
+        for batch in batches:
+            yield worker_tokenize(batch)
+        return
+    # spawn: workers do not inherit the parent's torch/OpenMP state, and start the same on every platform.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(worker_tokenize, (batch,)))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Progress:
+    def __init__(self, interval: int, log: Callable[[str], None]) -> None:
+        self.interval, self.log = interval, log
+        self.start = time.perf_counter()
+        self.docs = self.tokens = self.bytes = self.skipped = 0
+        self.next_report = interval
+
+    def update(self, docs: int, tokens: int, num_bytes: int, skipped: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        self.bytes += num_bytes
+        self.skipped += skipped
+        if self.interval > 0 and self.docs >= self.next_report:
+            self.next_report = (self.docs // self.interval + 1) * self.interval
+            secs = max(time.perf_counter() - self.start, 1e-9)
+            self.log(
+                f"processed {self.docs:,} documents | {self.docs / secs:,.0f} docs/s | "
+                f"{self.tokens / secs:,.0f} tokens/s | {self.bytes / 1e6 / secs:,.2f} MB/s | "
+                f"skipped {self.skipped:,}"
+            )
+
+
+def _file_fingerprint(paths: Sequence[str]) -> list:
+    return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+
+
+class _Writers:
+    """One IndexedDatasetBuilder per JSON key, writing under tmp names; removes them unless committed."""
+
+    def __init__(self, prefixes: Dict[str, str], dtype, vocab_size: int) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefixes = prefixes
+        self.tmp = {k: p + ".tmp" for k, p in prefixes.items()}
+        self.vocab_size = vocab_size
+        self.builders = {k: IndexedDatasetBuilder(t + ".bin", dtype=dtype) for k, t in self.tmp.items()}
+        self.documents = {k: 0 for k in prefixes}
+        self.tokens = {k: 0 for k in prefixes}
+
+    def add(self, key: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(
+                f"token id {int(tokens.max())} outside the tokenizer's vocabulary of {self.vocab_size}: "
+                f"the tokenizer files disagree with each other"
+            )
+        builder = self.builders[key]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            builder.add_document(tokens[a:b], [b - a])
+        self.documents[key] += int(lengths.size)
+        self.tokens[key] += int(tokens.size)
+
+    def commit(self) -> None:
+        for key, builder in self.builders.items():
+            builder.finalize(self.tmp[key] + ".idx")
+            publish_dataset(self.tmp[key], self.prefixes[key])
+        self.builders = {}
+
+    def discard(self) -> None:
+        for key, builder in self.builders.items():
+            builder.data_file.close()
+            _remove(self.tmp[key] + ".bin")
+            _remove(self.tmp[key] + ".idx")
+        self.builders = {}
+
+
+def _stderr(msg: str) -> None:
+    print(f"[preprocess_data] {msg}", file=sys.stderr, flush=True)
+
+
+def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr) -> PreprocessSummary:
+    """Run the whole conversion; returns the counts. Raises InputError under --on-error fail."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    start = time.perf_counter()
+    paths = expand_inputs(options.inputs)
+    tokenizer = options.tokenizer.build()
+    vocab_size = tokenizer.vocab_size
+    if options.append_eod:
+        _ = tokenizer.eod  # fail now, not in a worker, if the tokenizer has no EOD
+    dtype = DType.optimal_dtype(vocab_size)
+    finals = {k: dataset_prefix(options.output_prefix, k) for k in options.json_keys}
+    out_dir = os.path.dirname(os.path.abspath(options.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    log(f"{len(paths)} input file(s), tokenizer {options.tokenizer.tokenizer_type} (vocab {vocab_size:,}, "
+        f"{np.dtype(dtype).name} tokens), {options.workers} worker(s)")
+
+    groups = _split_files(paths, options.partitions)
+    init_args = (options.tokenizer, options.json_keys, options.append_eod, options.error_samples)
+    progress = _Progress(options.log_interval, log)
+    bad = BadInputLog(max_samples=options.error_samples)
+    documents = {k: 0 for k in finals}
+    tokens = {k: 0 for k in finals}
+    totals = {"bytes": 0, "lines": 0}
+    resumed = 0
+    settings = {
+        "json_keys": options.json_keys, "tokenizer": asdict(options.tokenizer), "append_eod": options.append_eod,
+        "max_line_bytes": options.max_line_bytes, "dtype": np.dtype(dtype).name,
+    }
+
+    part_prefixes: List[Dict[str, str]] = []
+    for g, group in enumerate(groups):
+        if len(groups) == 1:
+            prefixes = finals
+        else:
+            prefixes = {k: f"{p}.part{g + 1:04d}of{len(groups):04d}" for k, p in finals.items()}
+        part_prefixes.append(prefixes)
+        stamp_path = next(iter(prefixes.values())) + ".stamp.json"
+        stamp = {"files": _file_fingerprint(group), **settings}
+        if len(groups) > 1 and _stamp_matches(stamp_path, stamp, prefixes):
+            with open(stamp_path) as f:
+                done = json.load(f)
+            for k in finals:
+                documents[k] += done["documents"][k]
+                tokens[k] += done["tokens"][k]
+            totals["bytes"] += done["bytes"]
+            totals["lines"] += done["lines"]
+            bad.merge(BadInputLog.from_json(done["bad"], paths, options.error_samples))
+            resumed += 1
+            log(f"partition {g + 1}/{len(groups)}: reusing finished output ({len(group)} file(s))")
+            continue
+
+        writers = _Writers(prefixes, dtype, vocab_size)
+        part_bad = BadInputLog(max_samples=options.error_samples)
+        part_bytes = part_lines = 0
+        try:
+            batches = read_line_batches(group, max_line_bytes=options.max_line_bytes,
+                                        batch_bytes=options.batch_bytes, file_index_offset=paths.index(group[0]))
+            for result in _ordered_results(batches, options.workers, init_args):
+                if options.on_error == "fail" and result.bad.num_bad:
+                    kind, f, ln, detail = result.bad.first_error()
+                    raise InputError(
+                        f"{paths[f]}:{ln}: {kind}: {detail}\n(--on-error fail stops at the first bad document; "
+                        f"--on-error skip counts, reports and leaves out bad documents)"
+                    )
+                for key, out in result.outputs.items():
+                    writers.add(key, out.tokens, out.lengths)
+                part_bad.merge(result.bad)
+                part_bytes += result.num_bytes
+                part_lines += result.num_lines
+                progress.update(sum(o.lengths.size for o in result.outputs.values()),
+                                sum(o.tokens.size for o in result.outputs.values()),
+                                result.num_bytes, result.bad.num_bad)
+            total_docs = sum(documents.values()) + sum(writers.documents.values())
+            if g == len(groups) - 1 and total_docs == 0:
+                raise InputError(
+                    "no valid document in the input: check --json-keys and the input format\n"
+                    + "\n".join(part_bad.format(paths))
+                )
+            writers.commit()
+        except BaseException:
+            writers.discard()
+            raise
+        for k in finals:
+            documents[k] += writers.documents[k]
+            tokens[k] += writers.tokens[k]
+        totals["bytes"] += part_bytes
+        totals["lines"] += part_lines
+        bad.merge(part_bad)
+        if len(groups) > 1:
+            done = {**stamp, "documents": writers.documents, "tokens": writers.tokens, "bytes": part_bytes,
+                    "lines": part_lines, "bad": part_bad.to_json(paths)}
+            _write_json_atomic(stamp_path, done)
+            log(f"partition {g + 1}/{len(groups)} finished")
+
+    if len(groups) > 1:
+        if sum(documents.values()) == 0:
+            raise InputError("no valid document in the input: check --json-keys and the input format")
+        for key, final in finals.items():
+            tmp = final + ".tmp"
+            try:
+                builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+                for prefixes in part_prefixes:
+                    builder.add_index(prefixes[key])
+                builder.finalize(tmp + ".idx")
+                publish_dataset(tmp, final)
+            except BaseException:
+                _remove(tmp + ".bin")
+                _remove(tmp + ".idx")
+                raise
+        for prefixes in part_prefixes:
+            for p in prefixes.values():
+                for suffix in (".bin", ".idx"):
+                    _remove(p + suffix)
+            _remove(next(iter(prefixes.values())) + ".stamp.json")
+
+    summary = PreprocessSummary(
+        output_prefixes=finals, documents=documents, tokens=tokens, input_bytes=totals["bytes"],
+        lines=totals["lines"], seconds=time.perf_counter() - start, bad=bad, input_paths=paths,
+        resumed_partitions=resumed,
+    )
+    _write_json_atomic(options.output_prefix + REPORT_SUFFIX, {
+        "inputs": paths, "outputs": finals, "documents": documents, "tokens": tokens,
+        "input_bytes": totals["bytes"], "lines": totals["lines"], "seconds": summary.seconds,
+        "bad_input": bad.to_json(paths), "settings": settings,
+    })
+    for line in summary.report_lines():
+        log(line)
+    return summary
+
+
+def _stamp_matches(stamp_path: str, stamp: dict, prefixes: Dict[str, str]) -> bool:
+    if not os.path.isfile(stamp_path):
+        return False
+    if not all(os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx") for p in prefixes.values()):
+        return False
+    try:
+        with open(stamp_path) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return all(done.get(k) == v for k, v in json.loads(json.dumps(stamp)).items())
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
