@@ -1,0 +1,194 @@
+"""The training data provider: blends, splits, mock data, GCA landmarks and chunk-aligned packing for HSA.
+
+    train, valid, test = build_train_valid_test_datasets(config_or_args, [n_train, n_valid, n_test], tokenizer)
+    loader = torch.utils.data.DataLoader(train, batch_size=b, collate_fn=collate_batch)
+    batch = next(iter(loader))   # tokens, labels, loss_mask, position_ids [b, L] (+ cu_seqlens, max_seqlen)
+
+Datasets come from megatron-core: ``GPTDataset`` (or ``MockGPTDataset``, or our ``ChunkAlignedPackedDataset``)
+built through ``BlendedMegatronDatasetBuilder``, so a weighted ``--data-path 30 a 70 b`` gives a ``BlendedDataset``
+and ``--split 969,30,1`` splits each prefix by documents. Samples carry no attention mask (causal masking
+belongs to the attention kernels; an [L, L] mask is not affordable at long context).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_ext.data.landmarks import LandmarkDataset
+
+
+@dataclass
+class DataConfig:
+    """What the provider needs; ``from_args`` reads it from Megatron-LM-named arguments."""
+
+    seq_length: int
+    seed: int = 1234
+    data_path: Optional[List[str]] = None  # --data-path: "w1 p1 w2 p2 ..." or "p1 p2 ..."
+    split: Optional[str] = "969,30,1"  # --split
+    train_data_path: Optional[List[str]] = None  # --train-data-path / --valid-data-path / --test-data-path
+    valid_data_path: Optional[List[str]] = None
+    test_data_path: Optional[List[str]] = None
+    mock_data: bool = False  # --mock-data
+    data_cache_path: Optional[str] = None  # --data-cache-path
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    mid_level_dataset_surplus: float = 0.005
+    # Extensions (flags in add_data_args):
+    landmark_chunk_size: Optional[int] = None  # GCA: a landmark token ends every chunk of this many tokens
+    landmark_token_id: Optional[int] = None  # default: tokenizer.vocab_size (the model's vocab must cover it)
+    pack_chunk_size: Optional[int] = None  # HSA: pack documents starting on chunk boundaries, with cu_seqlens
+
+    def __post_init__(self) -> None:
+        for name in ("landmark_chunk_size", "pack_chunk_size"):
+            size = getattr(self, name)
+            if size is not None and self.seq_length % size:
+                raise ValueError(f"--seq-length {self.seq_length} must be a multiple of {name} {size}")
+        if self.landmark_chunk_size is not None and self.landmark_chunk_size < 2:
+            raise ValueError(f"landmark_chunk_size must be >= 2; got {self.landmark_chunk_size}")
+        if (self.landmark_chunk_size and self.pack_chunk_size
+                and self.landmark_chunk_size != self.pack_chunk_size):
+            raise ValueError(
+                f"landmark_chunk_size {self.landmark_chunk_size} and pack_chunk_size {self.pack_chunk_size} "
+                f"differ: landmarks and packing must use the model's one chunk size"
+            )
+        if not self.mock_data and not (self.data_path or self.train_data_path or self.valid_data_path
+                                       or self.test_data_path):
+            raise ValueError("no data: give --data-path (or --train/valid/test-data-path), or --mock-data")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataConfig":
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        return cls(
+            seq_length=args.seq_length, seed=get("seed", 1234), data_path=get("data_path"),
+            split=get("split", "969,30,1"), train_data_path=get("train_data_path"),
+            valid_data_path=get("valid_data_path"), test_data_path=get("test_data_path"),
+            mock_data=bool(get("mock_data", False)), data_cache_path=get("data_cache_path"),
+            reset_position_ids=bool(get("reset_position_ids", False)),
+            reset_attention_mask=bool(get("reset_attention_mask", False)),
+            eod_mask_loss=bool(get("eod_mask_loss", False)),
+            mid_level_dataset_surplus=get("mid_level_dataset_surplus", 0.005) or 0.005,
+            landmark_chunk_size=get("data_landmark_chunk_size"), landmark_token_id=get("data_landmark_token_id"),
+            pack_chunk_size=get("data_pack_chunk_size"),
+        )
+
+    @property
+    def text_tokens_per_sample(self) -> int:
+        """Text tokens drawn per sample: seq_length, less one slot per chunk for landmarks."""
+        if self.landmark_chunk_size:
+            return self.seq_length // self.landmark_chunk_size * (self.landmark_chunk_size - 1)
+        return self.seq_length
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The data flags this project adds to Megatron-LM's (all under the --data- prefix)."""
+    group = parser.add_argument_group("HSA/GCA data")
+    group.add_argument("--data-landmark-chunk-size", type=int, default=None,
+                       help="GCA: insert a landmark token after every chunk_size-1 tokens (the model's chunk size)")
+    group.add_argument("--data-landmark-token-id", type=int, default=None,
+                       help="id of the landmark token (default: the tokenizer's vocab size)")
+    group.add_argument("--data-pack-chunk-size", type=int, default=None,
+                       help="HSA: pack documents so each starts on a chunk boundary; batches carry cu_seqlens")
+    return parser
+
+
+def _blend(path_list: Optional[Sequence[str]]):
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if not path_list:
+        return None
+    if isinstance(path_list, str):
+        path_list = path_list.split()
+    return get_blend_from_list(list(path_list))
+
+
+def gpt_dataset_config(config: DataConfig, tokenizer):
+    """The megatron-core dataset config for this data config (GPTDatasetConfig, or the packed variant)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from megatron_ext.data.packing import PackedGPTDatasetConfig
+
+    per_split = [_blend(config.train_data_path), _blend(config.valid_data_path), _blend(config.test_data_path)]
+    use_per_split = any(b is not None for b in per_split)
+    kwargs = dict(
+        random_seed=config.seed,
+        sequence_length=config.text_tokens_per_sample,
+        blend=None if (config.mock_data or use_per_split) else _blend(config.data_path),
+        blend_per_split=per_split if (use_per_split and not config.mock_data) else None,
+        split=None if use_per_split else config.split,
+        path_to_cache=config.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=config.reset_position_ids,
+        reset_attention_mask=config.reset_attention_mask,
+        eod_mask_loss=config.eod_mask_loss,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=config.mid_level_dataset_surplus,
+    )
+    if config.mock_data:
+        kwargs["split"] = config.split or "1,1,1"
+    if config.pack_chunk_size:
+        s = config.pack_chunk_size
+        return PackedGPTDatasetConfig(
+            **kwargs, pack_chunk_size=s, tokens_per_chunk=s - 1 if config.landmark_chunk_size else s
+        )
+    return GPTDatasetConfig(**kwargs)
+
+
+def build_train_valid_test_datasets(
+    config_or_args, num_samples: Sequence[Optional[int]], tokenizer,
+    is_built_on_rank: Optional[Callable[[], bool]] = None,
+):
+    """(train, valid, test) datasets; a split is None where it has no data. Samples are dicts of tensors.
+
+    ``num_samples``: samples wanted per split (train_iters * global_batch_size, ...), as in Megatron-LM.
+    ``is_built_on_rank``: Megatron-LM builds only on ranks that read data (TP rank 0, first/last PP stage).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+    from megatron_ext.data.packing import ChunkAlignedPackedDataset
+
+    config = config_or_args if isinstance(config_or_args, DataConfig) else DataConfig.from_args(config_or_args)
+    if config.pack_chunk_size:
+        cls = ChunkAlignedPackedDataset
+    else:
+        cls = MockGPTDataset if config.mock_data else GPTDataset
+    datasets = BlendedMegatronDatasetBuilder(
+        cls, list(num_samples), is_built_on_rank or (lambda: True), gpt_dataset_config(config, tokenizer)
+    ).build()
+    if config.landmark_chunk_size:
+        landmark = tokenizer.vocab_size if config.landmark_token_id is None else config.landmark_token_id
+        datasets = [
+            None if d is None else LandmarkDataset(d, config.landmark_chunk_size, landmark, tokenizer.eod,
+                                                    config.reset_position_ids)
+            for d in datasets
+        ]
+    return tuple(datasets)
+
+
+def collate_batch(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Stack samples into a batch: ``tokens, labels, position_ids [B, L] int64``, ``loss_mask [B, L] float32``.
+
+    Packed samples also give ``cu_seqlens [n_segments + 1] int32``: segment boundaries over the batch flattened
+    to one sequence of B*L tokens (the varlen convention; all multiples of the chunk size), and ``max_seqlen``.
+    """
+    batch: Dict[str, torch.Tensor] = {}
+    for key in ("tokens", "labels", "position_ids"):
+        batch[key] = torch.stack([s[key] for s in samples]).long()
+    batch["loss_mask"] = torch.stack([s["loss_mask"] for s in samples]).float()
+    if "dataset_id" in samples[0]:
+        batch["dataset_id"] = torch.tensor([int(s["dataset_id"]) for s in samples])
+    if "cu_seqlens" in samples[0]:
+        length = batch["tokens"].shape[1]
+        bounds = [torch.zeros(1, dtype=torch.int64)]
+        for b, s in enumerate(samples):
+            cu = torch.unique_consecutive(s["cu_seqlens"].long())  # drops the repeated L padding
+            bounds.append(cu[1:] + b * length)
+        cu_seqlens = torch.cat(bounds)
+        batch["cu_seqlens"] = cu_seqlens.to(torch.int32)
+        batch["max_seqlen"] = (cu_seqlens[1:] - cu_seqlens[:-1]).max().to(torch.int32)
+    return batch

@@ -1,0 +1,205 @@
+"""tools/preprocess_data.py: round trip, determinism across workers/partitions, bad input, interruption."""
+
+import gzip
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_ext.data import preprocess as preprocess_module
+from megatron_ext.data.corpus import CORPUS_FILE, TOKENIZER_MODEL
+from megatron_ext.data.documents import InputError
+from megatron_ext.data.preprocess import PreprocessOptions, dataset_prefix, preprocess
+from megatron_ext.data.tokenizers import TokenizerSpec
+
+SP = TokenizerSpec("SentencePieceTokenizer", tokenizer_model=TOKENIZER_MODEL)
+BYTES = TokenizerSpec("ByteLevelTokenizer")
+
+
+def corpus_texts(n=None):
+    with open(CORPUS_FILE) as f:
+        return [json.loads(line)["text"] for line in f][:n]
+
+
+def read_dataset(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return ds, [np.asarray(ds[i]).tolist() for i in range(len(ds))]
+
+
+def run(tmp_path, inputs, spec=BYTES, name="out", **kw):
+    kw.setdefault("log_interval", 0)
+    options = PreprocessOptions(inputs=[str(p) for p in inputs], output_prefix=str(tmp_path / name),
+                                tokenizer=spec, **kw)
+    return preprocess(options, log=lambda msg: None)
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("spec", [SP, BYTES], ids=["sentencepiece", "bytelevel"])
+@pytest.mark.parametrize("append_eod", [True, False])
+def test_round_trip_equals_tokenizer_output(tmp_path, spec, append_eod):
+    texts = corpus_texts(60)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t, "n": i} for i, t in enumerate(texts)])
+    summary = run(tmp_path, [path], spec=spec, append_eod=append_eod)
+    tok = spec.build()
+    ds, docs = read_dataset(dataset_prefix(str(tmp_path / "out"), "text"))
+    expected = [tok.tokenize(t) + ([tok.eod] if append_eod else []) for t in texts]
+    assert docs == expected
+    assert ds.index.dtype == np.uint16  # smallest megatron dtype for a vocabulary < 65500
+    assert list(ds.document_indices) == list(range(len(texts) + 1))
+    assert summary.documents["text"] == len(texts) and summary.tokens["text"] == sum(map(len, expected))
+
+
+def test_several_json_keys_get_their_own_datasets(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"q": f"question {i}", "a": f"answer {i}"} for i in range(5)])
+    run(tmp_path, [path], json_keys=["q", "a"], append_eod=True)
+    for key in ("q", "a"):
+        _, docs = read_dataset(dataset_prefix(str(tmp_path / "out"), key))
+        word = "question" if key == "q" else "answer"
+        assert docs == [list(f"{word} {i}".encode()) + [256] for i in range(5)]
+
+
+def test_workers_and_partitions_give_byte_identical_files(tmp_path):
+    texts = corpus_texts(240)
+    files = [write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:100]]),
+             tmp_path / "b.jsonl.gz", write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts[140:]])]
+    with gzip.open(files[1], "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[100:140])
+    common = dict(spec=SP, append_eod=True, batch_bytes=4096)  # many small batches: ordering is exercised
+    run(tmp_path, files, name="w1", workers=1, **common)
+    run(tmp_path, files, name="w2", workers=2, **common)
+    run(tmp_path, [tmp_path / "*.jsonl*"], name="p3", workers=2, partitions=3, **common)  # a glob, 3 partials
+    outputs = {}
+    for name in ("w1", "w2", "p3"):
+        prefix = dataset_prefix(str(tmp_path / name), "text")
+        outputs[name] = [open(prefix + s, "rb").read() for s in (".bin", ".idx")]
+    assert outputs["w1"] == outputs["w2"] == outputs["p3"]
+    _, docs = read_dataset(dataset_prefix(str(tmp_path / "w1"), "text"))
+    assert len(docs) == 240 and docs[100] == SP.build().tokenize(texts[100]) + [2]  # the .gz file, in order
+    leftovers = [p for p in os.listdir(tmp_path) if "part" in p or p.endswith(".tmp")]
+    assert leftovers == []
+
+
+BAD_LINES = [
+    (b'{"text": "good one"}', None),
+    (b'{"text": "unterminated', "malformed_json"),
+    (b'{"title": "no text key"}', "missing_key"),
+    (b'{"text": 42}', "non_string_value"),
+    (b'{"text": null}', "non_string_value"),
+    (b'{"text": ["a", "list"]}', "non_string_value"),
+    (b'{"text": "bad \xff\xfe bytes"}', "invalid_utf8"),
+    (b'{"text": ""}', "empty_document"),
+    (b'{"text": "  \\n\\t "}', "empty_document"),
+    (b'{"text": "lone \\ud800 surrogate"}', "invalid_unicode"),
+    (b'["not", "an", "object"]', "not_an_object"),
+    (b'{"text": "' + b"x" * 3000 + b'"}', "line_too_long"),
+    (b"", "blank_line"),
+    (b'{"text": "good two \\u00e9"}', None),
+    (b'{"text": "good three', None),  # last line without newline is still read ... and is malformed
+]
+
+
+def test_every_bad_input_is_counted_reported_and_skipped(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in BAD_LINES[:-1]) + b"\n" + b'{"text": "good three"}')
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"fine {i}"} for i in range(3)])
+    summary = run(tmp_path, [good, path], append_eod=True, max_line_bytes=1024)
+    expected_counts = {}
+    for _, kind in BAD_LINES[:-1]:
+        if kind:
+            expected_counts[kind] = expected_counts.get(kind, 0) + 1
+    assert summary.bad.counts == expected_counts
+    # samples name file:line (line numbers are 1-based)
+    report = json.load(open(str(tmp_path / "out") + preprocess_module.REPORT_SUFFIX))
+    for lineno, (_, kind) in enumerate(BAD_LINES[:-1], start=1):
+        if kind and kind != "blank_line":
+            assert any(s[0] == str(path) and s[1] == lineno for s in report["bad_input"]["samples"][kind]), kind
+    # every good document is intact, in order
+    _, docs = read_dataset(dataset_prefix(str(tmp_path / "out"), "text"))
+    texts = [f"fine {i}" for i in range(3)] + ["good one", "good two \u00e9", "good three"]
+    assert docs == [list(t.encode()) + [256] for t in texts]
+    lines = summary.report_lines()
+    assert any(f"{path}:2:" in line for line in lines)
+
+
+def test_on_error_fail_stops_at_first_bad_document_and_leaves_no_idx(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"fine {i}"} for i in range(50)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": 7}\n{"text": broken\n')
+    with pytest.raises(InputError, match=rf"{bad}:2: non_string_value"):
+        run(tmp_path, [good, bad], on_error="fail")
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl"]
+
+
+def test_interrupted_run_leaves_no_complete_looking_idx_and_resumes_partitions(tmp_path, monkeypatch):
+    texts = corpus_texts(90)
+    files = [write_jsonl(tmp_path / f"{i}.jsonl", [{"text": t} for t in texts[i * 30:(i + 1) * 30]])
+             for i in range(3)]
+    reference = run(tmp_path, files, name="ref", batch_bytes=2048)
+    real_add, calls = preprocess_module._Writers.add, []
+
+    def add_then_interrupt(self, key, tokens, lengths):
+        if "part0003of0003" in self.prefixes[key]:
+            calls.append(1)
+            if len(calls) == 3:  # in the middle of the last partition
+                raise KeyboardInterrupt
+        return real_add(self, key, tokens, lengths)
+
+    monkeypatch.setattr(preprocess_module._Writers, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, files, name="out", partitions=3, batch_bytes=2048)
+    final = dataset_prefix(str(tmp_path / "out"), "text")
+    assert not os.path.exists(final + ".idx") and not os.path.exists(final + ".bin")
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    finished = [p for p in os.listdir(tmp_path) if p.endswith(".stamp.json")]
+    assert len(finished) == 2  # finished partitions are kept for the rerun
+
+    monkeypatch.setattr(preprocess_module._Writers, "add", real_add)
+    summary = run(tmp_path, files, name="out", partitions=3, batch_bytes=2048)
+    assert summary.resumed_partitions == len(finished)
+    ref = dataset_prefix(str(tmp_path / "ref"), "text")
+    for suffix in (".bin", ".idx"):
+        assert open(final + suffix, "rb").read() == open(ref + suffix, "rb").read()
+    assert summary.documents == reference.documents
+
+
+def test_compressed_and_missing_inputs(tmp_path):
+    with pytest.raises(InputError, match="matches no file"):
+        run(tmp_path, [tmp_path / "nothing-*.jsonl"])
+    zst = tmp_path / "in.jsonl.zst"
+    if importlib.util.find_spec("zstandard") is None:
+        zst.write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(InputError, match="pip install zstandard"):
+            run(tmp_path, [zst])
+    else:
+        import zstandard
+
+        zst.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zz"}\n'))
+        run(tmp_path, [zst])
+        assert read_dataset(dataset_prefix(str(tmp_path / "out"), "text"))[1] == [list(b"zz")]
+
+
+def test_command_line(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    try:
+        import preprocess_data
+    finally:
+        sys.path.pop(0)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}, {"text": 3}])
+    base = ["--input", str(path), "--output-prefix", str(tmp_path / "cli"), "--tokenizer-type",
+            "ByteLevelTokenizer", "--append-eod", "--log-interval", "1"]
+    assert preprocess_data.main(base) == 0
+    err = capsys.readouterr().err
+    assert "docs/s" in err and "tokens/s" in err and "MB/s" in err and f"{path}:2: 'text' is int" in err
+    assert preprocess_data.main(base + ["--on-error", "fail"]) == 2
+    assert "non_string_value" in capsys.readouterr().err

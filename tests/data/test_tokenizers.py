@@ -1,0 +1,170 @@
+"""Tokenizers: lossless round trips, GPT-2 BPE against an independent merge oracle, clear errors."""
+
+import builtins
+import json
+from collections import Counter
+
+import pytest
+
+from megatron_ext.data.corpus import CORPUS_FILE, TOKENIZER_MODEL
+from megatron_ext.data.tokenizers import (
+    ByteLevelTokenizer,
+    HuggingFaceTokenizer,
+    NullTokenizer,
+    build_tokenizer,
+    bytes_to_unicode,
+)
+
+SAMPLES = ["Mira put a brass key in the blue box.", "  two  spaces\n\nand newlines", "ünïcödé 😀 €5 — done",
+           "x", "it's 1234 o'clock; we'll see_it"]
+
+
+def test_byte_level_is_utf8_bytes():
+    tok = ByteLevelTokenizer()
+    for text in SAMPLES:
+        ids = tok.tokenize(text)
+        assert ids == list(text.encode("utf-8"))
+        assert tok.detokenize(ids + [tok.eod]) == text  # EOD is dropped when decoding
+    assert (tok.vocab_size, tok.eod, tok.pad) == (258, 256, 257)
+
+
+def test_bundled_sentencepiece_round_trips_any_text():
+    tok = build_tokenizer("SentencePieceTokenizer", TOKENIZER_MODEL)
+    assert tok.vocab_size == 512 and tok.eod == 2 and tok.pad == 3
+    for text in SAMPLES:
+        ids = tok.tokenize(text)
+        assert tok.detokenize(ids) == text  # identity normalization + byte fallback: lossless
+    assert tok.tokenize_batch(SAMPLES) == [tok.tokenize(t) for t in SAMPLES]
+    # trained on the corpus: its text is compressed well below one token per byte
+    with open(CORPUS_FILE) as f:
+        text = json.loads(f.readline())["text"]
+    assert len(tok.tokenize(text)) < 0.4 * len(text.encode())
+
+
+def _train_bpe(words, num_merges):
+    """A tiny byte-level BPE trainer (most frequent pair first, ties broken by the pair itself)."""
+    enc = bytes_to_unicode()
+    counts = Counter("".join(enc[b] for b in w.encode()) for w in words)
+    seqs = {w: list(w) for w in counts}
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for w, n in counts.items():
+            s = seqs[w]
+            for a, b in zip(s, s[1:]):
+                pairs[(a, b)] += n
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        for w in counts:
+            s, out, i = seqs[w], [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    vocab = {c: i for i, c in enumerate(enc.values())}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def _sequential_merge_oracle(word, merges):
+    """Apply every merge in rank order over the whole word: equal to lowest-rank-first BPE for trained merges."""
+    enc = bytes_to_unicode()
+    parts = [enc[b] for b in word.encode()]
+    for a, b in merges:
+        out, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                out.append(a + b)
+                i += 2
+            else:
+                out.append(parts[i])
+                i += 1
+        parts = out
+    return parts
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+    import re
+
+    with open(CORPUS_FILE) as f:
+        texts = [json.loads(line)["text"] for line in f][:200]
+    words = [w for t in texts for w in re.findall(r" ?\w+| ?[^\w\s]+|\s+", t)]
+    vocab, merges = _train_bpe(words, 120)
+    d = tmp_path_factory.mktemp("gpt2")
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return str(d / "vocab.json"), str(d / "merges.txt"), vocab, merges
+
+
+def test_gpt2_bpe_matches_merge_oracle_and_round_trips(gpt2_files):
+    vocab_file, merge_file, vocab, merges = gpt2_files
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_file, merge_file=merge_file)
+    assert tok.eod == vocab["<|endoftext|>"] and tok.vocab_size == len(vocab)
+    with open(CORPUS_FILE) as f:
+        texts = [json.loads(line)["text"] for line in f][300:320] + SAMPLES
+    for text in texts:
+        ids = tok.tokenize(text)
+        expected = [vocab[p] for w in tok._split.findall(text) for p in _sequential_merge_oracle(w, merges)]
+        assert ids == expected
+        assert tok.detokenize(ids) == text
+    # the merges do compress: trained words become single tokens
+    assert len(tok.tokenize(" the")) == 1
+
+
+def test_gpt2_bpe_pre_split_keeps_spaces_with_words():
+    from megatron_ext.data.tokenizers import _gpt2_splitter
+
+    split = _gpt2_splitter()
+    assert split.findall("Hello world, it's 42_x  !") == ["Hello", " world", ",", " it", "'s", " 42", "_", "x", " ",
+                                                          " !"]
+
+
+def test_hf_tokenizer_clear_error_without_library(tmp_path, monkeypatch):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    real_import = builtins.__import__
+
+    def no_hf(name, *args, **kwargs):
+        if name in ("tokenizers", "transformers") or name.startswith(("tokenizers.", "transformers.")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hf)
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        HuggingFaceTokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_hf_tokenizer_with_local_tokenizers_library(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    with open(CORPUS_FILE) as f:
+        texts = [json.loads(line)["text"] for line in f][:100]
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tokenizer.json"))
+    assert tok.eod == hf.token_to_id("<|endoftext|>")
+    for text in SAMPLES[:2]:
+        assert tok.tokenize(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown --tokenizer-type 'Foo'"):
+        build_tokenizer("Foo")
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "missing.model"))
+    with pytest.raises(FileNotFoundError, match="--merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=TOKENIZER_MODEL, merge_file=None)
+    with pytest.raises(TypeError, match="cannot tokenize text"):
+        NullTokenizer(100).tokenize("x")
