@@ -21,8 +21,13 @@ __all__ = [
     "dot_precision",
     "check_dtype",
     "SUPPORTED_DTYPES",
+    "POISON_ENV",
+    "empty_output",
 ]
 
+# Set to 1 (tests do) to fill every kernel output buffer with NaN / a sentinel before launch, so elements a kernel
+# forgets to write show up in the comparison instead of passing by luck.
+POISON_ENV = "MEGATRON_EXT_POISON_OUTPUTS"
 BACKENDS = ("auto", "triton", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -76,3 +81,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 def check_dtype(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def empty_output(*shape, device, dtype) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN-filled (integers: -12345) when ``POISON_ENV`` is set."""
+    out = torch.empty(*shape, device=device, dtype=dtype)
+    if os.environ.get(POISON_ENV, "0") not in ("", "0"):
+        out.fill_(float("nan") if dtype.is_floating_point else -12345)
+    return out

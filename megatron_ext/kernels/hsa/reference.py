@@ -33,6 +33,7 @@ __all__ = [
     "hsa_retrieval_reference",
     "hsa_attention_reference",
     "hsa_decode_reference",
+    "decode_retrieval",
 ]
 
 WEIGHT_RULES = ("softmax", "stick_breaking")
@@ -252,6 +253,18 @@ def hsa_attention_reference(
     return out.reshape(B, L, Hq, D).to(q.dtype)
 
 
+def decode_retrieval(q_r, landmarks, positions, *, chunk_size, topk, weight_rule="softmax", rank_decay=None):
+    """Retrieval for one new token per sequence: q_r ``[B, R, Dr]``, landmarks ``[B, C, R, Dr]``, positions ``[B]``
+    -> indices int64 ``[B, R, K]`` and weights fp32 ``[B, R, K]``."""
+    C = landmarks.shape[1]
+    scores = retrieval_scores(q_r[:, None], landmarks)  # [B, 1, R, C]
+    c = torch.arange(C, device=q_r.device)
+    eligible = (c[None, :] + 1) * chunk_size <= positions.to(q_r.device).long()[:, None]  # [B, C]
+    indices, picked = select_chunks(scores, eligible[:, None, None, :], topk)
+    weights = chunk_weights(picked, indices >= 0, weight_rule, rank_decay)
+    return indices[:, 0], weights[:, 0]
+
+
 def hsa_decode_reference(
     q: torch.Tensor,
     q_r: torch.Tensor,
@@ -274,14 +287,10 @@ def hsa_decode_reference(
     Returns ``(o [B, Hq, D], indices [B, Hk, K] int32, weights [B, Hk, K] fp32)``.
     """
     B, R = q_r.shape[0], q_r.shape[1]
-    C = landmarks.shape[1]
     Hk = k_cache.shape[2]
-    scores = retrieval_scores(q_r[:, None], landmarks)[:, 0]  # [B, R, C]
-    c = torch.arange(C, device=q.device)
-    eligible = (c[None, :] + 1) * chunk_size <= positions.to(q.device).long()[:, None]  # [B, C]
-    indices, picked = select_chunks(scores[:, None], eligible[:, None, None, :], topk)
-    weights = chunk_weights(picked, indices >= 0, weight_rule, rank_decay)[:, 0]  # [B, R, K]
-    indices = indices[:, 0]
+    indices, weights = decode_retrieval(
+        q_r, landmarks, positions, chunk_size=chunk_size, topk=topk, weight_rule=weight_rule, rank_decay=rank_decay
+    )
     if R != Hk:
         if R != 1:
             raise ValueError(f"retrieval heads must be 1 or Hk={Hk}, got {R}")

@@ -1,0 +1,418 @@
+"""Triton kernels for HSA sparse chunk attention, forward and backward, and their autograd op.
+
+Every (token t, KV head h, slot k) pair attends to one chunk c = indices[t, h, k] with all G query heads of the
+group; each chunk has its own softmax (with an optional null logit 0), and the per-chunk outputs O_k are summed with
+the weights w[t, h, k]. Two loop orders ("schedules"):
+
+token  one program per (token, KV head): the G query heads fill the MMA rows and the program gathers its K chunks.
+       Efficient for G >= 16. Backward: a token program computes dq and Delta_k = <O_k, dO> per slot, then the
+       chunk program below accumulates dK/dV from Delta.
+chunk  one program per (chunk, KV head): it loads the chunk's K/V once and visits only the (token, slot) pairs
+       that selected it, packing BLOCK_P pairs x G heads into one tile (reverse index, built by a stable sort).
+       Per-slot outputs go to a [B, L, Hk, K, G, D] buffer that a third kernel sums over the valid slots; the
+       backward is one chunk program that recomputes Delta and writes dK, dV and per-slot dQ.
+
+Backward formulas (natural-log units; P_k recomputed from the saved log-sum-exp):
+  dS_k = w_k P_k * (dO V_k^T - Delta_k),  dq = scale sum_k dS_k K_k,  dK_c = scale sum dS_k^T q,
+  dV_c = sum (w_k P_k)^T dO,  dw_k = sum_g Delta_k.
+Invalid slots (index < 0) are skipped everywhere; their weight gradient is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_ext.kernels.utils import dot_precision, empty_output, next_power_of_2
+
+__all__ = ["HSAAttentionFunction", "build_reverse_index", "hsa_attention_forward"]
+
+LOG2E = 1.0 / math.log(2.0)
+# Rows (pairs x group heads) per tile of the chunk schedule.
+CHUNK_TILE_ROWS = 64
+
+
+@triton.jit
+def _load_chunk(base, c, stride_l, offs_s, offs_d, d_mask, S: tl.constexpr):
+    """Rows [c*S, (c+1)*S) of one KV head: [S, BLOCK_D]."""
+    rows = (c * S + offs_s).to(tl.int64)
+    return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _hsa_fwd_token_kernel(
+    Q, K, V, W, IDX, O, LSE,
+    qk_scale, L,
+    s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
+    HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, OFF_BY_ONE: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, S)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    tile_mask = g_mask[:, None] & d_mask[None, :]
+    q_off = b.to(tl.int64) * s_qb + t.to(tl.int64) * s_ql + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=tile_mask, other=0.0)
+    k_base = K + b.to(tl.int64) * s_kb + h * s_kh
+    v_base = V + b.to(tl.int64) * s_kb + h * s_kh
+    sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for slot in range(TOPK):
+        c = tl.load(IDX + sel + slot)
+        if c >= 0:
+            w = tl.load(W + sel + slot)
+            kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask, S)
+            vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask, S)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            m = tl.max(s, 1)
+            if OFF_BY_ONE:
+                m = tl.maximum(m, 0.0)
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            if OFF_BY_ONE:
+                l += tl.exp2(-m)
+            o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+            acc += o_k * (w / l)[:, None]
+            tl.store(LSE + (sel + slot) * G + offs_g, m + tl.log2(l), mask=g_mask)
+    tl.store(O + q_off, acc.to(O.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _hsa_fwd_chunk_kernel(
+    Q, K, V, W, PAIRS, OFFSETS, OBUF, LSE,
+    qk_scale, L, NC,
+    s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
+    HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    OFF_BY_ONE: tl.constexpr, PREC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    start = tl.load(OFFSETS + bh * NC + c)
+    end = tl.load(OFFSETS + bh * NC + c + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, S)
+    d_mask = offs_d < D
+    kc = _load_chunk(K + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, d_mask, S)
+    vc = _load_chunk(V + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, d_mask, S)
+    offs_r = tl.arange(0, BLOCK_P * BLOCK_G)
+    r_pair = offs_r // BLOCK_G
+    r_g = offs_r % BLOCK_G
+    for p0 in range(start, end, BLOCK_P):
+        pidx = p0 + r_pair
+        r_mask = (pidx < end) & (r_g < G)
+        pair = tl.load(PAIRS + pidx, mask=r_mask, other=0)
+        t = (pair // TOPK).to(tl.int64)
+        slot = pair % TOPK
+        tile_mask = r_mask[:, None] & d_mask[None, :]
+        q_off = b.to(tl.int64) * s_qb + t * s_ql + (h * G + r_g) * s_qh
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK + slot
+        w = tl.load(W + sel, mask=r_mask, other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+        m = tl.max(s, 1)
+        if OFF_BY_ONE:
+            m = tl.maximum(m, 0.0)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        if OFF_BY_ONE:
+            l += tl.exp2(-m)
+        o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC) * (w / l)[:, None]
+        row = sel * G + r_g
+        tl.store(OBUF + row[:, None] * D + offs_d[None, :], o_k.to(OBUF.dtype.element_ty), mask=tile_mask)
+        tl.store(LSE + row, m + tl.log2(l), mask=r_mask)
+
+
+@triton.jit
+def _slot_sum_kernel(
+    BUF, IDX, OUT, L,
+    s_ob, s_ol, s_oh,
+    HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """OUT[b, t, h*G + g, :] = sum over valid slots of BUF[b, t, h, slot, g, :] (BUF is [B, L, Hk, K, G, D])."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (offs_g < G)[:, None] & (offs_d < D)[None, :]
+    sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for slot in range(TOPK):
+        c = tl.load(IDX + sel + slot)
+        if c >= 0:
+            row = (sel + slot) * G + offs_g
+            acc += tl.load(BUF + row[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    o_off = b.to(tl.int64) * s_ob + t.to(tl.int64) * s_ol + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :]
+    tl.store(OUT + o_off, acc.to(OUT.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _hsa_bwd_token_kernel(
+    Q, K, V, W, IDX, DO, LSE, DQ, DELTA,
+    qk_scale, sm_scale, L,
+    s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
+    HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq of one (token, KV head) and Delta_k = <O_k, dO> for each of its slots. Q, DO, DQ share strides."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, S)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    tile_mask = g_mask[:, None] & d_mask[None, :]
+    q_off = b.to(tl.int64) * s_qb + t.to(tl.int64) * s_ql + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=tile_mask, other=0.0)
+    do = tl.load(DO + q_off, mask=tile_mask, other=0.0)
+    k_base = K + b.to(tl.int64) * s_kb + h * s_kh
+    v_base = V + b.to(tl.int64) * s_kb + h * s_kh
+    sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK
+    dq = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for slot in range(TOPK):
+        c = tl.load(IDX + sel + slot)
+        if c >= 0:
+            w = tl.load(W + sel + slot)
+            kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask, S)
+            vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask, S)
+            lse = tl.load(LSE + (sel + slot) * G + offs_g, mask=g_mask, other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+            delta = tl.sum(o_k * do.to(tl.float32), 1)
+            dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
+            ds = p * (dp - delta[:, None]) * w
+            dq += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
+            tl.store(DELTA + (sel + slot) * G + offs_g, delta, mask=g_mask)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _hsa_bwd_chunk_kernel(
+    Q, K, V, W, DO, LSE, DELTA, PAIRS, OFFSETS, DK, DV, DQBUF,
+    qk_scale, sm_scale, L, NC,
+    s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
+    HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE_DELTA: tl.constexpr, WRITE_DQ: tl.constexpr, PREC: tl.constexpr,
+):
+    """dK/dV of one (chunk, KV head) from the pairs that selected it; optionally Delta and per-slot dq too.
+
+    Q and DO share strides; K, V, DK, DV share strides.
+    """
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    start = tl.load(OFFSETS + bh * NC + c)
+    end = tl.load(OFFSETS + bh * NC + c + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, S)
+    d_mask = offs_d < D
+    kv_off = b.to(tl.int64) * s_kb + h * s_kh
+    kc = _load_chunk(K + kv_off, c, s_kl, offs_s, offs_d, d_mask, S)
+    vc = _load_chunk(V + kv_off, c, s_kl, offs_s, offs_d, d_mask, S)
+    dk = tl.zeros([S, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([S, BLOCK_D], dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_P * BLOCK_G)
+    r_pair = offs_r // BLOCK_G
+    r_g = offs_r % BLOCK_G
+    for p0 in range(start, end, BLOCK_P):
+        pidx = p0 + r_pair
+        r_mask = (pidx < end) & (r_g < G)
+        pair = tl.load(PAIRS + pidx, mask=r_mask, other=0)
+        t = (pair // TOPK).to(tl.int64)
+        slot = pair % TOPK
+        tile_mask = r_mask[:, None] & d_mask[None, :]
+        q_off = b.to(tl.int64) * s_qb + t * s_ql + (h * G + r_g) * s_qh
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        do = tl.load(DO + q_off[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK + slot
+        row = sel * G + r_g
+        w = tl.load(W + sel, mask=r_mask, other=0.0)
+        lse = tl.load(LSE + row, mask=r_mask, other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
+        if COMPUTE_DELTA:
+            o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+            delta = tl.sum(o_k * do.to(tl.float32), 1)
+            tl.store(DELTA + row, delta, mask=r_mask)
+        else:
+            delta = tl.load(DELTA + row, mask=r_mask, other=0.0)
+        wp = p * w[:, None]
+        dv += tl.dot(tl.trans(wp.to(do.dtype)), do, input_precision=PREC)
+        ds = wp * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        if WRITE_DQ:
+            dq = tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * sm_scale
+            tl.store(DQBUF + row[:, None] * D + offs_d[None, :], dq.to(DQBUF.dtype.element_ty), mask=tile_mask)
+    rows = (c * S + offs_s).to(tl.int64)
+    out_off = kv_off + rows[:, None] * s_kl + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_mask[None, :])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_mask[None, :])
+
+
+def build_reverse_index(indices: torch.Tensor, num_chunks: int):
+    """For every (batch, KV head, chunk), the (token, slot) pairs that selected it.
+
+    indices ``[B, L, Hk, K]`` -> ``pairs`` int32 (pair = t*K + slot, grouped by (b, h, c), tokens ascending) and
+    ``offsets`` int32 ``[B*Hk*C + 1]``: the pairs of (b, h, c) are ``pairs[offsets[i]:offsets[i+1]]``,
+    i = (b*Hk + h)*C + c. Invalid slots (index < 0) are left out.
+    """
+    B, L, Hk, K = indices.shape
+    idx = indices.permute(0, 2, 1, 3).reshape(B * Hk, L * K).long()
+    total = B * Hk * num_chunks
+    bh = torch.arange(B * Hk, device=indices.device)[:, None]
+    key = torch.where(idx >= 0, bh * num_chunks + idx, total).reshape(-1)
+    _, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=total + 1)[:total]
+    offsets = torch.zeros(total + 1, dtype=torch.int32, device=indices.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    pairs = (order % (L * K)).to(torch.int32)
+    return pairs, offsets
+
+
+def _pairs_per_tile(group_pad: int) -> int:
+    return max(1, CHUNK_TILE_ROWS // group_pad)
+
+
+def _num_warps(head_dim: int, rows: int) -> int:
+    return 8 if head_dim * max(rows, 64) >= 128 * 64 else 4
+
+
+def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, schedule, reverse=None):
+    """Launch the forward. All inputs contiguous; weights fp32, indices int32.
+
+    Returns ``(o [B, L, Hq, D], lse [B, L, Hk, K, G] fp32 base 2, reverse index or None)``.
+    """
+    B, L, Hq, D = q.shape
+    Hk = k.shape[2]
+    G, K, S = Hq // Hk, indices.shape[-1], chunk_size
+    NC = k.shape[1] // S
+    BLOCK_G, BLOCK_D = max(16, next_power_of_2(G)), max(16, next_power_of_2(D))
+    prec = dot_precision(q.dtype)
+    lse = empty_output(B, L, Hk, K, G, device=q.device, dtype=torch.float32)
+    qk_scale = sm_scale * LOG2E
+    if schedule == "token":
+        o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
+        _hsa_fwd_token_kernel[(L, B * Hk)](
+            q, k, v, weights, indices, o, lse, qk_scale, L,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, OFF_BY_ONE=off_by_one, PREC=prec,
+            num_warps=4,
+        )
+        return o, lse, reverse
+    if reverse is None:
+        reverse = build_reverse_index(indices, NC)
+    pairs, offsets = reverse
+    group_pad = next_power_of_2(G)
+    block_p = _pairs_per_tile(group_pad)
+    block_p = max(block_p, 16 // group_pad if group_pad < 16 else 1)
+    obuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
+    if NC > 0:
+        _hsa_fwd_chunk_kernel[(NC, B * Hk)](
+            q, k, v, weights, pairs, offsets, obuf, lse, qk_scale, L, NC,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
+            OFF_BY_ONE=off_by_one, PREC=prec, num_warps=_num_warps(D, block_p * group_pad),
+        )
+    o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
+    _slot_sum_kernel[(L, B * Hk)](
+        obuf, indices, o, L, o.stride(0), o.stride(1), o.stride(2),
+        HK=Hk, G=G, TOPK=K, D=D, BLOCK_G=group_pad, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return o, lse, reverse
+
+
+def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_scale, schedule, reverse=None):
+    """Returns ``(dq, dk, dv, dw fp32 [B, L, Hk, K])``."""
+    B, L, Hq, D = q.shape
+    Hk = k.shape[2]
+    G, K, S = Hq // Hk, indices.shape[-1], chunk_size
+    NC = k.shape[1] // S
+    BLOCK_D = max(16, next_power_of_2(D))
+    prec = dot_precision(q.dtype)
+    qk_scale = sm_scale * LOG2E
+    if reverse is None:
+        reverse = build_reverse_index(indices, NC)
+    pairs, offsets = reverse
+    delta = torch.zeros(B, L, Hk, K, G, device=q.device, dtype=torch.float32)
+    dk = empty_output(*k.shape, device=k.device, dtype=k.dtype)
+    dv = empty_output(*v.shape, device=v.device, dtype=v.dtype)
+    group_pad = next_power_of_2(G)
+    block_p = max(_pairs_per_tile(group_pad), 16 // group_pad if group_pad < 16 else 1)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    if schedule == "token":
+        dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
+        _hsa_bwd_token_kernel[(L, B * Hk)](
+            q, k, v, weights, indices, do, lse, dq, delta, qk_scale, sm_scale, L, *strides,
+            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=max(16, group_pad), BLOCK_D=BLOCK_D, PREC=prec, num_warps=4,
+        )
+        if NC > 0:
+            _hsa_bwd_chunk_kernel[(NC, B * Hk)](
+                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq, qk_scale, sm_scale, L, NC, *strides,
+                HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
+                COMPUTE_DELTA=False, WRITE_DQ=False, PREC=prec, num_warps=_num_warps(D, block_p * group_pad),
+            )
+    else:
+        dqbuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
+        if NC > 0:
+            _hsa_bwd_chunk_kernel[(NC, B * Hk)](
+                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dqbuf, qk_scale, sm_scale, L, NC, *strides,
+                HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
+                COMPUTE_DELTA=True, WRITE_DQ=True, PREC=prec, num_warps=_num_warps(D, block_p * group_pad),
+            )
+        dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
+        _slot_sum_kernel[(L, B * Hk)](
+            dqbuf, indices, dq, L, dq.stride(0), dq.stride(1), dq.stride(2),
+            HK=Hk, G=G, TOPK=K, D=D, BLOCK_G=group_pad, BLOCK_D=BLOCK_D, num_warps=4,
+        )
+    if NC == 0:
+        dk.zero_()
+        dv.zero_()
+    return dq, dk, dv, delta.sum(-1)
+
+
+class HSAAttentionFunction(torch.autograd.Function):
+    """Autograd op over the Triton kernels; see ``megatron_ext.kernels.hsa.hsa_attention`` for the contract."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, schedule):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        w32 = weights.contiguous().float()
+        idx = indices.contiguous().to(torch.int32)
+        o, lse, reverse = hsa_attention_forward(q, k, v, w32, idx, chunk_size, sm_scale, off_by_one, schedule)
+        saved_reverse = reverse if reverse is not None else (None, None)
+        ctx.save_for_backward(q, k, v, w32, idx, lse, *saved_reverse)
+        ctx.has_reverse = reverse is not None
+        ctx.config = (chunk_size, sm_scale, schedule)
+        ctx.weights_dtype = weights.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, w32, idx, lse, pairs, offsets = ctx.saved_tensors
+        chunk_size, sm_scale, schedule = ctx.config
+        reverse = (pairs, offsets) if ctx.has_reverse else None
+        dq, dk, dv, dw = hsa_attention_backward(
+            q, k, v, w32, idx, do.contiguous(), lse, chunk_size, sm_scale, schedule, reverse
+        )
+        return dq, dk, dv, dw.to(ctx.weights_dtype), None, None, None, None, None

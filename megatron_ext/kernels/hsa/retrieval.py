@@ -1,0 +1,178 @@
+"""HSA retrieval in Triton: landmark scoring, causal eligibility and a streaming top-k, then the weights.
+
+The kernel gives each program a block of BLOCK_T tokens of one (batch, retrieval head). It walks the eligible chunks in
+blocks of BLOCK_C, scores them with one MMA per block, and merges them into a running top-k held in registers: while
+some row has a candidate above its current k-th best, every such row swaps its best candidate in for its worst kept
+chunk. No [L, C] score matrix ever exists, so memory is linear in L.
+
+The selected chunks are then put most recent first and weighted in PyTorch (``reference.chunk_weights``: O(L*K)).
+Gradients reach q_r and the landmarks through the selected scores (``SelectedScores``), whose backward scatters the
+score gradients into [token block, C] tiles and runs two matmuls per block: memory O(block * C), linear in L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_ext.kernels.hsa.reference import chunk_weights, doc_start_chunks
+from megatron_ext.kernels.utils import dot_precision, empty_output, interpreter_enabled, next_power_of_2
+
+__all__ = ["retrieval_triton", "topk_chunks", "SelectedScores"]
+
+# Score-gradient tiles hold at most this many fp32 elements ([B, token block, R, C]).
+GRAD_TILE_ELEMENTS = 1 << 24
+
+
+@triton.jit
+def _topk_chunks_kernel(
+    QR, LMK, LO, IDX_OUT, SCORE_OUT,
+    scale, L, C, seed,
+    s_qb, s_ql, s_qr, s_lb, s_lc, s_lr,
+    R: tl.constexpr, DR: tl.constexpr, S: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DR: tl.constexpr,
+    HAS_LO: tl.constexpr, GUMBEL: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    br = tl.program_id(1)
+    b = br // R
+    r = br % R
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < L
+    hi = tl.where(t_mask, tl.minimum(offs_t // S, C), 0)  # eligible chunks: lo <= c < hi
+    if HAS_LO:
+        lo = tl.load(LO + offs_t, mask=t_mask, other=0)
+    else:
+        lo = tl.zeros([BLOCK_T], dtype=tl.int32)
+    c_begin = tl.min(tl.where(t_mask, lo, C), 0)
+    c_end = tl.max(hi, 0)
+    offs_k = tl.arange(0, KP)
+    offs_cb = tl.arange(0, BLOCK_C)
+    inf = float("inf")
+    # Kept candidates: ranking value (noisy with Gumbel), clean score, chunk index. Padding slots (>= TOPK) hold +inf
+    # so they are never the worst kept chunk.
+    top_v = tl.where(offs_k[None, :] < TOPK, -inf, inf) + tl.zeros([BLOCK_T, KP], dtype=tl.float32)
+    top_s = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_T, KP], dtype=tl.int32) - 1
+    thr = tl.zeros([BLOCK_T], dtype=tl.float32) - inf  # current k-th best ranking value
+    q_base = QR + b.to(tl.int64) * s_qb + r * s_qr
+    l_base = LMK + b.to(tl.int64) * s_lb + r * s_lr
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        offs_c = c0 + offs_cb
+        scores = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for d0 in tl.static_range(0, DR, BLOCK_DR):
+            offs_d = d0 + tl.arange(0, BLOCK_DR)
+            d_mask = offs_d < DR
+            qt = tl.load(q_base + offs_t[:, None].to(tl.int64) * s_ql + offs_d[None, :],
+                         mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            lt = tl.load(l_base + offs_c[:, None].to(tl.int64) * s_lc + offs_d[None, :],
+                         mask=(offs_c < C)[:, None] & d_mask[None, :], other=0.0)
+            scores += tl.dot(qt, tl.trans(lt), input_precision=PREC)
+        eligible = (offs_c[None, :] >= lo[:, None]) & (offs_c[None, :] < hi[:, None])
+        clean = tl.where(eligible, scores * scale, -inf)
+        if GUMBEL:
+            u = tl.rand(seed + br, offs_t[:, None] * C + offs_c[None, :])
+            u = tl.minimum(tl.maximum(u, 1e-20), 1.0 - 1e-7)
+            ranked = clean - tl.log(-tl.log(u))
+        else:
+            ranked = clean
+        cand = tl.where(ranked > thr[:, None], ranked, -inf)
+        n_cand = tl.max(tl.sum((cand > thr[:, None]).to(tl.int32), 1), 0)
+        while n_cand > 0:
+            best = tl.max(cand, 1)
+            best_j = tl.argmax(cand, 1)
+            inserts = best > thr
+            worst = tl.argmin(top_v, 1)
+            replace = inserts[:, None] & (offs_k[None, :] == worst[:, None])
+            hit = offs_cb[None, :] == best_j[:, None]
+            best_clean = tl.sum(tl.where(hit, clean, 0.0), 1)
+            top_v = tl.where(replace, best[:, None], top_v)
+            top_s = tl.where(replace, best_clean[:, None], top_s)
+            top_i = tl.where(replace, (c0 + best_j)[:, None], top_i)
+            thr = tl.min(top_v, 1)
+            cand = tl.where(hit | (cand <= thr[:, None]), -inf, cand)
+            n_cand = tl.max(tl.sum((cand > thr[:, None]).to(tl.int32), 1), 0)
+    out = ((b.to(tl.int64) * L + offs_t[:, None]) * R + r) * TOPK + offs_k[None, :]
+    out_mask = t_mask[:, None] & (offs_k[None, :] < TOPK)
+    tl.store(IDX_OUT + out, top_i, mask=out_mask)
+    tl.store(SCORE_OUT + out, top_s, mask=out_mask)
+
+
+def topk_chunks(q_r, landmarks, *, chunk_size, topk, gumbel=False, cu_seqlens=None, seed=None):
+    """Unordered top-k eligible chunks: ``(indices int32 [B, L, R, K] (-1 = none), clean scores fp32)``."""
+    B, L, R, Dr = q_r.shape
+    C = landmarks.shape[1]
+    q_r, landmarks = q_r.contiguous(), landmarks.contiguous()
+    idx = empty_output(B, L, R, topk, device=q_r.device, dtype=torch.int32)
+    scores = empty_output(B, L, R, topk, device=q_r.device, dtype=torch.float32)
+    lo = None
+    if cu_seqlens is not None:
+        lo = doc_start_chunks(cu_seqlens, L, chunk_size, q_r.device).to(torch.int32)
+    if gumbel and seed is None:
+        seed = int(torch.randint(0, 2**30, (1,)).item())
+    if interpreter_enabled():
+        block_t, block_c, warps = 16, 16, 4
+    else:
+        block_t, block_c, warps = 64, 64, 4
+    block_dr = min(64, max(16, next_power_of_2(Dr)))
+    grid = (triton.cdiv(L, block_t), B * R)
+    _topk_chunks_kernel[grid](
+        q_r, landmarks, lo if lo is not None else idx, idx, scores,
+        1.0 / math.sqrt(Dr), L, C, int(seed or 0),
+        q_r.stride(0), q_r.stride(1), q_r.stride(2), landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
+        R=R, DR=Dr, S=chunk_size, TOPK=topk, KP=max(2, next_power_of_2(topk)),
+        BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_DR=block_dr,
+        HAS_LO=lo is not None, GUMBEL=bool(gumbel), PREC=dot_precision(q_r.dtype), num_warps=warps,
+    )
+    return idx, scores
+
+
+class SelectedScores(torch.autograd.Function):
+    """The scores of the selected chunks as a differentiable function of q_r and the landmarks.
+
+    forward(q_r [B, L, R, Dr], landmarks [B, C, R, Dr], indices [B, L, R, K], scores fp32 [B, L, R, K]) returns the
+    precomputed ``scores``; backward gives dq_r[t] = scale * sum_k ds[t, k] lmk[idx[t, k]] and
+    dlmk[c] = scale * sum_{(t, k): idx = c} ds[t, k] q_r[t], through [token block, C] tiles.
+    """
+
+    @staticmethod
+    def forward(ctx, q_r, landmarks, indices, scores):
+        ctx.save_for_backward(q_r, landmarks, indices)
+        return scores
+
+    @staticmethod
+    def backward(ctx, d_scores):
+        q_r, landmarks, indices = ctx.saved_tensors
+        B, L, R, Dr = q_r.shape
+        C = landmarks.shape[1]
+        scale = 1.0 / math.sqrt(Dr)
+        dq = torch.zeros(B, L, R, Dr, device=q_r.device, dtype=torch.float32)
+        dl = torch.zeros(B, C, R, Dr, device=q_r.device, dtype=torch.float32)
+        if C > 0:
+            valid = indices >= 0
+            ds = torch.where(valid, d_scores.float(), torch.zeros_like(d_scores, dtype=torch.float32)) * scale
+            lmk32 = landmarks.float()
+            block = max(1, min(L, GRAD_TILE_ELEMENTS // max(1, B * R * C)))
+            for t0 in range(0, L, block):
+                t1 = min(L, t0 + block)
+                tile = torch.zeros(B, t1 - t0, R, C, device=q_r.device, dtype=torch.float32)
+                tile.scatter_add_(-1, indices[:, t0:t1].long().clamp(min=0), ds[:, t0:t1])
+                dq[:, t0:t1] = torch.einsum("btrc,bcrd->btrd", tile, lmk32)
+                dl += torch.einsum("btrc,btrd->bcrd", tile, q_r[:, t0:t1].float())
+        return dq.to(q_r.dtype), dl.to(landmarks.dtype), None, None
+
+
+def retrieval_triton(q_r, landmarks, *, chunk_size, topk, weight_rule, gumbel, rank_decay, cu_seqlens, seed):
+    """``hsa_retrieval`` on the Triton path: ``(indices int32 [B, L, R, K], weights fp32 [B, L, R, K])``."""
+    idx, scores = topk_chunks(
+        q_r, landmarks, chunk_size=chunk_size, topk=topk, gumbel=gumbel, cu_seqlens=cu_seqlens, seed=seed
+    )
+    idx, order = idx.sort(dim=-1, descending=True)  # most recent first; -1 sorts last
+    scores = scores.gather(-1, order)
+    valid = idx >= 0
+    if q_r.requires_grad or landmarks.requires_grad:
+        scores = SelectedScores.apply(q_r, landmarks, idx, scores)
+    return idx, chunk_weights(scores, valid, weight_rule, rank_decay)

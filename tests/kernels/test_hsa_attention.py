@@ -1,0 +1,219 @@
+"""HSA sparse chunk attention: the reference against a per-token loop, the Triton kernels against the reference.
+
+CPU runs the kernels in the Triton interpreter on tiny shapes (fp32, fp16); bf16 and large shapes are GPU tests.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_ext.kernels.hsa import hsa_attention, hsa_attention_reference, hsa_decode, hsa_decode_reference
+from megatron_ext.kernels.hsa.attention import build_reverse_index
+from megatron_ext.kernels.utils import POISON_ENV
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REL_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "1")
+
+
+def rel_err(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), "non-finite values (unwritten output?)"
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def random_causal_selection(B, L, Hk, K, S, num_chunks, generator, invalid_frac=0.0):
+    """Distinct eligible chunks per (token, head), most recent first, -1 padding; fp32 weights summing to <= 1."""
+    idx = torch.full((B, L, Hk, K), -1, dtype=torch.int32)
+    for t in range(L):
+        n_elig = min(t // S, num_chunks)
+        if n_elig == 0:
+            continue
+        for b in range(B):
+            for h in range(Hk):
+                n = min(K, n_elig)
+                if invalid_frac and n > 1 and torch.rand(1, generator=generator).item() < invalid_frac:
+                    n -= 1
+                pick = torch.randperm(n_elig, generator=generator)[:n].sort(descending=True).values
+                idx[b, t, h, :n] = pick.int()
+    logits = torch.randn(B, L, Hk, K, generator=generator)
+    w = torch.softmax(logits.masked_fill(idx < 0, -math.inf), -1).nan_to_num(0.0)
+    return idx, w
+
+
+def make_inputs(B, L, Hq, Hk, D, S, K, dtype, seed=0, invalid_frac=0.0, extra_chunks=0):
+    gen = torch.Generator().manual_seed(seed)
+    C = L // S + extra_chunks
+    idx, w = random_causal_selection(B, L, Hk, K, S, C, gen, invalid_frac)
+    q = torch.randn(B, L, Hq, D, generator=gen).to(dtype)
+    k = torch.randn(B, C * S, Hk, D, generator=gen).to(dtype)
+    v = torch.randn(B, C * S, Hk, D, generator=gen).to(dtype)
+    return [x.to(DEVICE) for x in (q, k, v, w, idx)]
+
+
+def run_with_grads(fn, q, k, v, w, idx, do, **kw):
+    q, k, v, w = (x.detach().clone().requires_grad_() for x in (q, k, v, w))
+    o = fn(q, k, v, w, idx, **kw)
+    grads = torch.autograd.grad(o, (q, k, v, w), do)
+    return (o, *grads)
+
+
+def check_against_reference(q, k, v, w, idx, *, S, dtype, schedule, off_by_one=False, sm_scale=None):
+    kw = dict(chunk_size=S, softmax_off_by_one=off_by_one, sm_scale=sm_scale)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(q.device)
+    got = run_with_grads(hsa_attention, q, k, v, w, idx, do, backend="triton", schedule=schedule, **kw)
+    # fp32 oracle on the same (rounded) inputs
+    want = run_with_grads(hsa_attention_reference, q.float(), k.float(), v.float(), w, idx, do.float(), **kw)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, want):
+        assert a.dtype == (b.dtype if name == "dw" else dtype)
+        err = rel_err(a, b)
+        assert err < REL_TOL[dtype], f"{name}: relative error {err:.2e} >= {REL_TOL[dtype]:.0e}"
+
+
+# ---------------------------------------------------------------- reference
+
+
+def test_reference_matches_per_token_loop():
+    """The vectorised reference equals a literal loop over tokens, heads and slots (off-by-one softmax on)."""
+    B, L, Hq, Hk, D, S, K = 2, 40, 4, 2, 8, 8, 3
+    q, k, v, w, idx = (x.cpu() for x in make_inputs(B, L, Hq, Hk, D, S, K, torch.float32, invalid_frac=0.3))
+    o = hsa_attention_reference(q, k, v, w, idx, chunk_size=S, softmax_off_by_one=True)
+    G = Hq // Hk
+    expect = torch.zeros_like(o)
+    for b in range(B):
+        for t in range(L):
+            for hq in range(Hq):
+                h = hq // G
+                for slot in range(K):
+                    c = int(idx[b, t, h, slot])
+                    if c < 0:
+                        continue
+                    logits = k[b, c * S:(c + 1) * S, h] @ q[b, t, hq] / math.sqrt(D)
+                    p = torch.exp(logits) / (1.0 + torch.exp(logits).sum())
+                    expect[b, t, hq] += w[b, t, h, slot] * (p @ v[b, c * S:(c + 1) * S, h])
+    assert rel_err(o, expect) < 1e-6
+
+
+def test_reference_skips_invalid_slots_whatever_their_weight():
+    q, k, v, w, idx = (x.cpu() for x in make_inputs(1, 64, 2, 1, 8, 16, 4, torch.float32))
+    w_noisy = torch.where(idx < 0, torch.full_like(w, 5.0), w)
+    a = hsa_attention_reference(q, k, v, w, idx, chunk_size=16)
+    b = hsa_attention_reference(q, k, v, w_noisy, idx, chunk_size=16)
+    assert torch.equal(a, b)
+    assert (a[0, :16] == 0).all()  # the first chunk's tokens have nothing to attend to
+
+
+def test_reverse_index_lists_exactly_the_selecting_pairs():
+    B, L, Hk, K, S = 2, 50, 2, 3, 8
+    idx, _ = random_causal_selection(B, L, Hk, K, S, L // S, torch.Generator().manual_seed(1), invalid_frac=0.3)
+    C = L // S
+    pairs, offsets = build_reverse_index(idx, C)
+    for b in range(B):
+        for h in range(Hk):
+            for c in range(C):
+                i = (b * Hk + h) * C + c
+                got = pairs[offsets[i]:offsets[i + 1]].tolist()
+                want = [t * K + s for t in range(L) for s in range(K) if idx[b, t, h, s] == c]
+                assert got == want
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, w, idx = make_inputs(1, 32, 4, 2, 8, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        hsa_attention(q, k[:, :-1], v[:, :-1], w, idx, chunk_size=8)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        hsa_attention(q[:, :, :3], k, v, w, idx, chunk_size=8)
+    with pytest.raises(ValueError, match="expand a single retrieval head"):
+        hsa_attention(q, k, v, w[:, :, :1], idx[:, :, :1], chunk_size=8)
+    with pytest.raises(ValueError, match="schedule"):
+        hsa_attention(q, k, v, w, idx, chunk_size=8, schedule="sideways")
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+
+# (B, L, Hq, Hk, D, S, K, dtype, schedule, off_by_one)
+CPU_CASES = [
+    (2, 70, 4, 2, 32, 32, 1, torch.float32, "chunk", False),  # G=2, K=1, batch 2, L not a multiple of S
+    (1, 100, 3, 1, 64, 32, 3, torch.float16, "chunk", True),  # G=3 (not a power of 2), fp16
+    (1, 90, 16, 1, 32, 32, 2, torch.float32, "token", True),  # G=16, token schedule
+    (1, 96, 1, 1, 128, 32, 2, torch.float16, "token", False),  # G=1 padded rows, D=128
+    (1, 100, 64, 1, 32, 64, 2, torch.float32, "chunk", False),  # G=64 in the chunk schedule, S=64
+    (1, 130, 8, 1, 32, 128, 17, torch.float32, "token", False),  # S=128, K=17 (mostly invalid slots)
+]
+
+
+@pytest.mark.parametrize("B,L,Hq,Hk,D,S,K,dtype,schedule,off_by_one", CPU_CASES)
+def test_triton_matches_reference(B, L, Hq, Hk, D, S, K, dtype, schedule, off_by_one):
+    q, k, v, w, idx = make_inputs(B, L, Hq, Hk, D, S, K, dtype, seed=L + Hq, invalid_frac=0.2, extra_chunks=1)
+    check_against_reference(q, k, v, w, idx, S=S, dtype=dtype, schedule=schedule, off_by_one=off_by_one)
+
+
+def test_both_schedules_agree_with_custom_scale():
+    q, k, v, w, idx = make_inputs(1, 80, 8, 2, 32, 16, 3, torch.float32, seed=3)
+    outs = [hsa_attention(q, k, v, w, idx, chunk_size=16, sm_scale=0.3, schedule=s) for s in ("token", "chunk")]
+    assert rel_err(outs[0], outs[1]) < 1e-5
+    assert rel_err(outs[0], hsa_attention_reference(q, k, v, w, idx, chunk_size=16, sm_scale=0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_decode_matches_reference_and_full_attention(R):
+    B, Hq, Hk, D, S, K, Dr = 2, 4, 2, 32, 16, 3, 16
+    gen = torch.Generator().manual_seed(5)
+    C = 6
+    q = torch.randn(B, Hq, D, generator=gen).to(DEVICE)
+    q_r = torch.randn(B, R, Dr, generator=gen).to(DEVICE)
+    k = torch.randn(B, C * S, Hk, D, generator=gen).to(DEVICE)
+    v = torch.randn(B, C * S, Hk, D, generator=gen).to(DEVICE)
+    lmk = torch.randn(B, C, R, Dr, generator=gen).to(DEVICE)
+    pos = torch.tensor([37, 95], device=DEVICE)  # 2 and 5 eligible chunks; the cache holds 6
+    kw = dict(chunk_size=S, topk=K, weight_rule="stick_breaking", rank_decay=0.2, softmax_off_by_one=True)
+    o, idx, w = hsa_decode(q, q_r, k, v, lmk, pos, backend="triton", **kw)
+    o_ref, idx_ref, w_ref = hsa_decode_reference(q, q_r, k, v, lmk, pos, **kw)
+    assert torch.equal(idx.cpu(), idx_ref.cpu())
+    assert idx[0, :, 2].eq(-1).all() and idx[0, :, :2].ge(0).all() and idx[1].ge(0).all()
+    assert rel_err(w, w_ref) < 1e-6
+    assert rel_err(o, o_ref) < 1e-5
+    # The decode step equals the training-time attention of the same token.
+    o_full = hsa_attention_reference(q[:, None], k, v, w[:, None], idx[:, None], chunk_size=S, softmax_off_by_one=True)
+    assert rel_err(o, o_full[:, 0]) < 1e-5
+
+
+# ---------------------------------------------------------------- GPU
+
+
+GPU_CASES = [
+    # (B, L, Hq, Hk, D, S, K, schedule)
+    (1, 4096, 64, 4, 128, 64, 16, "token"),  # config A heads
+    (2, 3000, 16, 1, 64, 64, 8, "token"),  # config B heads, batch 2, ragged length
+    (1, 4096, 16, 8, 128, 64, 16, "chunk"),  # config C heads
+    (1, 2500, 12, 4, 32, 32, 64, "chunk"),  # K=64, D=32, G=3
+    (1, 2048, 8, 8, 64, 128, 4, "token"),  # G=1 in the token schedule, S=128
+    (1, 2048, 64, 1, 64, 64, 8, "chunk"),  # G=64 in the chunk schedule
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,L,Hq,Hk,D,S,K,schedule", GPU_CASES)
+def test_triton_matches_reference_gpu(B, L, Hq, Hk, D, S, K, schedule, dtype):
+    q, k, v, w, idx = make_inputs(B, L, Hq, Hk, D, S, K, dtype, seed=L, invalid_frac=0.1)
+    check_against_reference(q, k, v, w, idx, S=S, dtype=dtype, schedule=schedule, off_by_one=K % 2 == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 5, 8, 16, 24, 32, 64])
+def test_every_group_size_gpu(G):
+    q, k, v, w, idx = make_inputs(1, 1024, G * 2, 2, 64, 64, 8, torch.bfloat16, seed=G)
+    check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="auto")
+
+
+@pytest.mark.gpu
+def test_fp32_gpu_is_exact():
+    q, k, v, w, idx = make_inputs(1, 1024, 16, 2, 64, 64, 8, torch.float32, seed=11)
+    for schedule in ("token", "chunk"):
+        check_against_reference(q, k, v, w, idx, S=64, dtype=torch.float32, schedule=schedule)
