@@ -101,6 +101,16 @@ def test_triton_off_by_one_and_landmark_null_slot(off_by_one, null_slot):
         assert rel_err(plain, with_null) > 1e-3  # the option is not silently dropped
 
 
+def test_fused_backward_schedule_matches_reference(monkeypatch):
+    """The alternative backward (one KV-centric kernel, dQ by atomics) gives the same gradients."""
+    monkeypatch.setenv("GCA_BWD", "fused")
+    gen = torch.Generator().manual_seed(10)
+    S, D, Hq, Hk, K, L = 32, 32, 4, 2, 3, 150
+    q, k, v = torch.randn(1, L, Hq, D), torch.randn(1, L, Hk, D), torch.randn(1, L, Hk, D)
+    idx, w = causal_selection(1, -(-L // S), -(-L // S), K, gen, empty_every=5)
+    run_and_compare(q, k, v, w, idx, S, torch.float32, off_by_one=True)
+
+
 def test_triton_topk_64_against_many_chunks():
     gen = torch.Generator().manual_seed(12)
     S, D, H, K = 32, 32, 1, 64
@@ -217,6 +227,16 @@ def test_gpu_bf16_options(off_by_one, null_slot):
     q, k, v = torch.randn(1, L, H, D), torch.randn(1, L, H, D), torch.randn(1, L, H, D)
     idx, w = causal_selection(1, L // S, L // S, K, gen)
     run_and_compare(q, k, v, w, idx, S, torch.bfloat16, off_by_one, null_slot)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_fused_backward_schedule(monkeypatch):
+    monkeypatch.setenv("GCA_BWD", "fused")
+    gen = torch.Generator().manual_seed(24)
+    S, D, Hq, Hk, K, L = 64, 128, 16, 4, 8, 3000
+    q, k, v = torch.randn(1, L, Hq, D), torch.randn(1, L, Hk, D), torch.randn(1, L, Hk, D)
+    idx, w = causal_selection(1, -(-L // S), -(-L // S), K, gen)
+    run_and_compare(q, k, v, w, idx, S, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -162,15 +162,17 @@ def _gca_bwd_dq_kernel(
 
 @triton.jit
 def _gca_bwd_dkdv_kernel(
-    Q, K, V, W, DO, LSE, DK, DV, REV_OFFSETS, REV_ENTRIES,
+    Q, K, V, W, DO, LSE, DK, DV, REV_OFFSETS, REV_ENTRIES, DQ_ACC, DW_PART,
     seq_len, kv_len, num_q_chunks, num_kv_chunks,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     sm_scale, qk_scale,
     NUM_SLOTS: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr,
-    NULL_SLOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DW_COLS: tl.constexpr, FUSED_DQ: tl.constexpr, NULL_SLOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """dK, dV of one KV chunk; with FUSED_DQ also dQ (fp32 atomics into DQ_ACC) and the weight gradient, so that
+    the dQ kernel is not needed."""
     e = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // NUM_KV_HEADS
@@ -206,6 +208,11 @@ def _gca_bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :]) * w
             dv += tl.dot((p_t * w).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            if FUSED_DQ:
+                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+                tl.atomic_add(DQ_ACC + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+                dw_off = (b * num_q_chunks * NUM_SLOTS + entry).to(tl.int64) * DW_COLS + h * TILES + tile
+                tl.store(DW_PART + dw_off, tl.sum(delta, 0))
     # The null slot's K/V never enter the forward: their gradient is zero.
     dk = tl.where(read[:, None], dk * sm_scale, 0.0)
     dv = tl.where(read[:, None], dv, 0.0)
@@ -305,18 +312,63 @@ def gca_attention_forward(q, k, v, weights, indices, *, chunk_size, sm_scale, so
     return o, lse
 
 
+def backward_schedule() -> str:
+    """"split": a query-centric dQ/dW kernel plus a KV-centric dK/dV kernel (deterministic, the default);
+    "fused": one KV-centric kernel that also adds dQ with fp32 atomics. GCA_BWD overrides (benchmarks)."""
+    schedule = os.environ.get("GCA_BWD", "split")
+    if schedule not in ("split", "fused"):
+        raise ValueError(f"GCA_BWD must be 'split' or 'fused', got {schedule!r}")
+    return schedule
+
+
 def gca_attention_backward(
-    do, q, k, v, weights, indices, lse, *, chunk_size, sm_scale, softmax_off_by_one, landmark_null_slot
+    do, q, k, v, weights, indices, lse, *, chunk_size, sm_scale, softmax_off_by_one, landmark_null_slot,
+    only: str | None = None,
 ):
     """Gradients (dq, dk, dv, dw fp32 [B,Cq,K]). The off-by-one option needs no term of its own: the null logit is
-    part of the saved LSE, and its value is zero."""
+    part of the saved LSE, and its value is zero. `only` ("dq" or "dkdv") runs one kernel, for tuning."""
     del softmax_off_by_one
     B, L, Hq, D, Lkv, Hk, G, Cq, Ckv = _common(q, k, chunk_size)
     K = indices.shape[-1]
     rows = chunk_size * G
     prec = dot_precision(q.dtype)
     qk_scale = sm_scale * LOG2E
+    fused = backward_schedule() == "fused"
+    dq = dw = dk = dv = None
 
+    if not fused and only in (None, "dq"):
+        dq, dw = _backward_dq(do, q, k, v, weights, indices, lse, chunk_size, sm_scale, landmark_null_slot)
+    if only in (None, "dkdv"):
+        cfg = launch_config("dkdv", chunk_size, G, D)
+        tiles = -(-rows // cfg["BLOCK_M"])
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        if fused:
+            dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+            dw_part = torch.zeros((B, Cq, K, Hk * tiles), device=q.device, dtype=torch.float32)
+        else:
+            dq_acc = dw_part = dk  # unused placeholders
+        offsets, entries = reverse_index(indices, Ckv)
+        _gca_bwd_dkdv_kernel[(Ckv, B * Hk)](
+            q, k, v, weights, do, lse, dk, dv, offsets, entries, dq_acc, dw_part,
+            L, Lkv, Cq, Ckv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            sm_scale, qk_scale,
+            NUM_SLOTS=K, CHUNK=chunk_size, GROUP=G, NUM_KV_HEADS=Hk, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"],
+            TILES=tiles, ROWS=rows, DW_COLS=Hk * tiles, FUSED_DQ=fused,
+            NULL_SLOT=landmark_null_slot, DOT_PRECISION=prec,
+            **_launch_options(cfg),
+        )
+        if fused:
+            dq, dw = dq_acc.to(q.dtype), dw_part.sum(-1)
+    return dq, dk, dv, dw
+
+
+def _backward_dq(do, q, k, v, weights, indices, lse, chunk_size, sm_scale, landmark_null_slot):
+    B, L, Hq, D, Lkv, Hk, G, Cq, Ckv = _common(q, k, chunk_size)
+    K = indices.shape[-1]
+    rows = chunk_size * G
     dq = torch.empty_like(q)
     cfg = launch_config("dq", chunk_size, G, D)
     tiles = -(-rows // cfg["BLOCK_M"])
@@ -327,30 +379,12 @@ def gca_attention_backward(
         L, Lkv, Cq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        sm_scale, qk_scale,
+        sm_scale, sm_scale * LOG2E,
         NUM_SLOTS=K, CHUNK=chunk_size, GROUP=G, NUM_KV_HEADS=Hk, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"],
-        TILES=-(-rows // cfg["BLOCK_M"]), ROWS=rows,
-        DW_COLS=dw_cols, NULL_SLOT=landmark_null_slot, DOT_PRECISION=prec,
+        TILES=tiles, ROWS=rows, DW_COLS=dw_cols, NULL_SLOT=landmark_null_slot, DOT_PRECISION=dot_precision(q.dtype),
         **_launch_options(cfg),
     )
-    dw = dw_part.sum(-1)
-
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    offsets, entries = reverse_index(indices, Ckv)
-    cfg = launch_config("dkdv", chunk_size, G, D)
-    _gca_bwd_dkdv_kernel[(Ckv, B * Hk)](
-        q, k, v, weights, do, lse, dk, dv, offsets, entries,
-        L, Lkv, Cq, Ckv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        sm_scale, qk_scale,
-        NUM_SLOTS=K, CHUNK=chunk_size, GROUP=G, NUM_KV_HEADS=Hk, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"],
-        TILES=-(-rows // cfg["BLOCK_M"]), ROWS=rows,
-        NULL_SLOT=landmark_null_slot, DOT_PRECISION=prec,
-        **_launch_options(cfg),
-    )
-    return dq, dk, dv, dw
+    return dq, dw_part.sum(-1)
 
 
 def attention_flops(seq_len: int, num_q_heads: int, head_dim: int, chunk_size: int, topk: int) -> float:
