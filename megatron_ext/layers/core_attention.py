@@ -1,0 +1,184 @@
+"""Core attention for full-causal, sliding-window and bidirectional (encoder) layers, efficient without TE.
+
+megatron-core's local ``DotProductAttention`` materialises the full s x s scores and applies a window as a dense mask
+(O(s^2) memory, no compute saved). :class:`LocalCoreAttention` implements megatron's core-attention contract
+(``forward(q, k, v, mask, *, attn_mask_type, attention_bias, packed_seq_params) -> [sq, b, heads * d]``) with
+
+* full causal / no mask: ``torch.nn.functional.scaled_dot_product_attention`` (cuDNN / flash / memory-efficient
+  backends on CUDA), GQA without expanding K/V;
+* sliding window on CUDA: FlexAttention with a block-sparse window mask (only blocks near the diagonal are computed);
+* sliding window on CPU (tests, small sizes): SDPA with a dense band mask.
+
+With Transformer Engine importable, :func:`core_attention_builder` returns ``TEDotProductAttention`` instead.
+Window convention (flash-attn's ``window=(W, 0)``): query i sees keys j with 0 <= i - j <= W.
+As with TE's causal kernels, the ``attention_mask`` argument is ignored for causal layers (causality and the window
+are structural); bidirectional use (``no_mask``) applies no mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+__all__ = ["LocalCoreAttention", "core_attention_builder", "attention", "te_available"]
+
+
+def te_available() -> bool:
+    try:
+        return importlib.util.find_spec("transformer_engine") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Functional attention on [B, H, L, D] tensors.
+# ----------------------------------------------------------------------------------------------------------------
+def band_mask(q_len: int, k_len: int, window: Optional[int], causal: bool, device) -> torch.Tensor:
+    """Bool [q_len, k_len], True = attend. Queries are the last q_len positions of the k_len keys."""
+    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=device)[None, :]
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= (i - j) <= window
+    return keep
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_block_mask(q_len: int, k_len: int, window: int, device_str: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = k_len - q_len
+
+    def sliding_window_causal(b, h, q_idx, kv_idx):
+        diff = q_idx + offset - kv_idx
+        return (diff >= 0) & (diff <= window)
+
+    return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=k_len, device=device_str)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    window: Optional[int] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention on batch-first heads: q [B, Hq, Lq, D], k/v [B, Hk, Lk, D] (Hq % Hk == 0) -> [B, Hq, Lq, D].
+
+    impl: 'auto' (flex for a window on CUDA, else SDPA), 'sdpa' or 'flex'.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    use_flex = window is not None and (impl == "flex" or (impl == "auto" and q.is_cuda))
+    if use_flex and window + 1 < k.shape[2]:
+        if dropout_p > 0:
+            raise ValueError("FlexAttention has no attention dropout: set attention_dropout=0 or attention_impl='sdpa'")
+        block_mask = _window_block_mask(q.shape[2], k.shape[2], int(window), str(q.device))
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if window is not None and window + 1 < k.shape[2]:
+        mask = band_mask(q.shape[2], k.shape[2], window, causal, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    if causal and q.shape[2] != k.shape[2]:
+        mask = band_mask(q.shape[2], k.shape[2], None, True, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The megatron core-attention module.
+# ----------------------------------------------------------------------------------------------------------------
+class LocalCoreAttention(MegatronModule):
+    """megatron-core core attention on SDPA / FlexAttention.
+
+    query [sq, b, heads/TP, d], key/value [sk, b, kv_heads/TP, d] -> [sq, b, heads/TP * d].
+    ``window_size`` (a constructor argument, set per layer kind through the spec) turns on the sliding window.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        window_size: Optional[int] = None,
+        impl: Optional[str] = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("LocalCoreAttention has no context parallelism: use attention_impl='te' with TE")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise ValueError(f"LocalCoreAttention supports causal and no_mask attention, got {attn_mask_type}")
+        self.layer_number = layer_number
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.window_size = window_size
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        impl = impl or getattr(config, "attention_impl", "auto")
+        self.impl = "auto" if impl == "te" else impl
+
+    def forward(self, query, key, value, attention_mask=None, /, *, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        if attention_bias is not None:
+            raise ValueError("LocalCoreAttention does not take an attention_bias")
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "packed sequences (packed_seq_params) are not supported by LocalCoreAttention yet; "
+                "use unpacked [s, b] batches"
+            )
+        sq, b, hq, d = query.shape
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        out = attention(
+            q, k, v, causal=self.causal, window=self.window_size, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0, impl=self.impl,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
+
+
+def _te_core_attention(*, config, window_size=None, **kwargs):
+    """TEDotProductAttention with a per-layer window (TE reads ``config.window_size``)."""
+    import copy
+
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    layer_config = copy.copy(config)
+    layer_config.window_size = (window_size, 0) if window_size is not None else None
+    layer_config.window_attn_skip_freq = None
+    return TEDotProductAttention(config=layer_config, **kwargs)
+
+
+def core_attention_builder(config, window_size: Optional[int] = None):
+    """The ``core_attention`` builder for an SWA/full/encoder layer: TE when asked for or importable, else ours."""
+    impl = getattr(config, "attention_impl", "auto")
+    if impl == "te" or (impl == "auto" and te_available()):
+        if not te_available():
+            raise ValueError("attention_impl='te' but transformer_engine is not importable; use 'auto'")
+        return functools.partial(_te_core_attention, window_size=window_size)
+    return functools.partial(LocalCoreAttention, window_size=window_size)

@@ -1,0 +1,116 @@
+"""Retrieval modules, one per retrieval group: pick the chunks that the group's HSA/GCA layers attend to.
+
+* :class:`HSARetrieval` (per token): q_r = W_r RMSNorm(x), R heads of Dr; scores <q_r[t], landmark[c]> / sqrt(Dr)
+  over complete chunks before t's own chunk; top-k (Gumbel-perturbed in training if ``hsa_gumbel_noise``); weights
+  by softmax or stick-breaking (``hsa_weight_rule``) with an optional learned rank decay; optional RMSNorm on
+  queries and landmarks (``hsa_landmark_norm``). Weights are differentiable: W_r and the landmark path learn only
+  through them.
+* :class:`GCARetrieval` (per chunk, DRT): the query of chunk c is RMSNorm(x at c's landmark row); it selects
+  chunks e < c, and that selection serves the tokens of chunk c + 1. The group also projects its own chunk K/V.
+
+Both run the ``megatron_ext.kernels`` ops; retrieval is computed on every tensor-parallel rank (replicated) and the
+rank keeps the KV heads it owns.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_ext.layers.chunk_encoder import _tp_world
+from megatron_ext.layers.chunk_memory import ChunkMemory, Selection
+from megatron_ext.layers.norms import RMSNorm
+
+__all__ = ["HSARetrieval", "GCARetrieval"]
+
+
+class HSARetrieval(MegatronModule):
+    """forward(x [s, b, h], memory) -> Selection(indices/weights [b, s, Hk_local, K])."""
+
+    def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
+        super().__init__(config=config)
+        h = config.hidden_size
+        self.chunk_size = config.hsa_chunk_size
+        self.topk = config.hsa_topk
+        self.weight_rule = config.hsa_weight_rule
+        self.gumbel = config.hsa_gumbel_noise
+        self.backend = config.hsa_kernel_backend
+        self.retrieval_heads = config.hsa_heads
+        self.retrieval_head_dim = config.hsa_retrieval_width // config.hsa_heads
+        self.tp_rank, tp_size = _tp_world(pg_collection)
+        self.kv_heads_local = config.hsa_num_kv_heads // tp_size
+        tp_group = pg_collection.tp if pg_collection is not None else None
+        self.norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
+        self.query_proj = ColumnParallelLinear(
+            h, config.hsa_retrieval_width, config=config, init_method=config.init_method, bias=False,
+            gather_output=True, skip_bias_add=True, tp_group=tp_group,
+        )
+        if config.hsa_landmark_norm:
+            self.query_norm = RMSNorm(config, self.retrieval_head_dim, eps=config.layernorm_epsilon)
+            self.landmark_norm = RMSNorm(config, self.retrieval_head_dim, eps=config.layernorm_epsilon)
+        else:
+            self.query_norm = self.landmark_norm = None
+        # p in "logit_k += k * p": a recency bias by slot rank, learned from 0.
+        self.rank_decay = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32)) if config.hsa_rank_decay else None
+
+    def forward(self, x: torch.Tensor, memory: ChunkMemory) -> Selection:
+        from megatron_ext.kernels.hsa import hsa_retrieval
+
+        s, b, _ = x.shape
+        q_r, _ = self.query_proj(self.norm(x).transpose(0, 1))  # [b, s, R*Dr]
+        q_r = q_r.reshape(b, s, self.retrieval_heads, self.retrieval_head_dim)
+        landmarks = memory.landmarks
+        if self.query_norm is not None:
+            q_r, landmarks = self.query_norm(q_r), self.landmark_norm(landmarks)
+        indices, weights = hsa_retrieval(
+            q_r.contiguous(), landmarks.to(q_r.dtype).contiguous(), chunk_size=self.chunk_size, topk=self.topk,
+            weight_rule=self.weight_rule, gumbel=self.gumbel and self.training,
+            rank_decay=self.rank_decay[0] if self.rank_decay is not None else None, backend=self.backend,
+        )
+        Hl = self.kv_heads_local
+        if self.retrieval_heads == 1:  # one selection shared by every KV head
+            indices, weights = indices.expand(b, s, Hl, -1), weights.expand(b, s, Hl, -1)
+        else:  # this rank's KV heads
+            lo = self.tp_rank * Hl
+            indices, weights = indices[:, :, lo : lo + Hl], weights[:, :, lo : lo + Hl]
+        return Selection(indices=indices.contiguous(), weights=weights.contiguous())
+
+
+class GCARetrieval(MegatronModule):
+    """forward(x [s, b, h], memory) -> Selection(indices/weights [b, C, K] per query chunk, keys/values)."""
+
+    def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
+        super().__init__(config=config)
+        h = config.hidden_size
+        self.chunk_size = config.hsa_chunk_size
+        self.topk = config.hsa_topk
+        self.gumbel = config.hsa_gumbel_noise
+        self.backend = config.hsa_kernel_backend
+        self.head_dim = config.kv_channels
+        _, tp_size = _tp_world(pg_collection)
+        self.kv_heads_local = config.gca_kv_heads // tp_size
+        tp_group = pg_collection.tp if pg_collection is not None else None
+        self.landmark_query_norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
+        linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=True, tp_group=tp_group)
+        self.key_proj = ColumnParallelLinear(h, config.gca_kv_heads * self.head_dim, **linear)
+        self.value_proj = ColumnParallelLinear(h, config.gca_kv_heads * self.head_dim, **linear)
+
+    def forward(self, x: torch.Tensor, memory: ChunkMemory) -> Selection:
+        from megatron_ext.kernels.gca import gca_retrieval, selection_for_query_chunks
+
+        s, b, h = x.shape
+        S = self.chunk_size
+        C = s // S
+        landmark_rows = x.reshape(C, S, b, h)[:, -1].transpose(0, 1)  # [b, C, h]: chunk c's landmark token
+        query = self.landmark_query_norm(landmark_rows)
+        made_by, weights_made_by = gca_retrieval(
+            query, memory.landmarks.to(query.dtype), topk=self.topk, chunk_size=S,
+            gumbel=self.gumbel and self.training, backend=self.backend,
+        )
+        indices, weights = selection_for_query_chunks(made_by, weights_made_by, chunk_size=S)
+        keys, _ = self.key_proj(memory.encoded)
+        values, _ = self.value_proj(memory.encoded)
+        keys = keys.reshape(b, C * S, self.kv_heads_local, self.head_dim)
+        values = values.reshape(b, C * S, self.kv_heads_local, self.head_dim)
+        return Selection(indices=indices, weights=weights, keys=keys, values=values)

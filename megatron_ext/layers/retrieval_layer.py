@@ -1,0 +1,86 @@
+"""The retrieval transformer layer (HSA or GCA) with the bypass residual.
+
+Built from megatron's ``TransformerLayerSubmodules`` slots plus two of its own:
+
+    chunk_memory            (first retrieval layer only) x -> ChunkMemory              (chunk encoder, K/V, landmarks)
+    retrieval               (first layer of each group)  x, memory -> Selection        (top-k chunks and weights)
+    input_layernorm, self_attention     optional inner SWA:   x <- x + SWA(norm x)      (HSA's hsa_inner_swa; GCA always)
+    pre_cross_attn_layernorm, cross_attention   a = HSA/GCA(norm x, memory)
+    pre_mlp_layernorm, mlp  bypass residual (default):  out = x + MLP(norm(x + a))
+                            plain residual:             x <- x + a;  out = x + MLP(norm x)
+
+The chunk memory arrives and leaves as megatron's ``context`` (``TransformerBlock`` threads it through the layers),
+so the hand-off from the memory layer to every retrieval layer above is one explicit object.
+Retrieval and the chunk encoder read the layer's *input* x, as in the reference models (the retrieval layer and
+the chunking layer sit before the HSA layer and see the same hidden state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_ext.layers.chunk_memory import ChunkMemory
+
+__all__ = ["RetrievalLayerSubmodules", "RetrievalTransformerLayer"]
+
+
+@dataclass
+class RetrievalLayerSubmodules(TransformerLayerSubmodules):
+    chunk_memory: Optional[Union[ModuleSpec, type]] = None
+    retrieval: Optional[Union[ModuleSpec, type]] = None
+
+
+class RetrievalTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose ``cross_attention`` slot holds HSA or GCA over the chunk memory."""
+
+    def __init__(self, config, submodules: RetrievalLayerSubmodules, layer_number: int = 1,
+                 group: Optional[int] = None, **kwargs):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        self.group = group
+        self.bypass_residual = bool(config.hsa_bypass_residual)
+        common = dict(config=config, layer_number=self.layer_number, pg_collection=self.pg_collection)
+        self.chunk_memory = build_module(submodules.chunk_memory, **common) if submodules.chunk_memory else None
+        self.retrieval = build_module(submodules.retrieval, **common) if submodules.retrieval else None
+        self.has_inner_attention = not isinstance(self.self_attention, IdentityOp)
+
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
+                rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                inference_context=None, packed_seq_params=None, sequence_len_offset=None, padding_mask=None,
+                **kwargs):
+        if inference_context is not None:
+            raise NotImplementedError("retrieval layers have no megatron inference path; use the kernels' *_decode")
+        x = hidden_states
+        memory = self.chunk_memory(x) if self.chunk_memory is not None else context
+        if not isinstance(memory, ChunkMemory):
+            raise RuntimeError(
+                f"layer {self.layer_number}: expected the chunk memory as `context`, got {type(memory).__name__}; "
+                f"a retrieval layer above the first one must receive it from the layers below"
+            )
+        if self.retrieval is not None:
+            memory = memory.with_selection(self.retrieval(x, memory), self.group)
+        elif memory.group != self.group:
+            raise RuntimeError(f"layer {self.layer_number}: group {self.group} has no retrieval of its own")
+
+        if self.has_inner_attention:  # x <- x + SWA(norm x)
+            attn = self.self_attention(
+                self.input_layernorm(x), attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, packed_seq_params=packed_seq_params,
+            )
+            with self.bias_dropout_add_exec_handler():
+                x = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(attn, x, self.hidden_dropout)
+
+        out, bias = self.cross_attention(self.pre_cross_attn_layernorm(x), memory)
+        if bias is not None:
+            out = out + bias
+        if self.bypass_residual:  # the retrieval output reaches the residual stream only through the MLP
+            residual, mlp_input = x, x + out
+        else:
+            x = x + out
+            residual, mlp_input = x, x
+        mlp_output_with_bias = self.mlp(self._forward_pre_mlp_layernorm(mlp_input), padding_mask=padding_mask)
+        return self._forward_post_mlp(mlp_output_with_bias, residual), memory
