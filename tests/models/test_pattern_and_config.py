@@ -1,0 +1,71 @@
+"""Layer patterns parse into the intended layers and groups; invalid configs fail naming the field and a fix."""
+
+import pytest
+
+from megatron_ext.models import format_layer_pattern, parse_layer_pattern
+from tests.models.tiny import tiny_config
+
+
+def test_345m_pattern_two_groups():
+    plans = parse_layer_pattern("swa*8 [hsa swa*3]*2")
+    assert [p.kind for p in plans] == ["swa"] * 8 + (["hsa"] + ["swa"] * 3) * 2
+    assert [p.group for p in plans] == [None] * 8 + [0] * 4 + [1] * 4
+    assert [p.index for p in plans if p.group_head] == [8, 12]
+    assert [p.index for p in plans if p.memory_builder] == [8]
+    assert format_layer_pattern(plans) == "swa*8 [hsa swa*3] [hsa swa*3]"
+
+
+def test_shared_group_mlp_suffix_and_lone_retrieval_layers():
+    plans = parse_layer_pattern("swa:dense, [gca*3], hsa:moe, hsa")
+    assert [p.mlp for p in plans] == ["dense", None, None, None, "moe", None]
+    assert [p.group for p in plans] == [None, 0, 0, 0, 1, 2]  # a lone retrieval layer is its own group
+    assert [p.group_head for p in plans] == [False, True, False, False, True, True]
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("swa*8 [hsa swa", "without a closing"),
+    ("swa] hsa", "without an opening"),
+    ("[swa*2]", "no retrieval layer"),
+    ("swa*0", ">= 1"),
+    ("swa [hsa [swa]]", "nested"),
+    ("swa+hsa", "cannot read"),
+])
+def test_bad_patterns(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_layer_pattern(bad)
+
+
+@pytest.mark.parametrize("overrides, field, fix", [
+    (dict(layer_pattern="swa*2 [hsa swa]", num_layers=5), "layer_pattern", "num_layers: 4"),
+    (dict(layer_pattern="swa mamba"), "layer_pattern", "register_attention_kind"),
+    (dict(layer_pattern="[hsa] [gca]"), "layer_pattern", "one retrieval kind"),
+    (dict(hsa_num_kv_heads=3), "hsa_num_kv_heads", "divisor"),
+    (dict(hsa_retrieval_heads=2, hsa_num_kv_heads=4), "hsa_retrieval_heads", "1 (shared)"),
+    (dict(hsa_retrieval_dim=30, hsa_retrieval_heads=4, hsa_num_kv_heads=4), "hsa_retrieval_dim", "multiple"),
+    (dict(hsa_weight_rule="sparsemax"), "hsa_weight_rule", "softmax"),
+    (dict(seq_length=60), "seq_length", "seq_length=64"),
+    (dict(hsa_encoder_layers=0), "hsa_encoder_cls", "mean-pool"),
+    (dict(hsa_kernel_backend="cuda"), "hsa_kernel_backend", "auto"),
+    (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+     "recompute_granularity", "selective"),
+    (dict(swa_window_size=0), "swa_window_size", "512"),
+    (dict(layer_pattern="swa [hsa:moe swa]"), "layer_pattern", "num_moe_experts"),
+])
+def test_invalid_configs_name_the_field_and_a_fix(overrides, field, fix):
+    pattern = overrides.pop("layer_pattern", "swa [hsa swa]")
+    with pytest.raises(ValueError) as err:
+        tiny_config(pattern, **overrides)
+    msg = str(err.value)
+    assert f"HSAConfig.{field}" in msg and "Fix:" in msg and fix in msg, msg
+
+
+def test_gca_needs_an_encoder():
+    with pytest.raises(ValueError, match="HSAConfig.hsa_encoder_layers"):
+        tiny_config("swa [gca]", hsa_encoder_layers=0, hsa_encoder_cls=False)
+
+
+def test_defaults_are_the_papers():
+    config = tiny_config("swa [hsa swa]")
+    assert config.hsa_bypass_residual and config.hsa_weight_rule == "softmax" and not config.hsa_softmax_off_by_one
+    assert config.hsa_heads == config.hsa_num_kv_heads and config.hsa_retrieval_width == config.hidden_size
+    assert config.encoder_ffn_size == 128  # floor(8/3 * 64 / 64) * 64
