@@ -144,6 +144,33 @@ def sweep(L, Hq, Hk, D, S, K, dtype, device, budget_s):
     return chosen
 
 
+def profile(L, Hq, Hk, D, S, K, dtype, device):
+    """Where the time of one forward+backward goes at a small size: kernel table and host time per step."""
+    q, k, v, w, idx = make_inputs(L, Hq, Hk, D, S, K, dtype, device)
+    for t in (q, k, v, w):
+        t.requires_grad_()
+    do = torch.randn_like(q)
+
+    def step():
+        gca_attention(q, k, v, w, idx, chunk_size=S).backward(do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        step()
+    host_ms = (time.perf_counter() - t0) / 20 * 1e3  # launch-bound if close to the timed step
+    torch.cuda.synchronize()
+    synced_ms = (time.perf_counter() - t0) / 20 * 1e3
+    print(f"profile L={L}: host time per fwd+bwd {host_ms:.3f} ms, with sync {synced_ms:.3f} ms", flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated among {list(CONFIGS)}")
@@ -156,11 +183,18 @@ def main(argv=None):
     parser.add_argument("--sweep", default=None, metavar="CONFIG:SEQ_LEN",
                         help="tune launch configs on one shape first and use the best ones for the run")
     parser.add_argument("--sweep-budget-s", type=float, default=90.0)
+    parser.add_argument("--profile", default=None, metavar="CONFIG:SEQ_LEN",
+                        help="print a profile of one forward+backward first")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gca.py needs a CUDA GPU")
     device = "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+
+    if args.profile:
+        name, seq = args.profile.split(":")
+        Hq, Hk, D, S, K = CONFIGS[name]
+        profile(int(seq), Hq, Hk, D, S, K, dtype, device)
 
     tuned = {}
     if args.sweep:

@@ -12,6 +12,8 @@ chunk (retrieved chunks lie wholly in the past).
 - backward dK/dV, grid (KV chunks, B x Hk), KV-centric: every KV chunk visits only the (query chunk, slot) pairs
   that selected it, through a reverse index (CSR) built in PyTorch; it sees the whole softmax row of each pair
   (the chunk is the row), so it recomputes Delta_k itself and needs no atomics.
+- `GCA_BWD=fused` swaps the two backward kernels for one KV-centric kernel that also adds dQ with fp32 atomics
+  (5 matmuls per pair instead of 7); on an H100 it measured 1.5x slower than the split pair, so it is not the default.
 
 Row r of a tile: token c*S + r // G, query head h*G + r % G. LSE layout: [B*Hk, C, K, R] fp32.
 """
@@ -188,31 +190,33 @@ def _gca_bwd_dkdv_kernel(
 
     start = tl.load(REV_OFFSETS + b * num_kv_chunks + e)
     end = tl.load(REV_OFFSETS + b * num_kv_chunks + e + 1)
-    for n in range(start, end):
+    # One flat loop over (selecting pair, row tile), so that the compiler pipelines the loads across pairs.
+    for it in range(start * TILES, end * TILES):
+        n = it // TILES
+        tile = it % TILES
         entry = tl.load(REV_ENTRIES + n)  # c * NUM_SLOTS + slot, within batch b
         c = entry // NUM_SLOTS
         s = entry % NUM_SLOTS
         w = tl.load(W + b * num_q_chunks * NUM_SLOTS + entry)
         lse_base = LSE + ((pid_bh * num_q_chunks + c) * NUM_SLOTS + s).to(tl.int64) * ROWS
-        for tile in range(TILES):
-            rows, tok, head, row_ok = _tile_rows(c, tile, seq_len, h, CHUNK, GROUP, BLOCK_M)
-            q_off = b.to(tl.int64) * stride_qb + tok.to(tl.int64) * stride_qt + head * stride_qh
-            q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_base + rows, mask=rows < ROWS, other=0.0)
-            scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [CHUNK, BLOCK_M]
-            p_t = tl.exp2(scores_t - lse[None, :])
-            p_t = tl.where(exists[:, None] & row_ok[None, :], p_t, 0.0)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            delta = tl.sum(p_t * dp_t, 0)  # the whole softmax row lies in this chunk
-            ds_t = p_t * (dp_t - delta[None, :]) * w
-            dv += tl.dot((p_t * w).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-            if FUSED_DQ:
-                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
-                tl.atomic_add(DQ_ACC + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
-                dw_off = (b * num_q_chunks * NUM_SLOTS + entry).to(tl.int64) * DW_COLS + h * TILES + tile
-                tl.store(DW_PART + dw_off, tl.sum(delta, 0))
+        rows, tok, head, row_ok = _tile_rows(c, tile, seq_len, h, CHUNK, GROUP, BLOCK_M)
+        q_off = b.to(tl.int64) * stride_qb + tok.to(tl.int64) * stride_qt + head * stride_qh
+        q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + rows, mask=rows < ROWS, other=0.0)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [CHUNK, BLOCK_M]
+        p_t = tl.exp2(scores_t - lse[None, :])
+        p_t = tl.where(exists[:, None] & row_ok[None, :], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        delta = tl.sum(p_t * dp_t, 0)  # the whole softmax row lies in this chunk
+        ds_t = p_t * (dp_t - delta[None, :]) * w
+        dv += tl.dot((p_t * w).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+            tl.atomic_add(DQ_ACC + q_off[:, None] + d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+            dw_off = (b * num_q_chunks * NUM_SLOTS + entry).to(tl.int64) * DW_COLS + h * TILES + tile
+            tl.store(DW_PART + dw_off, tl.sum(delta, 0))
     # The null slot's K/V never enter the forward: their gradient is zero.
     dk = tl.where(read[:, None], dk * sm_scale, 0.0)
     dv = tl.where(read[:, None], dv, 0.0)
@@ -239,12 +243,14 @@ def launch_config(kernel: str, chunk_size: int, group: int, head_dim: int) -> di
     if env:
         bm, warps, stages = (int(x) for x in env.split(","))
         return dict(BLOCK_M=max(MIN_BLOCK_M, min(bm, _pow2_at_most(rows))), num_warps=warps, num_stages=stages)
+    # Defaults measured on an H100 (benchmarks/results/gca.md, run 1: S 64, D 128): 64-row tiles and 4 warps win
+    # for all three kernels. The 128 x 128 chunk tiles of S = D = 128 take 8 warps in dK/dV (register pressure).
     if kernel == "fwd":
-        bm, warps, stages = 128, (8 if head_dim >= 128 else 4), 3
+        bm, warps, stages = 64, 4, 3
     elif kernel == "dq":
-        bm, warps, stages = (64 if head_dim >= 128 else 128), 8 if head_dim >= 128 else 4, 2
+        bm, warps, stages = 64, 4, 2
     elif kernel == "dkdv":
-        bm, warps, stages = (64 if chunk_size <= 64 else 32), 8 if head_dim >= 128 else 4, 2
+        bm, warps, stages = (64, 4, 2) if chunk_size * head_dim <= 64 * 128 else (32, 8, 2)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     return dict(BLOCK_M=max(MIN_BLOCK_M, min(bm, _pow2_at_most(rows))), num_warps=warps, num_stages=stages)
@@ -264,17 +270,17 @@ def reverse_index(indices: torch.Tensor, num_kv_chunks: int) -> tuple[torch.Tens
     in increasing query-chunk order.
     """
     B, Cq, K = indices.shape
-    idx = indices.long()
+    idx = indices.to(torch.int32)
     valid = (idx >= 0) & (idx < num_kv_chunks)
-    batch = torch.arange(B, device=idx.device)[:, None, None]
+    batch = torch.arange(B, device=idx.device, dtype=torch.int32)[:, None, None]
     sentinel = B * num_kv_chunks
     keys = torch.where(valid, batch * num_kv_chunks + idx, torch.full_like(idx, sentinel)).view(-1)
-    order = torch.argsort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=sentinel + 1)[:sentinel]
-    offsets = torch.zeros(sentinel + 1, dtype=torch.int64, device=idx.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    # offsets[x] = number of keys below x; no host synchronisation (bincount would need one).
+    bounds = torch.arange(sentinel + 1, device=idx.device, dtype=torch.int32)
+    offsets = torch.searchsorted(sorted_keys, bounds).to(torch.int32)
     entries = (order % (Cq * K)).to(torch.int32)
-    return offsets.to(torch.int32), entries
+    return offsets, entries
 
 
 # --------------------------------------------------------------------------------------------------------------
