@@ -20,7 +20,9 @@ SwiGLU halves sharded as megatron shards them), so a dist-checkpoint moves betwe
 directions. A plain ``state_dict`` of ``SequentialMLP`` (``local_experts.<i>.linear_fc{1,2}.weight``) also loads.
 
 :func:`get_moe_spec` returns the MoE slot of a layer spec: TE's ``TEGroupedMLP`` when Transformer Engine is
-installed, these experts otherwise.
+installed, these experts otherwise, in ``GroupedGemmMoELayer`` (megatron's ``MoELayer`` whose alltoall dispatcher
+permutes tokens on the device when there is a single expert-parallel rank: no host sync, no loop over experts, no
+atomics; megatron's path otherwise).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from megatron.core.utils import get_pg_rank, get_pg_size, make_tp_sharded_tensor
 
 __all__ = [
     "GroupedGemmMLP",
+    "grouped_moe_classes",
+    "sort_tokens_by_expert",
     "grouped_gemm",
     "grouped_gemm_backend",
     "get_moe_spec",
@@ -417,12 +421,195 @@ class GroupedGemmMLP(MegatronModule):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Token permutation on the device (one expert-parallel rank)
+# ----------------------------------------------------------------------------------------------------------------
+class _GatherTokenRows(torch.autograd.Function):
+    """``rows = x[row_token]`` ([N, H] from [T, H]); backward sums each token's k rows (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, row_token, token_rows):
+        ctx.save_for_backward(token_rows)
+        return x.index_select(0, row_token)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (token_rows,) = ctx.saved_tensors
+        tokens, topk = token_rows.shape
+        grad_x = grad_rows.index_select(0, token_rows.reshape(-1)).view(tokens, topk, -1).sum(dim=1)
+        return grad_x, None, None
+
+
+class _SumTokenRows(torch.autograd.Function):
+    """``out[t] = sum_j rows[token_rows[t, j]]`` ([T, H] from [N, H]); backward is a gather (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, rows, row_token, token_rows):
+        ctx.save_for_backward(row_token)
+        tokens, topk = token_rows.shape
+        return rows.index_select(0, token_rows.reshape(-1)).view(tokens, topk, -1).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (row_token,) = ctx.saved_tensors
+        return grad_out.index_select(0, row_token), None, None
+
+
+def sort_tokens_by_expert(routing_map: torch.Tensor, topk: int):
+    """Device-only permutation metadata for a dropless top-k routing (exactly ``topk`` experts per token).
+
+    Args:
+        routing_map: [T, E] bool.
+    Returns:
+        row_flat: [T*topk] int64, ``expert * T + token`` of each permuted row (rows sorted by expert, then token);
+        token_rows: [T, topk] int64, the permuted rows of each token;
+        tokens_per_expert: [E] int64.
+    No host synchronisation: every size is known from T, E and topk.
+    """
+    tokens, experts = routing_map.shape
+    num_rows = tokens * topk
+    expert_major = routing_map.t().reshape(-1)
+    row_of_entry = torch.cumsum(expert_major, dim=0) - 1
+    # Unselected entries all write to one spare slot, dropped afterwards.
+    target = torch.where(expert_major, row_of_entry, num_rows)
+    row_flat = torch.zeros(num_rows + 1, dtype=torch.int64, device=routing_map.device)
+    row_flat.scatter_(0, target, torch.arange(tokens * experts, device=routing_map.device))
+    row_flat = row_flat[:num_rows]
+    rows_by_token = torch.where(routing_map, row_of_entry.view(experts, tokens).t(), num_rows)
+    token_rows = torch.topk(rows_by_token, topk, dim=1, largest=False, sorted=True).values
+    tokens_per_expert = expert_major.view(experts, tokens).sum(dim=1)
+    return row_flat, token_rows, tokens_per_expert
+
+
+def _grouped_dispatcher_class():
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    class GroupedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+        """megatron's alltoall dispatcher; on a single expert-parallel rank the tokens are permuted on the device.
+
+        With EP = expert-TP = 1 and dropless routing (no capacity factor, no quantization padding) there is no
+        communication, and the permutation needs no host-side counts: rows are sorted by expert with a cumsum and
+        one scatter, token outputs are combined with a gather and a sum over the k rows of each token (backward:
+        a gather and the same sum), and ``tokens_per_expert`` stays on the device for the grouped GEMM. No host
+        sync per layer, no Python loop over experts, no atomics. Everything else is megatron's path.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            config = self.config
+            self.device_permutation = (
+                self.ep_size == 1
+                and self.tp_size == 1
+                and not self.drop_and_pad
+                and config.moe_expert_capacity_factor is None
+                and not config.moe_router_padding_for_quantization
+                and not config.moe_permute_fusion
+            )
+
+        def dispatch_preprocess(self, hidden_states, routing_map, probs):
+            if not self.device_permutation:
+                return super().dispatch_preprocess(hidden_states, routing_map, probs)
+            self.hidden_shape = hidden_states.shape
+            self.routing_map = routing_map
+            self.probs = probs
+            hidden_states = hidden_states.view(-1, self.hidden_shape[-1])
+            if self.shared_experts is not None:
+                self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+            row_flat, self.token_rows, self.tokens_per_expert = sort_tokens_by_expert(
+                routing_map, self.config.moe_router_topk
+            )
+            self.row_token = row_flat % routing_map.shape[0]
+            permuted_probs = probs.t().reshape(-1)[row_flat]
+            permuted = _GatherTokenRows.apply(hidden_states, self.row_token, self.token_rows)
+            return permuted, permuted_probs
+
+        def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
+            if not self.device_permutation:
+                return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
+            if self.shared_experts is not None:
+                self.shared_experts.wait_current_stream()
+                self.shared_experts.linear_fc1_forward_and_act(permutated_local_input_tokens)
+            return permutated_local_input_tokens, permuted_probs
+
+        def dispatch_postprocess(self, global_input_tokens, global_probs):
+            if not self.device_permutation:
+                return super().dispatch_postprocess(global_input_tokens, global_probs)
+            tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
+            return global_input_tokens, tokens_per_expert, global_probs
+
+        def combine_preprocess(self, hidden_states):
+            if not self.device_permutation:
+                return super().combine_preprocess(hidden_states)
+            return hidden_states
+
+        def token_combine(self, hidden_states, async_finish=True, allocate_on_comm_stream=True):
+            if not self.device_permutation:
+                return super().token_combine(hidden_states, async_finish, allocate_on_comm_stream)
+            if self.shared_experts is not None:
+                self.shared_experts.wait_current_stream()
+                self.shared_experts.linear_fc2_forward(hidden_states)
+                self.shared_experts.post_forward_comm()
+            return hidden_states
+
+        def combine_postprocess(self, permutated_local_input_tokens):
+            if not self.device_permutation:
+                return super().combine_postprocess(permutated_local_input_tokens)
+            output = _SumTokenRows.apply(permutated_local_input_tokens, self.row_token, self.token_rows)
+            self.row_token = self.token_rows = None
+            output = output.view(self.hidden_shape)
+            if self.shared_experts is not None:
+                output = output + self.shared_experts.get_output()
+            return output
+
+    return GroupedAlltoAllTokenDispatcher
+
+
+def _grouped_moe_layer_class():
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    dispatcher_class = _grouped_dispatcher_class()
+
+    class GroupedGemmMoELayer(MoELayer):
+        """megatron's ``MoELayer`` with :class:`GroupedAlltoAllTokenDispatcher` in place of its alltoall dispatcher.
+
+        Same submodules, parameters and checkpoints as ``MoELayer``; only the token permutation differs (see the
+        dispatcher). The allgather and flex dispatchers are megatron's.
+        """
+
+        def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False,
+                     name=None):
+            if pg_collection is None:
+                pg_collection = get_default_pg_collection()
+            super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
+            if type(self.token_dispatcher) is MoEAlltoAllTokenDispatcher:
+                self.token_dispatcher = dispatcher_class(
+                    self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=pg_collection
+                )
+                if self.use_shared_expert and self.shared_expert_overlap:
+                    self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    return GroupedGemmMoELayer
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_moe_classes():
+    """(GroupedGemmMoELayer, GroupedAlltoAllTokenDispatcher), built once (they subclass megatron's classes)."""
+    return _grouped_moe_layer_class(), _grouped_dispatcher_class()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Spec
 # ----------------------------------------------------------------------------------------------------------------
 ExpertsChoice = Literal["auto", "te", "grouped_gemm", "sequential"]
 
 
-def get_moe_spec(experts: ExpertsChoice = "auto", *, grouped_gemm_backend: GroupedGemmBackend = "auto"):
+def get_moe_spec(
+    experts: ExpertsChoice = "auto",
+    *,
+    grouped_gemm_backend: GroupedGemmBackend = "auto",
+    device_permutation: bool = True,
+):
     """The MoE ``mlp`` slot of a ``TransformerLayerSubmodules``: ``partial(MoELayer, submodules=MoESubmodules(...))``.
 
     Args:
@@ -431,6 +618,9 @@ def get_moe_spec(experts: ExpertsChoice = "auto", *, grouped_gemm_backend: Group
             ``"grouped_gemm"`` = :class:`GroupedGemmMLP` with megatron's local linears for the shared expert;
             ``"sequential"`` = megatron's local ``SequentialMLP`` (the baseline).
         grouped_gemm_backend: passed to :class:`GroupedGemmMLP` (``"auto"``, ``"grouped_mm"``, ``"loop"``).
+        device_permutation: with ``"grouped_gemm"``, use ``GroupedGemmMoELayer`` (megatron's ``MoELayer`` whose
+            alltoall dispatcher permutes tokens on the device when EP = expert-TP = 1: no host sync); False keeps
+            megatron's ``MoELayer`` and dispatcher unchanged.
 
     Router (``TopKRouter``), token dispatcher (``config.moe_token_dispatcher_type``) and shared expert
     (``config.moe_shared_expert_intermediate_size``, overlapped with ``config.moe_shared_expert_overlap``) are
@@ -454,8 +644,9 @@ def get_moe_spec(experts: ExpertsChoice = "auto", *, grouped_gemm_backend: Group
     if experts != "grouped_gemm":
         raise ValueError(f"get_moe_spec: unknown experts {experts!r}; use 'auto', 'te', 'grouped_gemm' or 'sequential'")
     submodules = local.keywords["submodules"]
+    moe_layer_class = grouped_moe_classes()[0] if device_permutation else MoELayer
     return partial(
-        MoELayer,
+        moe_layer_class,
         submodules=MoESubmodules(
             experts=partial(GroupedGemmMLP, backend=grouped_gemm_backend),
             shared_experts=submodules.shared_experts,

@@ -186,6 +186,32 @@ def test_experts_reject_unsupported_configs(megatron_world):
 # ----------------------------------------------------------------------------------------------------------------
 # Inside megatron's MoELayer: router, dispatcher, shared expert, load balancing
 # ----------------------------------------------------------------------------------------------------------------
+def test_sort_tokens_by_expert_matches_megatron_permute():
+    from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+    from megatron_ext.layers.moe_experts import sort_tokens_by_expert
+
+    torch.manual_seed(6)
+    tokens, experts, topk = 10, 6, 2
+    scores = torch.randn(tokens, experts)
+    scores[:, 3] = -10.0  # expert 3 gets no token
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool)
+    routing_map.scatter_(1, scores.topk(topk, dim=1).indices, True)
+    x = torch.randn(tokens, 5)
+    permuted_ref, _, sorted_token, _, _ = permute(x, routing_map, num_out_tokens=tokens * topk)
+
+    row_flat, token_rows, tokens_per_expert = sort_tokens_by_expert(routing_map, topk)
+    row_token = row_flat % tokens
+    assert torch.equal(row_token, sorted_token)
+    assert torch.equal(x[row_token], permuted_ref)
+    assert torch.equal(tokens_per_expert, routing_map.sum(0)) and tokens_per_expert[3] == 0
+    assert torch.equal(row_flat // tokens, torch.repeat_interleave(torch.arange(experts), tokens_per_expert))
+    rows = torch.randn(tokens * topk, 5)
+    combined = rows[token_rows.reshape(-1)].view(tokens, topk, 5).sum(1)
+    torch.testing.assert_close(combined, unpermute(rows, sorted_token, restore_shape=x.shape))
+
+
+@pytest.mark.parametrize("device_permutation", [True, False], ids=["device-permutation", "megatron-dispatcher"])
 @pytest.mark.parametrize(
     "balancing",
     [
@@ -199,13 +225,17 @@ def test_experts_reject_unsupported_configs(megatron_world):
     ],
     ids=["aux-loss", "aux-loss-free"],
 )
-def test_moe_layer_matches_sequential_mlp(megatron_world, balancing):
+def test_moe_layer_matches_sequential_mlp(megatron_world, balancing, device_permutation):
     from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
     config = moe_config(moe_shared_expert_intermediate_size=24, moe_shared_expert_overlap=True, **balancing)
     torch.manual_seed(3)
     reference = build_moe_layer("sequential", config)
-    grouped = build_moe_layer("grouped_gemm", config)
+    grouped = build_moe_layer("grouped_gemm", config, device_permutation=device_permutation)
+    assert grouped.token_dispatcher.__class__.__name__ == (
+        "GroupedAlltoAllTokenDispatcher" if device_permutation else "MoEAlltoAllTokenDispatcher"
+    )
+    assert getattr(grouped.token_dispatcher, "device_permutation", False) == device_permutation
     grouped.load_state_dict(reference.state_dict(), strict=True)
 
     hidden = torch.randn(12, 2, HIDDEN)  # [s, b, h]
@@ -369,3 +399,26 @@ def test_get_moe_spec_choice(megatron_world):
     assert isinstance(build_moe_layer("sequential", moe_config()).experts, SequentialMLP)
     with pytest.raises(ValueError, match="unknown experts"):
         get_moe_spec("fast")
+
+
+@pytest.mark.gpu
+def test_grouped_gemm_bf16_on_cuda_matches_fp32_loop():
+    """The CUTLASS grouped GEMM (bf16, Hopper) on uneven and empty expert loads, forward and gradients."""
+    from megatron_ext.layers.moe_experts import grouped_gemm, grouped_gemm_backend
+
+    torch.manual_seed(0)
+    counts = torch.tensor([37, 0, 301, 1, 0, 128, 5, 0])
+    x = torch.randn(int(counts.sum()), 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(len(counts), 512, 256, device="cuda", dtype=torch.bfloat16) / 16).requires_grad_()
+    if grouped_gemm_backend(x, w) != "grouped_mm":
+        pytest.skip("torch._grouped_mm needs a Hopper-class GPU")
+    y = grouped_gemm(x, w, counts.cuda())
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y32 = grouped_gemm(x32, w32, counts, backend="loop")
+    y32.backward(dy.float())
+    for name, got, want in (("y", y, y32), ("dx", x.grad, x32.grad), ("dw", w.grad, w32.grad)):
+        rel = (got.float() - want).norm() / want.norm()
+        assert rel < 1e-2, f"{name}: relative error {rel:.3g}"
+    assert torch.all(w.grad[counts.cuda() == 0] == 0), "empty experts must get zero gradients"
