@@ -215,6 +215,55 @@ def apply() -> bool:
     return True
 
 
+_TRAINING_APPLIED = False
+
+
+def apply_training() -> bool:
+    """:func:`apply` plus what ``megatron.training.pretrain()`` needs on the CPU (used by ``pretrain_hsa.py``).
+
+    Kept apart from :func:`apply` because importing ``megatron.training`` costs seconds that the test fixtures,
+    which use megatron-core alone, need not pay. No-op with CUDA; idempotent.
+    """
+    global _TRAINING_APPLIED
+    if not apply():
+        return False
+    if _TRAINING_APPLIED:
+        return True
+    # ``training/initialize.py``: ``_initialize_distributed`` initialises megatron's model-parallel groups only
+    # ``if torch.cuda.device_count() > 0``, and ``_set_random_seed`` seeds the (CPU-backed, see _patch_rng) RNG
+    # tracker under the same test; ``dist_checkpointing/strategies/async_utils.py`` takes
+    # ``rank % torch.cuda.device_count()``. One visible "device" makes all three take their normal path.
+    torch.cuda.device_count = lambda: 1
+    # ``training/initialize.py``: ``initialize_megatron`` asserts ``torch.cuda.is_available()`` unless called with
+    # ``allow_no_cuda=True``; ``training.pretrain`` calls it without, through the name it imported.
+    from megatron.training import initialize as megatron_initialize
+    from megatron.training import training as megatron_training
+
+    original_initialize = megatron_initialize.initialize_megatron
+
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return original_initialize(*args, **kwargs)
+
+    megatron_initialize.initialize_megatron = initialize_megatron
+    megatron_training.initialize_megatron = initialize_megatron
+
+    # ``training.pretrain`` builds the data iterators after a checkpoint load has restored the RNG states, and
+    # creating a DataLoader iterator draws a base seed from the default CPU generator. On a GPU that generator is not
+    # the one dropout uses; here it is (_patch_rng backs the "CUDA" generator with it), so a resumed run would drop
+    # out differently from an uninterrupted one. Building the iterators under fork_rng leaves the generator as the
+    # load (or the seeding) left it, in every run alike.
+    original_build_iterators = megatron_training.build_train_valid_test_data_iterators
+
+    def build_train_valid_test_data_iterators(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return original_build_iterators(*args, **kwargs)
+
+    megatron_training.build_train_valid_test_data_iterators = build_train_valid_test_data_iterators
+    _TRAINING_APPLIED = True
+    return True
+
+
 def init_process_group(rank: int = 0, world_size: int = 1, port: int | None = None, timeout_s: float = 120.0):
     """Initialise ``torch.distributed`` on loopback: gloo without CUDA, NCCL with it."""
     import datetime

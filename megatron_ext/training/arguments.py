@@ -1,0 +1,194 @@
+"""Command-line arguments of ``pretrain_hsa.py``: Megatron-LM's flags, one HSA/GCA group, and ``--config FILE.yaml``.
+
+Megatron-LM's parser (``megatron.training.arguments``) defines every standard flag; :func:`add_hsa_arguments` is its
+``extra_args_provider`` and adds
+
+* one argument group, "HSA / GCA / SWA", whose flags share the ``--hsa-``, ``--gca-`` and ``--swa-`` prefixes
+  (plus ``--attention-pattern``, the per-layer attention kinds);
+* ``--config FILE``: a YAML mapping of argument names (``seq-length`` or ``seq_length``) to values, applied as
+  parser defaults, so that anything given on the command line wins;
+* defaults that make the stock Megatron-LM command line run without Transformer Engine, apex or a GPU: the fused
+  kernels that need them are switched off, the local (non-TE) layer implementation is chosen, and the process group
+  uses gloo on the CPU. Each such default can still be overridden explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from typing import Any
+
+import torch
+import yaml
+
+# Passed to ``parse_and_validate_args``: only applied when an argument is still None after parsing.
+ARGS_DEFAULTS: dict[str, Any] = {"tokenizer_type": "NullTokenizer"}
+
+ATTENTION_KINDS_HELP = "swa, full, hsa, gca"
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def environment_defaults() -> dict[str, Any]:
+    """Defaults (by argparse ``dest``) that let Megatron-LM's stock command line run in this environment.
+
+    Megatron-LM's CLI turns on four fused kernels by default; each one needs apex or Transformer Engine and fails at
+    build or first forward without them (megatron_core_notes.md, H100 appendix, obstacles 2-5).
+    """
+    defaults: dict[str, Any] = {}
+    have_te = _has_module("transformer_engine")
+    have_apex = _has_module("apex")
+    if not have_te:
+        defaults["apply_rope_fusion"] = False  # --no-rope-fusion: fused RoPE is a TE kernel
+        defaults["transformer_impl"] = "local"
+    if not (have_te or have_apex):
+        defaults["no_persist_layer_norm"] = True  # --no-persist-layer-norm: apex's persistent LayerNorm
+    if not have_apex:
+        defaults["gradient_accumulation_fusion"] = False  # --no-gradient-accumulation-fusion: apex kernel
+        defaults["masked_softmax_fusion"] = False  # --no-masked-softmax-fusion: apex kernel
+    if not torch.cuda.is_available():
+        defaults["distributed_backend"] = "gloo"
+    return defaults
+
+
+def _hsa_config_fields():
+    """HSAConfig's own fields (those TransformerConfig lacks): the source of truth for the HSA/GCA/SWA flags."""
+    import dataclasses
+
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_ext.models import HSAConfig
+
+    base = {f.name for f in dataclasses.fields(TransformerConfig)}
+    return [f for f in dataclasses.fields(HSAConfig) if f.name not in base]
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+                "Optional[str]": str}
+
+
+def _add_hsa_config_flags(group, parser: argparse.ArgumentParser) -> None:
+    """One flag per HSAConfig field not already a Megatron-LM flag: ``hsa_topk`` -> ``--hsa-topk``;
+    a boolean field that defaults to True gets ``--no-<name>`` (Megatron-LM's convention)."""
+    existing = set(parser._option_string_actions)  # noqa: SLF001 - argparse has no public lookup
+    for field in _hsa_config_fields():
+        flag = "--" + field.name.replace("_", "-")
+        if flag in existing or field.name in ("vocab_size",):
+            continue  # a Megatron-LM flag already sets this field (seq_length, rotary_base, ...)
+        doc = (field.metadata or {}).get("help", "") or f"HSAConfig.{field.name}"
+        default = field.default
+        if field.type in ("bool", bool):
+            if default:
+                group.add_argument("--no-" + flag[2:], dest=field.name, action="store_false",
+                                   help=f"Turn off HSAConfig.{field.name}.")
+            else:
+                group.add_argument(flag, dest=field.name, action="store_true", help=f"HSAConfig.{field.name}.")
+            continue
+        kind = _FIELD_TYPES.get(str(field.type))
+        if kind is None:
+            continue  # structured fields are set through --config only
+        names = [flag] + (["--attention-pattern"] if field.name == "layer_pattern" else [])
+        group.add_argument(*names, dest=field.name, type=kind, default=default,
+                           help=f"HSAConfig.{field.name} (default: {default}).")
+
+
+def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``extra_args_provider`` for ``megatron.training``: the HSA/GCA/SWA group, ``--config``, environment defaults."""
+    group = parser.add_argument_group(
+        "HSA / GCA / SWA", "sparse long-context attention (megatron_ext.models.HSAConfig): --layer-pattern "
+        f"(kinds {ATTENTION_KINDS_HELP}, e.g. 'swa*8 [hsa swa*3]*2'), --swa-*, --hsa-*, --gca-*")
+    group.add_argument("--config", type=str, default=None, metavar="FILE",
+                       help="YAML file of argument values (keys are flag names with - or _, optionally under "
+                            "'model:', 'training:' or 'data:' sections); the command line overrides them.")
+    _add_hsa_config_flags(group, parser)
+    group.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="K",
+                       help="After each complete save keep only the newest K iter_* checkpoints in --save.")
+    group.add_argument("--peak-tflops", type=float, default=None,
+                       help="Peak dense TFLOP/s per device for MFU (default: 989, the H100 bf16 peak, on CUDA).")
+
+    defaults = environment_defaults()
+    config_path = _config_path_from_argv(sys.argv[1:])
+    if config_path is not None:
+        defaults.update(load_yaml_config(config_path, parser))
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def _config_path_from_argv(argv: list[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--config":
+            if i + 1 >= len(argv):
+                raise SystemExit("--config needs a file name: --config examples/model.yaml")
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _name_index(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, bool]]:
+    """name -> (action, named by its flag): ``no_rope_fusion`` (the flag) and ``apply_rope_fusion`` (the dest)."""
+    index: dict[str, tuple[argparse.Action, bool]] = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse exposes no public list of actions
+        for option in action.option_strings:
+            index.setdefault(option.lstrip("-").replace("-", "_"), (action, True))
+    for action in parser._actions:  # noqa: SLF001
+        index.setdefault(action.dest, (action, False))
+    return index
+
+
+_SECTIONS = ("model", "training", "data", "checkpointing", "logging")
+
+
+def _flatten(raw: dict, path: str) -> dict:
+    flat: dict = {}
+    for key, value in raw.items():
+        if str(key) in _SECTIONS and isinstance(value, dict):
+            for inner_key, inner_value in _flatten(value, path).items():
+                if inner_key in flat:
+                    raise ValueError(f"--config {path}: '{inner_key}' is set twice")
+                flat[inner_key] = inner_value
+        else:
+            if key in flat:
+                raise ValueError(f"--config {path}: '{key}' is set twice")
+            flat[key] = value
+    return flat
+
+
+def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML mapping of flag names to values; return parser defaults keyed by ``dest``.
+
+    Keys are flag names without dashes (``seq-length``, ``seq_length``; a ``no-`` flag such as
+    ``no-rope-fusion: true`` works as on the command line) or argument destinations (``apply_rope_fusion: false``),
+    at the top level or under ``model:``/``training:``/``data:`` sections. Unknown keys are an error naming the key.
+    """
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a mapping of argument names to values, got {type(raw).__name__}")
+    index = _name_index(parser)
+    defaults: dict[str, Any] = {}
+    for key, value in _flatten(raw, path).items():
+        name = str(key).lstrip("-").replace("-", "_")
+        action, by_flag = index.get(name, (None, False))
+        if action is None:
+            raise ValueError(f"--config {path}: unknown argument '{key}' (not a flag of pretrain_hsa.py; "
+                             f"see `python pretrain_hsa.py --help`)")
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: '{key}' is a switch; give true or false, not {value!r}")
+            # By its flag (``no_rope_fusion: true``) a switch means "as if given on the command line"; by its
+            # destination (``apply_rope_fusion: false``) the value is the value.
+            if by_flag and isinstance(action, argparse._StoreFalseAction):  # noqa: SLF001
+                value = not value
+        elif isinstance(value, list) and action.nargs is None:
+            raise ValueError(f"--config {path}: '{key}' takes one value, got a list")
+        elif action.type is not None and value is not None:
+            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+        defaults[action.dest] = value
+    return defaults

@@ -1,0 +1,160 @@
+"""Crash-safe checkpoints for ``pretrain_hsa.py`` on top of megatron's ``save_checkpoint``.
+
+megatron writes ``--save/iter_NNNNNNN/`` (``torch_dist``: every rank's shards plus metadata), waits for every rank
+(barrier), and only then records the iteration in ``--save/latest_checkpointed_iteration.txt`` (the "latest"
+marker ``--load`` reads). Two gaps remain, closed here:
+
+* the marker is rewritten in place (``open(..., 'w')``): a process killed during that write leaves an empty or
+  partial marker and no loadable "latest". :func:`install` makes that one write atomic: the text goes to a
+  temporary file in the same directory, is flushed and fsynced, then ``os.replace``-d over the marker, and the
+  directory is fsynced. The marker therefore always names a checkpoint that was complete when it was written, and a
+  process killed at any point of a save leaves the previous checkpoint loadable and the marker pointing at it.
+* a save killed half-way leaves a partial ``iter_N/``; a later save of the same iteration (after resuming from an
+  earlier checkpoint) would write into it. Before each save, an ``iter_N/`` that the marker does not name is
+  removed.
+
+``--keep-last-checkpoints K`` prunes older ``iter_*`` directories right after the marker moves to a new checkpoint
+(never the one it names). The atomic write goes through megatron's own storage shim (``maybe_msc``) for local paths
+only; object-store paths are left to it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_STATE = {"installed": False, "keep_last": None}
+
+
+def read_latest_iteration(save_dir: str) -> int | None:
+    """The iteration the ``latest`` marker of ``save_dir`` names (None: no marker, or 'release')."""
+    path = os.path.join(save_dir, TRACKER_NAME)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def checkpoint_iterations(save_dir: str) -> list[int]:
+    """Iterations of the ``iter_*`` directories in ``save_dir``, ascending (complete or not)."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = [_ITER_DIR.match(name) for name in os.listdir(save_dir)]
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace ``path`` by a file holding ``text`` so that readers see the old or the new content, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def prune_checkpoints(save_dir: str, keep_last: int) -> list[int]:
+    """Delete all but the newest ``keep_last`` ``iter_*`` directories (never the one ``latest`` names)."""
+    if keep_last is None or keep_last < 1:
+        return []
+    latest = read_latest_iteration(save_dir)
+    iterations = [i for i in checkpoint_iterations(save_dir) if latest is None or i <= latest]
+    doomed = [i for i in iterations[:-keep_last] if i != latest]
+    for iteration in doomed:
+        shutil.rmtree(os.path.join(save_dir, f"iter_{iteration:07d}"), ignore_errors=True)
+    return doomed
+
+
+class _AtomicTrackerFile:
+    """File object for megatron's ``open(tracker, 'w')``: buffers the text, publishes it atomically on close."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def close(self) -> None:
+        write_atomic(self.path, "".join(self.parts))
+        prune_checkpoints(os.path.dirname(os.path.abspath(self.path)), _STATE["keep_last"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        return False
+
+
+class _StorageShim:
+    """megatron's ``maybe_msc`` with one change: writing a local ``latest`` marker is atomic."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def open(self, path, mode="r", *args, **kwargs):
+        if ("w" in mode and isinstance(path, (str, os.PathLike)) and os.path.basename(str(path)) == TRACKER_NAME
+                and "://" not in str(path)):
+            return _AtomicTrackerFile(str(path))
+        return self._inner.open(path, mode, *args, **kwargs)
+
+
+def _remove_stale_iteration_dir(save_dir: str, iteration: int) -> None:
+    """Rank 0 removes ``iter_<iteration>/`` left by a save that never completed (the marker does not name it)."""
+    import torch
+
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    path = os.path.join(save_dir, f"iter_{iteration:07d}")
+    if rank0 and os.path.isdir(path) and read_latest_iteration(save_dir) != iteration:
+        shutil.rmtree(path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def install(keep_last: int | None = None) -> None:
+    """Make megatron's checkpoint saves crash-safe (see the module docstring); idempotent."""
+    from megatron.training import checkpointing as megatron_checkpointing
+    from megatron.training import training as megatron_training
+
+    _STATE["keep_last"] = keep_last
+    if _STATE["installed"]:
+        return
+    megatron_checkpointing.maybe_msc = _StorageShim(megatron_checkpointing.maybe_msc)
+    original_save = megatron_checkpointing.save_checkpoint
+
+    def save_checkpoint(iteration, *args, **kwargs):
+        from megatron.training import get_args
+
+        save_dir = get_args().save
+        if save_dir and "://" not in save_dir and not kwargs.get("non_persistent_ckpt", False):
+            _remove_stale_iteration_dir(save_dir, int(iteration))
+        return original_save(iteration, *args, **kwargs)
+
+    megatron_checkpointing.save_checkpoint = save_checkpoint
+    megatron_training.save_checkpoint = save_checkpoint
+    _STATE["installed"] = True

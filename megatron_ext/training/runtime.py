@@ -1,0 +1,43 @@
+"""Process set-up for ``pretrain_hsa.py`` and the hooks it adds to ``megatron.training``.
+
+``prepare_process()`` runs before megatron builds anything: the CPU shims of ``megatron_ext.compat.cpu`` (no-op with
+CUDA) and, for a plain ``python pretrain_hsa.py`` without a launcher, a world of one process.
+
+``install_training_hooks(args)`` wires our pieces into megatron's own loop, each in its one module:
+
+* ``optimizer_resume``: the distributed-optimizer resume workaround (megatron-core 0.19.2 without apex/TE);
+* ``checkpointing``: atomic ``latest`` marker, keep-last-K, crash-safe saves;
+* ``logging``: tokens/s and MFU per log line from our FLOP model (``flops``), MoE aux losses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_ext.compat import cpu as cpu_compat
+
+
+def prepare_process() -> None:
+    """CPU shims and single-process rendezvous defaults; safe to call more than once."""
+    if not torch.cuda.is_available():
+        # Several gloo ranks share a few cores: one intra-op thread each unless the user said otherwise.
+        if "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            torch.set_num_threads(1)
+    cpu_compat.apply_training()
+    if "RANK" not in os.environ:  # `python pretrain_hsa.py ...` without torchrun: a world of one
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(cpu_compat.free_port()))
+
+
+def install_training_hooks(args) -> None:
+    """Install the workarounds and additions to ``megatron.training`` that ``args`` asks for."""
+    from megatron_ext.training import checkpointing, logging as hsa_logging, optimizer_resume
+
+    optimizer_resume.install()
+    checkpointing.install(keep_last=args.keep_last_checkpoints)
+    hsa_logging.install(args)
