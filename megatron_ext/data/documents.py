@@ -80,43 +80,66 @@ def open_input(path: str) -> io.BufferedIOBase:
 
 @dataclass
 class LineBatch:
-    """Consecutive lines of one file. ``lines[i]`` is None for a line that was too long (not kept)."""
+    """Consecutive whole lines of one file, as one bytes block (cheap to send to a worker process).
+
+    ``long_line`` marks instead a single line longer than the read buffer allows, which was dropped unread.
+    """
 
     file_index: int
-    first_line: int  # 1-based number of lines[0] in its file
-    lines: List[Optional[bytes]]
-    num_bytes: int
+    first_line: int  # 1-based number of the block's first line in its file
+    data: bytes
+    num_lines: int
+    max_line_bytes: int
+    long_line: bool = False
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.data)
+
+    def lines(self) -> List[bytes]:
+        lines = self.data.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()  # the block ends with a newline
+        return lines
 
 
 def read_line_batches(
-    paths: Sequence[str], *, max_line_bytes: int, batch_bytes: int = 1 << 20, batch_lines: int = 4096,
-    file_index_offset: int = 0,
+    paths: Sequence[str], *, max_line_bytes: int, batch_bytes: int = 1 << 20, file_index_offset: int = 0,
 ) -> Iterator[LineBatch]:
-    """Yield the lines of each file in batches; a line longer than max_line_bytes is skipped without being held
-    in memory whole (it is read and dropped in pieces)."""
+    """Yield each file as blocks of about ``batch_bytes`` of whole lines. The reading process only finds newlines
+    and counts them; a line that grows past ``max_line_bytes`` without a newline is read on and dropped in pieces
+    (never held whole), and reported as one ``long_line`` batch."""
     for index, path in enumerate(paths):
+        file_index = file_index_offset + index
         with open_input(path) as stream:
-            lines: List[Optional[bytes]] = []
-            first, number, size = 1, 0, 0
+            pending, line = bytearray(), 1
             while True:
-                line = stream.readline(max_line_bytes + 1)
-                if not line:
+                chunk = stream.read(batch_bytes)
+                if not chunk:
+                    if pending:
+                        count = pending.count(b"\n") + (not pending.endswith(b"\n"))
+                        yield LineBatch(file_index, line, bytes(pending), count, max_line_bytes)
                     break
-                number += 1
-                size += len(line)
-                if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                    while True:  # drain the rest of the long line
-                        rest = stream.readline(1 << 20)
-                        size += len(rest)
-                        if not rest or rest.endswith(b"\n"):
-                            break
-                    line = None
-                lines.append(line)
-                if len(lines) >= batch_lines or size >= batch_bytes:
-                    yield LineBatch(file_index_offset + index, first, lines, size)
-                    lines, first, size = [], number + 1, 0
-            if lines:
-                yield LineBatch(file_index_offset + index, first, lines, size)
+                pending += chunk
+                cut = pending.rfind(b"\n")
+                if cut < 0:
+                    if len(pending) > max_line_bytes:  # one over-long line: skip to its end
+                        while chunk:
+                            chunk = stream.read(batch_bytes)
+                            newline = chunk.find(b"\n")
+                            if newline >= 0:
+                                break
+                        yield LineBatch(file_index, line, b"", 1, max_line_bytes, long_line=True)
+                        line += 1
+                        pending = bytearray(chunk[newline + 1:] if chunk else b"")
+                    continue
+                if len(pending) < batch_bytes:
+                    continue  # gather a bigger block first
+                block = bytes(pending[: cut + 1])
+                del pending[: cut + 1]
+                count = block.count(b"\n")
+                yield LineBatch(file_index, line, block, count, max_line_bytes)
+                line += count
 
 
 @dataclass
@@ -184,7 +207,7 @@ class BadInputLog:
 class KeyOutput:
     """The documents of one JSON key in a batch: tokens concatenated, and each document's length."""
 
-    tokens: np.ndarray  # [sum(lengths)] int64
+    tokens: np.ndarray  # [sum(lengths)], in the output dtype
     lengths: np.ndarray  # [num_documents] int64
 
 
@@ -200,17 +223,37 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _concatenate(docs: List, eod: Optional[int]) -> np.ndarray:
+    """One int64 array of all documents' ids, each followed by ``eod`` unless it is None."""
+    if docs and isinstance(docs[0], np.ndarray):
+        parts = []
+        tail = np.array([eod], dtype=np.int64) if eod is not None else None
+        for d in docs:
+            parts.append(d)
+            if tail is not None:
+                parts.append(tail)
+        return np.concatenate(parts).astype(np.int64, copy=False)
+    flat: List[int] = []
+    for d in docs:
+        flat.extend(d)
+        if eod is not None:
+            flat.append(eod)
+    return np.array(flat, dtype=np.int64)
+
+
 def tokenize_batch(batch: LineBatch, tokenizer, json_keys: Sequence[str], append_eod: bool,
-                   max_samples: int = 5) -> BatchResult:
+                   max_samples: int = 5, out_dtype=np.int64) -> BatchResult:
     """Validate and tokenize every line of the batch; bad documents are logged and left out."""
     bad = BadInputLog(max_samples=max_samples)
     texts: Dict[str, List[str]] = {k: [] for k in json_keys}
     where: Dict[str, List[int]] = {k: [] for k in json_keys}
     f = batch.file_index
-    for offset, raw in enumerate(batch.lines):
+    if batch.long_line:
+        bad.add("line_too_long", f, batch.first_line, f"longer than {batch.max_line_bytes:,} bytes; skipped unread")
+    for offset, raw in enumerate(batch.lines()):
         ln = batch.first_line + offset
-        if raw is None:
-            bad.add("line_too_long", f, ln, "line skipped")
+        if len(raw) > batch.max_line_bytes:
+            bad.add("line_too_long", f, ln, f"{len(raw):,} bytes > {batch.max_line_bytes:,}; skipped")
             continue
         try:
             line = raw.decode("utf-8")
@@ -259,32 +302,34 @@ def tokenize_batch(batch: LineBatch, tokenizer, json_keys: Sequence[str], append
                 except Exception as err:  # noqa: BLE001 - any tokenizer failure is bad input, logged
                     bad.add("tokenizer_error", f, ln, f"{type(err).__name__}: {_short(str(err))}")
                     token_lists.append(None)
-        arrays, lengths = [], []
+        kept, lengths = [], []
         for ids, ln in zip(token_lists, where[key]):
             if ids is None:
                 continue
             if len(ids) == 0:
                 bad.add("no_tokens", f, ln, f"{key!r} tokenized to nothing")
                 continue
-            arr = np.asarray(ids, dtype=np.int64)
-            if append_eod:
-                arr = np.append(arr, tokenizer.eod)
-            arrays.append(arr)
-            lengths.append(arr.size)
-        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-        outputs[key] = KeyOutput(tokens=tokens, lengths=np.asarray(lengths, dtype=np.int64))
-    return BatchResult(outputs=outputs, bad=bad, num_bytes=batch.num_bytes, num_lines=len(batch.lines))
+            kept.append(ids)
+            lengths.append(len(ids) + int(append_eod))
+        tokens = _concatenate(kept, tokenizer.eod if append_eod else None)
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= tokenizer.vocab_size):
+            raise ValueError(f"token id {int(tokens.max())} outside the tokenizer's vocabulary of "
+                             f"{tokenizer.vocab_size}: the tokenizer files disagree with each other")
+        outputs[key] = KeyOutput(tokens=tokens.astype(out_dtype, copy=False),
+                                 lengths=np.asarray(lengths, dtype=np.int64))
+    return BatchResult(outputs=outputs, bad=bad, num_bytes=batch.num_bytes, num_lines=batch.num_lines)
 
 
 # Worker-process state (set once per process by init_worker).
 _WORKER: dict = {}
 
 
-def init_worker(tokenizer_spec, json_keys: Sequence[str], append_eod: bool, max_samples: int) -> None:
+def init_worker(tokenizer_spec, json_keys: Sequence[str], append_eod: bool, max_samples: int,
+                out_dtype=np.int64) -> None:
     _WORKER.update(tokenizer=tokenizer_spec.build(), json_keys=list(json_keys), append_eod=append_eod,
-                   max_samples=max_samples)
+                   max_samples=max_samples, out_dtype=out_dtype)
 
 
 def worker_tokenize(batch: LineBatch) -> BatchResult:
     return tokenize_batch(batch, _WORKER["tokenizer"], _WORKER["json_keys"], _WORKER["append_eod"],
-                          _WORKER["max_samples"])
+                          _WORKER["max_samples"], _WORKER["out_dtype"])

@@ -177,22 +177,16 @@ def _file_fingerprint(paths: Sequence[str]) -> list:
 class _Writers:
     """One IndexedDatasetBuilder per JSON key, writing under tmp names; removes them unless committed."""
 
-    def __init__(self, prefixes: Dict[str, str], dtype, vocab_size: int) -> None:
+    def __init__(self, prefixes: Dict[str, str], dtype) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefixes = prefixes
         self.tmp = {k: p + ".tmp" for k, p in prefixes.items()}
-        self.vocab_size = vocab_size
         self.builders = {k: IndexedDatasetBuilder(t + ".bin", dtype=dtype) for k, t in self.tmp.items()}
         self.documents = {k: 0 for k in prefixes}
         self.tokens = {k: 0 for k in prefixes}
 
     def add(self, key: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(
-                f"token id {int(tokens.max())} outside the tokenizer's vocabulary of {self.vocab_size}: "
-                f"the tokenizer files disagree with each other"
-            )
         builder = self.builders[key]
         ends = np.cumsum(lengths)
         starts = ends - lengths
@@ -237,7 +231,7 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
         f"{np.dtype(dtype).name} tokens), {options.workers} worker(s)")
 
     groups = _split_files(paths, options.partitions)
-    init_args = (options.tokenizer, options.json_keys, options.append_eod, options.error_samples)
+    init_args = (options.tokenizer, options.json_keys, options.append_eod, options.error_samples, np.dtype(dtype))
     progress = _Progress(options.log_interval, log)
     bad = BadInputLog(max_samples=options.error_samples)
     documents = {k: 0 for k in finals}
@@ -271,7 +265,7 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
             log(f"partition {g + 1}/{len(groups)}: reusing finished output ({len(group)} file(s))")
             continue
 
-        writers = _Writers(prefixes, dtype, vocab_size)
+        writers = _Writers(prefixes, dtype)
         part_bad = BadInputLog(max_samples=options.error_samples)
         part_bytes = part_lines = 0
         try:

@@ -6,8 +6,9 @@
 
 Datasets come from megatron-core: ``GPTDataset`` (or ``MockGPTDataset``, or our ``ChunkAlignedPackedDataset``)
 built through ``BlendedMegatronDatasetBuilder``, so a weighted ``--data-path 30 a 70 b`` gives a ``BlendedDataset``
-and ``--split 969,30,1`` splits each prefix by documents. Samples carry no attention mask (causal masking
-belongs to the attention kernels; an [L, L] mask is not affordable at long context).
+and ``--split 969,30,1`` splits each prefix by documents. Samples carry no attention mask unless asked
+(``create_attention_mask``): causal masking belongs to the attention kernels, and an [L, L] mask per sample is not
+affordable at long context.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     mid_level_dataset_surplus: float = 0.005
+    create_attention_mask: bool = False  # an [1, L, L] mask per sample: only for short contexts, never when packed
     # Extensions (flags in add_data_args):
     landmark_chunk_size: Optional[int] = None  # GCA: a landmark token ends every chunk of this many tokens
     landmark_token_id: Optional[int] = None  # default: tokenizer.vocab_size (the model's vocab must cover it)
@@ -56,6 +58,11 @@ class DataConfig:
                 f"landmark_chunk_size {self.landmark_chunk_size} and pack_chunk_size {self.pack_chunk_size} "
                 f"differ: landmarks and packing must use the model's one chunk size"
             )
+        if self.create_attention_mask and (self.landmark_chunk_size or self.pack_chunk_size):
+            raise ValueError(
+                "dense attention masks are not built for packed or landmark data: the HSA/GCA kernels mask causally "
+                "(and by cu_seqlens) themselves; pass --no-create-attention-mask-in-dataloader"
+            )
         if not self.mock_data and not (self.data_path or self.train_data_path or self.valid_data_path
                                        or self.test_data_path):
             raise ValueError("no data: give --data-path (or --train/valid/test-data-path), or --mock-data")
@@ -72,6 +79,7 @@ class DataConfig:
             reset_attention_mask=bool(get("reset_attention_mask", False)),
             eod_mask_loss=bool(get("eod_mask_loss", False)),
             mid_level_dataset_surplus=get("mid_level_dataset_surplus", 0.005) or 0.005,
+            create_attention_mask=bool(get("create_attention_mask_in_dataloader", False)),
             landmark_chunk_size=get("data_landmark_chunk_size"), landmark_token_id=get("data_landmark_token_id"),
             pack_chunk_size=get("data_pack_chunk_size"),
         )
@@ -125,7 +133,7 @@ def gpt_dataset_config(config: DataConfig, tokenizer):
         reset_position_ids=config.reset_position_ids,
         reset_attention_mask=config.reset_attention_mask,
         eod_mask_loss=config.eod_mask_loss,
-        create_attention_mask=False,
+        create_attention_mask=config.create_attention_mask,
         mid_level_dataset_surplus=config.mid_level_dataset_surplus,
     )
     if config.mock_data:
@@ -180,6 +188,8 @@ def collate_batch(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Ten
     for key in ("tokens", "labels", "position_ids"):
         batch[key] = torch.stack([s[key] for s in samples]).long()
     batch["loss_mask"] = torch.stack([s["loss_mask"] for s in samples]).float()
+    if "attention_mask" in samples[0]:
+        batch["attention_mask"] = torch.stack([s["attention_mask"] for s in samples])
     if "dataset_id" in samples[0]:
         batch["dataset_id"] = torch.tensor([int(s["dataset_id"]) for s in samples])
     if "cu_seqlens" in samples[0]:

@@ -76,8 +76,9 @@ class ByteLevelTokenizer(TextTokenizer):
     def tokenize(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
 
-    def tokenize_to_array(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    def tokenize_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        """Arrays, not lists: preprocessing concatenates them without a Python-level loop over bytes."""
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -110,7 +111,8 @@ class SentencePieceTokenizer(TextTokenizer):
         return self._sp.encode(text)
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return self._sp.encode(list(texts))
+        # One thread: parallelism comes from preprocessing workers (sentencepiece would use every core).
+        return self._sp.encode(list(texts), num_threads=1)
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -291,6 +293,51 @@ class GPT2BPETokenizer(TextTokenizer):
 
     def _identity(self) -> dict:
         return {"class": type(self).__name__, "vocab": self.vocab_file, "merges": self.merge_file}
+
+
+def train_byte_level_bpe(texts: Iterable[str], num_merges: int, vocab_file: str, merge_file: str,
+                         eod_token: str = "<|endoftext|>") -> None:
+    """Train a small GPT-2-format byte-level BPE (vocab.json + merges.txt) on texts, with no downloads.
+
+    Plain and slow (it recounts pairs after every merge): meant for tests, demos and benchmarks on small text.
+    Words come from GPT-2's pre-split; each step merges the most frequent adjacent pair (ties: the larger pair).
+    """
+    from collections import Counter
+
+    enc = bytes_to_unicode()
+    split = _gpt2_splitter()
+    counts = Counter("".join(enc[b] for b in w.encode("utf-8")) for t in texts for w in split.findall(t))
+    words = {w: list(w) for w in counts}
+    merges = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for w, n in counts.items():
+            parts = words[w]
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        for w in counts:
+            parts, merged, i = words[w], [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            words[w] = merged
+    vocab = {c: i for i, c in enumerate(enc.values())}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab[eod_token] = len(vocab)
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(merge_file, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.writelines(f"{a} {b}\n" for a, b in merges)
 
 
 class NullTokenizer(TextTokenizer):

@@ -109,11 +109,12 @@ BAD_LINES = [
 ]
 
 
-def test_every_bad_input_is_counted_reported_and_skipped(tmp_path):
+@pytest.mark.parametrize("batch_bytes", [256, 1 << 20], ids=["long-line-dropped-unread", "long-line-in-block"])
+def test_every_bad_input_is_counted_reported_and_skipped(tmp_path, batch_bytes):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(line for line, _ in BAD_LINES[:-1]) + b"\n" + b'{"text": "good three"}')
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"fine {i}"} for i in range(3)])
-    summary = run(tmp_path, [good, path], append_eod=True, max_line_bytes=1024)
+    summary = run(tmp_path, [good, path], append_eod=True, max_line_bytes=1024, batch_bytes=batch_bytes)
     expected_counts = {}
     for _, kind in BAD_LINES[:-1]:
         if kind:
@@ -203,3 +204,25 @@ def test_command_line(tmp_path, capsys):
     assert "docs/s" in err and "tokens/s" in err and "MB/s" in err and f"{path}:2: 'text' is int" in err
     assert preprocess_data.main(base + ["--on-error", "fail"]) == 2
     assert "non_string_value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch_bytes", [7, 64, 1000])
+def test_line_batches_cover_every_line_once_in_order(tmp_path, batch_bytes):
+    import random
+
+    from megatron_ext.data.documents import read_line_batches
+
+    rng = random.Random(batch_bytes)
+    lines = [bytes(rng.choice(b"ab{}") for _ in range(rng.choice([0, 1, 5, 30, 99, 100, 101, 250])))
+             for _ in range(400)] + [b"last"]
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b"\n".join(lines))  # no newline after the last line
+    seen = []
+    for batch in read_line_batches([str(path)], max_line_bytes=100, batch_bytes=batch_bytes):
+        got = [None] if batch.long_line else batch.lines()
+        assert len(got) == batch.num_lines and batch.first_line == len(seen) + 1
+        seen.extend(got)
+    assert len(seen) == len(lines)
+    for got, want in zip(seen, lines):
+        # a line over the limit is either dropped unread (None) or handed over whole for the worker to reject
+        assert got == want or (got is None and len(want) > 100)

@@ -162,3 +162,17 @@ def test_config_errors_name_the_fix():
         DataConfig(seq_length=100, mock_data=True, landmark_chunk_size=16)
     with pytest.raises(ValueError, match="--data-path"):
         DataConfig(seq_length=64)
+
+
+def test_bundled_corpus_feeds_the_provider(tmp_path):
+    from megatron_ext.data.corpus import build_demo_data
+
+    prefix, tok = build_demo_data(str(tmp_path))
+    assert build_demo_data(str(tmp_path))[0] == prefix  # reused, not rebuilt
+    config = DataConfig(seq_length=128, data_path=[prefix], split="98,1,1", data_cache_path=str(tmp_path / "c"))
+    train, valid, test = build_train_valid_test_datasets(config, [32, 4, 4], tok)
+    batch = collate_batch([train[i] for i in range(8)])
+    assert batch["tokens"].shape == (8, 128) and int(batch["tokens"].max()) < tok.vocab_size
+    assert "attention_mask" not in batch
+    text = tok.detokenize(batch["tokens"][0].tolist())
+    assert any(name in text for name in ("Mira", "Tomas", "Ada", "plus", "Dear", "asked"))  # real corpus text

@@ -2,8 +2,6 @@
 
 import builtins
 import json
-from collections import Counter
-
 import pytest
 
 from megatron_ext.data.corpus import CORPUS_FILE, TOKENIZER_MODEL
@@ -13,6 +11,7 @@ from megatron_ext.data.tokenizers import (
     NullTokenizer,
     build_tokenizer,
     bytes_to_unicode,
+    train_byte_level_bpe,
 )
 
 SAMPLES = ["Mira put a brass key in the blue box.", "  two  spaces\n\nand newlines", "ünïcödé 😀 €5 — done",
@@ -41,39 +40,6 @@ def test_bundled_sentencepiece_round_trips_any_text():
     assert len(tok.tokenize(text)) < 0.4 * len(text.encode())
 
 
-def _train_bpe(words, num_merges):
-    """A tiny byte-level BPE trainer (most frequent pair first, ties broken by the pair itself)."""
-    enc = bytes_to_unicode()
-    counts = Counter("".join(enc[b] for b in w.encode()) for w in words)
-    seqs = {w: list(w) for w in counts}
-    merges = []
-    for _ in range(num_merges):
-        pairs = Counter()
-        for w, n in counts.items():
-            s = seqs[w]
-            for a, b in zip(s, s[1:]):
-                pairs[(a, b)] += n
-        if not pairs:
-            break
-        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        merges.append(best)
-        for w in counts:
-            s, out, i = seqs[w], [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = out
-    vocab = {c: i for i, c in enumerate(enc.values())}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
-
-
 def _sequential_merge_oracle(word, merges):
     """Apply every merge in rank order over the whole word: equal to lowest-rank-first BPE for trained merges."""
     enc = bytes_to_unicode()
@@ -93,15 +59,14 @@ def _sequential_merge_oracle(word, merges):
 
 @pytest.fixture(scope="module")
 def gpt2_files(tmp_path_factory):
-    import re
-
     with open(CORPUS_FILE) as f:
         texts = [json.loads(line)["text"] for line in f][:200]
-    words = [w for t in texts for w in re.findall(r" ?\w+| ?[^\w\s]+|\s+", t)]
-    vocab, merges = _train_bpe(words, 120)
     d = tmp_path_factory.mktemp("gpt2")
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    train_byte_level_bpe(texts, 120, str(d / "vocab.json"), str(d / "merges.txt"))
+    vocab = json.loads((d / "vocab.json").read_text())
+    lines = (d / "merges.txt").read_text().splitlines()[1:]
+    merges = [tuple(line.split(" ")) for line in lines]
+    assert len(merges) == 120 and len(vocab) == 256 + len(set(a + b for a, b in merges)) + 1
     return str(d / "vocab.json"), str(d / "merges.txt"), vocab, merges
 
 

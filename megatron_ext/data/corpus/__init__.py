@@ -10,3 +10,22 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS_FILE = os.path.join(HERE, "tiny_corpus.jsonl")
 TOKENIZER_MODEL = os.path.join(HERE, "tiny_sp.model")
+
+
+def build_demo_data(output_dir: str, tokenizer_type: str = "SentencePieceTokenizer", workers: int = 1):
+    """Tokenize the bundled corpus into ``output_dir`` once (reused when present); returns (prefix, tokenizer).
+
+    ``tokenizer_type``: "SentencePieceTokenizer" (the bundled 512-piece model) or "ByteLevelTokenizer".
+    Pass the prefix as ``--data-path`` (or ``DataConfig(data_path=[prefix])``) and the tokenizer to the provider.
+    """
+    from megatron_ext.data.preprocess import PreprocessOptions, dataset_prefix, preprocess
+    from megatron_ext.data.tokenizers import TokenizerSpec
+
+    model = TOKENIZER_MODEL if tokenizer_type == "SentencePieceTokenizer" else None
+    spec = TokenizerSpec(tokenizer_type, tokenizer_model=model)
+    output_prefix = os.path.join(output_dir, f"tiny_corpus_{tokenizer_type}")
+    prefix = dataset_prefix(output_prefix, "text")
+    if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
+        preprocess(PreprocessOptions(inputs=[CORPUS_FILE], output_prefix=output_prefix, tokenizer=spec,
+                                     append_eod=True, workers=workers, log_interval=0), log=lambda msg: None)
+    return prefix, spec.build()
