@@ -12,7 +12,9 @@ offender (``--on-error fail``). See docs/data.md.
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,8 +63,21 @@ def get_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _interrupt_on_sigterm():
+    """Turn SIGTERM (a job scheduler's stop) into KeyboardInterrupt, so temporary files are cleaned up.
+    Returns the previous handler."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, handler)
+    return None
+
+
 def main(argv=None) -> int:
     args = get_args(argv)
+    previous = _interrupt_on_sigterm()
     options = PreprocessOptions(
         inputs=args.input,
         output_prefix=args.output_prefix,
@@ -82,6 +97,9 @@ def main(argv=None) -> int:
     except (InputError, FileNotFoundError, ImportError, ValueError) as err:
         print(f"[preprocess_data] error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -10,8 +10,9 @@ any ``--workers``.
 partial dataset that is finalized on its own with a stamp recording its inputs; a rerun after an interruption
 reuses finished partitions whose stamp still matches. The partials are then merged (``add_index``) in order.
 
-Safety: everything is written under ``*.tmp`` names and renamed at the end, ``.bin`` before ``.idx`` (an old
-``.idx`` is removed first), so an interrupted run never leaves an ``.idx`` that looks complete.
+Safety: datasets are written under ``*.bin.tmp``/``*.idx.tmp`` names and renamed at the end, ``.bin`` before
+``.idx`` (an old ``.idx`` is removed first; see ``indexed.py``), so an interrupted run never leaves an ``.idx``
+that looks complete.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -36,6 +38,7 @@ from megatron_ext.data.documents import (
     read_line_batches,
     worker_tokenize,
 )
+from megatron_ext.data.indexed import AtomicDatasetWriter
 from megatron_ext.data.tokenizers import TokenizerSpec
 
 REPORT_SUFFIX = "_preprocess_report.json"
@@ -107,13 +110,6 @@ def _remove(path: str) -> None:
         pass
 
 
-def publish_dataset(tmp_prefix: str, prefix: str) -> None:
-    """Move a finished ``tmp_prefix.{bin,idx}`` into place: drop any old .idx, then .bin, then .idx."""
-    _remove(prefix + ".idx")
-    os.replace(tmp_prefix + ".bin", prefix + ".bin")
-    os.replace(tmp_prefix + ".idx", prefix + ".idx")
-
-
 def _split_files(paths: List[str], parts: int) -> List[List[str]]:
     """Contiguous groups of files with about equal total size (never more groups than files)."""
     parts = max(1, min(parts, len(paths)))
@@ -137,15 +133,21 @@ def _ordered_results(batches: Iterator, workers: int, init_args: tuple) -> Itera
             yield worker_tokenize(batch)
         return
     # spawn: workers do not inherit the parent's torch/OpenMP state, and start the same on every platform.
+    # ProcessPoolExecutor (not multiprocessing.Pool): a worker that dies raises BrokenProcessPool here instead of
+    # leaving the run waiting forever.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init_args) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(worker_tokenize, (batch,)))
-            if len(pending) >= 3 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for batch in batches:
+                pending.append(pool.submit(worker_tokenize, batch))
+                if len(pending) >= 3 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class _Progress:
@@ -175,19 +177,22 @@ def _file_fingerprint(paths: Sequence[str]) -> list:
 
 
 class _Writers:
-    """One IndexedDatasetBuilder per JSON key, writing under tmp names; removes them unless committed."""
+    """One atomic dataset writer per JSON key; ``commit`` publishes them all, ``discard`` removes them."""
 
     def __init__(self, prefixes: Dict[str, str], dtype) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         self.prefixes = prefixes
-        self.tmp = {k: p + ".tmp" for k, p in prefixes.items()}
-        self.builders = {k: IndexedDatasetBuilder(t + ".bin", dtype=dtype) for k, t in self.tmp.items()}
+        self.writers = {}
+        try:
+            for key, prefix in prefixes.items():
+                self.writers[key] = AtomicDatasetWriter(prefix, dtype)
+        except BaseException:
+            self.discard()
+            raise
         self.documents = {k: 0 for k in prefixes}
         self.tokens = {k: 0 for k in prefixes}
 
     def add(self, key: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        builder = self.builders[key]
+        builder = self.writers[key].builder
         ends = np.cumsum(lengths)
         starts = ends - lengths
         for a, b in zip(starts.tolist(), ends.tolist()):
@@ -196,17 +201,12 @@ class _Writers:
         self.tokens[key] += int(tokens.size)
 
     def commit(self) -> None:
-        for key, builder in self.builders.items():
-            builder.finalize(self.tmp[key] + ".idx")
-            publish_dataset(self.tmp[key], self.prefixes[key])
-        self.builders = {}
+        for writer in self.writers.values():
+            writer.commit()
 
     def discard(self) -> None:
-        for key, builder in self.builders.items():
-            builder.data_file.close()
-            _remove(self.tmp[key] + ".bin")
-            _remove(self.tmp[key] + ".idx")
-        self.builders = {}
+        for writer in self.writers.values():
+            writer.discard()
 
 
 def _stderr(msg: str) -> None:
@@ -215,7 +215,7 @@ def _stderr(msg: str) -> None:
 
 def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr) -> PreprocessSummary:
     """Run the whole conversion; returns the counts. Raises InputError under --on-error fail."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
     start = time.perf_counter()
     paths = expand_inputs(options.inputs)
@@ -312,17 +312,9 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
         if sum(documents.values()) == 0:
             raise InputError("no valid document in the input: check --json-keys and the input format")
         for key, final in finals.items():
-            tmp = final + ".tmp"
-            try:
-                builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+            with AtomicDatasetWriter(final, dtype) as writer:
                 for prefixes in part_prefixes:
-                    builder.add_index(prefixes[key])
-                builder.finalize(tmp + ".idx")
-                publish_dataset(tmp, final)
-            except BaseException:
-                _remove(tmp + ".bin")
-                _remove(tmp + ".idx")
-                raise
+                    writer.builder.add_index(prefixes[key])
         for prefixes in part_prefixes:
             for p in prefixes.values():
                 for suffix in (".bin", ".idx"):

@@ -172,33 +172,29 @@ def write_task_dataset(output_prefix: str, task: str, tokenizer, length: int, nu
 
     Passkey depths sweep evenly over [0, 1] across the samples; the other tasks draw them at random.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
-    from megatron_ext.data.preprocess import publish_dataset
+    from megatron_ext.data.indexed import AtomicDatasetWriter
 
     rng = random.Random(seed)
     pieces = _Pieces(tokenizer, seed)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp = output_prefix + ".tmp"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    answers_tmp = output_prefix + ".answers.jsonl.tmp"
     try:
-        with open(output_prefix + ".answers.jsonl.tmp", "w") as answers:
+        with AtomicDatasetWriter(output_prefix, DType.optimal_dtype(tokenizer.vocab_size)) as writer, \
+                open(answers_tmp, "w") as answers:
             for i in range(num_samples):
                 depth = i / max(1, num_samples - 1) if task == "passkey" else None
                 sample = make_sample(task, tokenizer, length, rng, pieces, num_needles, hops, depth, append_eod)
-                builder.add_document(np.asarray(sample.tokens), [len(sample.tokens)])
+                writer.builder.add_document(np.asarray(sample.tokens), [len(sample.tokens)])
                 answers.write(json.dumps({"index": i, "task": task, "length": length, "answer": sample.answer,
                                           "answer_start": sample.answer_start, "depths": sample.depths,
                                           "eod": append_eod}) + "\n")
-        builder.finalize(tmp + ".idx")
-        os.replace(output_prefix + ".answers.jsonl.tmp", output_prefix + ".answers.jsonl")
-        publish_dataset(tmp, output_prefix)
     except BaseException:
-        builder.data_file.close()
-        for p in (tmp + ".bin", tmp + ".idx", output_prefix + ".answers.jsonl.tmp"):
-            if os.path.exists(p):
-                os.remove(p)
+        if os.path.exists(answers_tmp):
+            os.remove(answers_tmp)
         raise
+    os.replace(answers_tmp, output_prefix + ".answers.jsonl")
     return output_prefix
 
 

@@ -226,3 +226,28 @@ def test_line_batches_cover_every_line_once_in_order(tmp_path, batch_bytes):
     for got, want in zip(seen, lines):
         # a line over the limit is either dropped unread (None) or handed over whole for the worker to reject
         assert got == want or (got is None and len(want) > 100)
+
+
+def test_sigterm_mid_run_leaves_no_dataset_and_no_temporary_files(tmp_path):
+    import signal
+    import subprocess
+
+    texts = corpus_texts()
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(6000):
+            f.write(json.dumps({"text": texts[i % len(texts)]}) + "\n")
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "preprocess_data.py")
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "ignore", tool, "--input", str(path), "--output-prefix", str(tmp_path / "out"),
+         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", TOKENIZER_MODEL, "--workers", "2",
+         "--log-interval", "200"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    for line in proc.stderr:  # wait until documents are being written
+        if "processed" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.stderr.read()
+    assert proc.wait(timeout=60) != 0
+    assert sorted(os.listdir(tmp_path)) == ["big.jsonl"]
