@@ -51,6 +51,11 @@ def get_args(argv=None) -> argparse.Namespace:
     group.add_argument("--partitions", type=int, default=1,
                        help="split the input files into this many groups, each finalized on its own (a rerun "
                             "reuses finished ones), then merged")
+    group.add_argument("--keep-partitions", action="store_true",
+                       help="keep the partitions as separate datasets instead of merging them, and write "
+                            "{prefix}_{key}_document.data_path.txt, a token-weighted --data-path blend of them "
+                            "(for inputs with hundreds of millions of documents: the merge holds the whole index "
+                            "in memory)")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
     group.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                        help="skip: count, report and leave out bad documents (default); fail: stop at the first")
@@ -91,6 +96,7 @@ def main(argv=None) -> int:
         on_error=args.on_error,
         max_line_bytes=args.max_line_bytes,
         error_samples=args.error_samples,
+        keep_partitions=args.keep_partitions,
     )
     try:
         preprocess(options)

@@ -60,6 +60,7 @@ class PreprocessOptions:
     max_line_bytes: int = 64 << 20  # longer lines are skipped without being held in memory
     error_samples: int = 5  # file:line samples kept per kind of bad input
     batch_bytes: int = 1 << 20  # input bytes per work unit sent to a worker
+    keep_partitions: bool = False  # keep the partials as separate datasets (no merge); write a --data-path list
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "fail"):
@@ -244,6 +245,7 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
     }
 
     part_prefixes: List[Dict[str, str]] = []
+    part_tokens: List[Dict[str, int]] = []
     for g, group in enumerate(groups):
         if len(groups) == 1:
             prefixes = finals
@@ -261,6 +263,7 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
             totals["bytes"] += done["bytes"]
             totals["lines"] += done["lines"]
             bad.merge(BadInputLog.from_json(done["bad"], paths, options.error_samples))
+            part_tokens.append(done["tokens"])
             resumed += 1
             log(f"partition {g + 1}/{len(groups)}: reusing finished output ({len(group)} file(s))")
             continue
@@ -302,13 +305,21 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
         totals["bytes"] += part_bytes
         totals["lines"] += part_lines
         bad.merge(part_bad)
+        part_tokens.append(dict(writers.tokens))
         if len(groups) > 1:
             done = {**stamp, "documents": writers.documents, "tokens": writers.tokens, "bytes": part_bytes,
                     "lines": part_lines, "bad": part_bad.to_json(paths)}
             _write_json_atomic(stamp_path, done)
             log(f"partition {g + 1}/{len(groups)} finished")
 
-    if len(groups) > 1:
+    if len(groups) > 1 and options.keep_partitions:
+        # Weighted by tokens, so a blend of the partials samples like the merged dataset would.
+        for key, final in finals.items():
+            blend = " ".join(f"{t[key]} {p[key]}" for t, p in zip(part_tokens, part_prefixes) if t[key])
+            with open(final + ".data_path.txt", "w") as f:
+                f.write(blend + "\n")
+            log(f"{key}: kept {len(groups)} partial datasets; pass --data-path $(cat {final}.data_path.txt)")
+    elif len(groups) > 1:
         if sum(documents.values()) == 0:
             raise InputError("no valid document in the input: check --json-keys and the input format")
         for key, final in finals.items():

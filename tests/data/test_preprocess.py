@@ -251,3 +251,16 @@ def test_sigterm_mid_run_leaves_no_dataset_and_no_temporary_files(tmp_path):
     proc.stderr.read()
     assert proc.wait(timeout=60) != 0
     assert sorted(os.listdir(tmp_path)) == ["big.jsonl"]
+
+
+def test_keep_partitions_writes_a_blend_that_reads_like_the_merged_dataset(tmp_path):
+    texts = corpus_texts(60)
+    files = [write_jsonl(tmp_path / f"{i}.jsonl", [{"text": t} for t in texts[i * 20:(i + 1) * 20]])
+             for i in range(3)]
+    run(tmp_path, files, name="merged")
+    run(tmp_path, files, name="kept", partitions=3, keep_partitions=True)
+    listing = open(dataset_prefix(str(tmp_path / "kept"), "text") + ".data_path.txt").read().split()
+    weights, prefixes = listing[0::2], listing[1::2]
+    parts = [read_dataset(p)[1] for p in prefixes]
+    assert [sum(map(len, docs)) for docs in parts] == [int(w) for w in weights]
+    assert [d for docs in parts for d in docs] == read_dataset(dataset_prefix(str(tmp_path / "merged"), "text"))[1]
