@@ -1,6 +1,6 @@
 """GCA kernel benchmark: Triton forward / backward against cuDNN dense causal attention (SDPA), same run.
 
-    python benchmarks/gca.py                       # every config, 8K..128K, bf16; appends to benchmarks/results/gca.jsonl
+    python benchmarks/gca.py            # every config, 8K..128K, bf16; appends to benchmarks/results/gca.jsonl
     python benchmarks/gca.py --configs hq16-d128 --seq-lens 65536 --no-record
 
 Selections come from `gca_retrieval` on random landmarks (Gumbel on, as in training), shifted to query chunks, so
