@@ -41,12 +41,15 @@ from benchmarks.common import bench_ms, format_table, record  # noqa: E402
 from megatron_ext.compat import cpu as cpu_compat  # noqa: E402
 
 EXPERT_KINDS = ("grouped_gemm", "sequential")
-# name -> (experts slot, device-side token permutation, shared expert overlapped on a side stream)
+# name -> (experts slot, device-side token permutation, shared expert overlapped on a side stream, core attention)
+# Core attention: "project" = megatron_ext.layers.core_attention.LocalCoreAttention (SDPA with enable_gqa, which
+# only the flash backend serves); "cudnn" = SDPA on K/V expanded to all query heads with the cuDNN backend first.
 VARIANTS = {
-    "grouped": ("grouped_gemm", True, False),
-    "grouped+overlap": ("grouped_gemm", True, True),
-    "grouped/megatron-dispatcher": ("grouped_gemm", False, False),
-    "sequential": ("sequential", False, False),
+    "grouped": ("grouped_gemm", True, False, "project"),
+    "grouped+overlap": ("grouped_gemm", True, True, "project"),
+    "grouped/megatron-dispatcher": ("grouped_gemm", False, False, "project"),
+    "grouped+cudnn-attention": ("grouped_gemm", True, False, "cudnn"),
+    "sequential": ("sequential", False, False, "project"),
 }
 BASELINE = "sequential"
 
@@ -129,19 +132,24 @@ def make_config(args, shape, *, shared_expert_overlap: bool):
     )
 
 
-def sdpa_core_attention():
-    """The project's SDPA core attention when present, else a minimal causal SDPA module."""
-    try:
-        from megatron_ext.layers.core_attention import LocalCoreAttention
+def sdpa_core_attention(kind: str = "project"):
+    """The project's SDPA core attention (``kind="project"``, when present), else :class:`ExpandedKVAttention`."""
+    if kind == "project":
+        try:
+            from megatron_ext.layers.core_attention import LocalCoreAttention
 
-        return LocalCoreAttention
-    except Exception:  # noqa: BLE001 - the layer may not exist in this checkout
-        return _MinimalSDPA
+            return LocalCoreAttention
+        except Exception:  # noqa: BLE001 - the layer may not exist in this checkout
+            pass
+    return ExpandedKVAttention
 
 
-class _MinimalSDPA(torch.nn.Module):
+class ExpandedKVAttention(torch.nn.Module):
+    """Causal SDPA core attention with K/V repeated to every query head, so that SDPA may pick cuDNN (its GQA
+    flag is honoured by the flash backend only); cuDNN first, then flash and memory-efficient, on CUDA."""
+
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
         super().__init__()
         self.scale = softmax_scale
 
@@ -149,8 +157,24 @@ class _MinimalSDPA(torch.nn.Module):
                 packed_seq_params=None, **kwargs):
         sq, b, hq, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=hq != k.shape[1])
+        if k.shape[1] != hq:
+            k, v = (t.repeat_interleave(hq // t.shape[1], dim=1) for t in (k, v))
+        out = _sdpa_prefer_cudnn(q, k, v, self.scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
+
+
+def _sdpa_prefer_cudnn(q, k, v, scale):
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        try:
+            context = sdpa_kernel(order, set_priority=True)
+        except TypeError:  # torch without backend priorities
+            context = sdpa_kernel(order)
+        with context:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def build_gpt(config, shape, variant: str, seq_len: int):
@@ -160,8 +184,8 @@ def build_gpt(config, shape, variant: str, seq_len: int):
     from megatron_ext.layers.moe_experts import get_moe_spec
 
     spec = get_gpt_layer_local_spec(num_experts=shape["experts"], moe_grouped_gemm=False, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention()
-    experts, device_permutation, _ = VARIANTS[variant]
+    experts, device_permutation, _, attention = VARIANTS[variant]
+    spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention(attention)
     spec.submodules.mlp = get_moe_spec(experts, device_permutation=device_permutation)
     return GPTModel(
         config,
@@ -294,7 +318,7 @@ def section_moe_layer(args, shape, out_path):
     pg = ProcessGroupCollection.use_mpu_process_groups()
     tokens = args.seq_lengths[0]
     for variant in args.layer_variants:
-        kind, device_permutation, overlap = VARIANTS[variant]
+        kind, device_permutation, overlap, _ = VARIANTS[variant]
         config = make_config(args, shape, shared_expert_overlap=overlap)
         try:
             spec = get_moe_spec(kind, device_permutation=device_permutation)
@@ -424,7 +448,9 @@ def section_train(args, shape, out_path):
         variants = args.train_variants if index == 0 else args.train_variants_longer
         for variant in variants:
             try:
-                row = train_variant(args, shape, variant, seq_len)
+                row = train_variant_isolated(args, variant, seq_len) if args.isolate else train_variant(
+                    args, shape, variant, seq_len
+                )
             except Exception as exc:  # noqa: BLE001 - record and go on with the other variants
                 traceback.print_exc()
                 row = dict(section="train", variant=variant, seq_len=seq_len,
@@ -437,6 +463,31 @@ def section_train(args, shape, out_path):
     print(format_table(rows, TRAIN_COLUMNS + ["speedup_vs_sequential"]))
     return rows
 
+
+def train_variant_isolated(args, variant: str, seq_len: int) -> dict:
+    """``train_variant`` in a fresh process: megatron's DDP keeps its model alive through autograd hooks (a
+    reference cycle through C++ nodes that gc cannot collect), so models trained one after another in one process
+    pile up in GPU memory; a process per variant gives each the same empty GPU and an exact peak memory."""
+    import json
+    import subprocess
+
+    command = [sys.executable, os.path.abspath(__file__), "--worker", variant, str(seq_len),
+               "--layers", str(args.layers), "--micro-batches", str(args.micro_batches),
+               "--micro-batch-size", str(args.micro_batch_size), "--warmup-steps", str(args.warmup_steps),
+               "--steps", str(args.steps)]
+    if args.tiny:
+        command.append("--tiny")
+    if not args.cross_entropy_fusion:
+        command.append("--no-cross-entropy-fusion")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.worker_timeout_s)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (done.stdout + done.stderr)[-1500:]
+    raise RuntimeError(f"worker exited with {done.returncode} and no result; output tail:\n{tail}")
+
+
+RESULT_PREFIX = "MOE_BENCH_RESULT "
 
 TRAIN_COLUMNS = ["variant", "seq_len", "step_ms", "tokens_per_s", "tflops", "attn_tflops",
                  "peak_gib", "first_loss", "last_loss", "error"]
@@ -463,8 +514,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=200)
-    parser.add_argument("--layer-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--train-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+    parser.add_argument("--layer-variants", nargs="+", choices=list(VARIANTS),
+                        default=["grouped", "grouped+overlap", "grouped/megatron-dispatcher", "sequential"])
+    parser.add_argument("--train-variants", nargs="+",
+                        default=["grouped", "grouped/megatron-dispatcher", "grouped+cudnn-attention", "sequential"],
+                        choices=list(VARIANTS),
                         help="variants trained at the first sequence length")
     parser.add_argument("--train-variants-longer", nargs="+", default=["grouped", "sequential"],
                         choices=list(VARIANTS), help="variants trained at the other sequence lengths")
@@ -472,7 +526,13 @@ def main(argv=None):
                         help="use megatron's unfused vocab-parallel cross entropy")
     parser.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "moe.jsonl"))
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="train every variant in this process (peak memory then includes earlier models)")
+    parser.add_argument("--worker-timeout-s", type=float, default=300.0)
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker is not None:
+        return worker_main(args)
     if args.seq_lengths is None:
         args.seq_lengths = [64] if args.tiny else [4096, 8192]
     if args.tiny:
@@ -490,6 +550,17 @@ def main(argv=None):
             sections[name](args, shape, args.out)
         except Exception:  # noqa: BLE001 - a failing section must not hide the others
             traceback.print_exc()
+
+
+def worker_main(args):
+    import json
+
+    variant, seq_len = args.worker[0], int(args.worker[1])
+    if args.tiny:
+        args.warmup_ms, args.rep_ms = 1, 1
+    init_megatron()
+    row = train_variant(args, model_shape(args), variant, seq_len)
+    print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

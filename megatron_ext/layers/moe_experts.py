@@ -81,9 +81,14 @@ def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
     try:
         x = torch.ones(4, 16, dtype=dtype, requires_grad=True)
         w = torch.ones(2, 8, 16, dtype=dtype, requires_grad=True)
-        y = torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([0, 4], dtype=torch.int32))
+        y = _GroupedMatmul.apply(x, w, torch.tensor([0, 4], dtype=torch.int32))
         y.backward(torch.ones_like(y))
-        return bool(torch.all(y == 16)) and bool(torch.all(w.grad[0] == 0)) and bool(torch.all(w.grad[1] == 4))
+        return (
+            bool(torch.all(y == 16))
+            and bool(torch.all(w.grad[0] == 0))
+            and bool(torch.all(w.grad[1] == 4))
+            and bool(torch.all(x.grad == 8))
+        )
     except Exception:  # noqa: BLE001 - any failure means "not usable here"
         return False
 
@@ -132,7 +137,7 @@ def grouped_gemm(
     if backend == "grouped_mm":
         if offsets is None:
             offsets = expert_offsets(tokens_per_expert, num_experts, x.device)
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        return _GroupedMatmul.apply(x, weight, offsets)
     if backend != "loop":
         raise ValueError(f"grouped_gemm: unknown backend {backend!r}; use 'auto', 'grouped_mm' or 'loop'")
     counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
@@ -142,6 +147,28 @@ def grouped_gemm(
         )
     # unbind: one backward op stacks all expert gradients (indexing would add a full-size gradient per expert).
     return torch.cat([xe @ we.t() for xe, we in zip(torch.split(x, counts), weight.unbind(0))], dim=0)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """``torch._grouped_mm(x, weight^T)`` whose weight gradient comes out in the weight's own layout.
+
+    torch's built-in derivative returns the gradient of ``weight.transpose(1, 2)``, i.e. a transposed [E, M, K]
+    tensor, which autograd then copies into the parameter's layout (a full extra pass over every expert weight) and
+    megatron adds into ``main_grad`` with strided reads. Here ``dW = grouped_mm(dY^T, X)`` is [E, M, K] directly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets):
+        ctx.save_for_backward(x, weight, offsets)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = torch._grouped_mm(grad_out, weight, offs=offsets) if ctx.needs_input_grad[0] else None
+        grad_w = torch._grouped_mm(grad_out.t(), x, offs=offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
 
 
 def expert_offsets(tokens_per_expert, num_experts: int, device: torch.device) -> torch.Tensor:
