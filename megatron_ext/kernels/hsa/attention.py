@@ -31,13 +31,21 @@ from megatron_ext.kernels.utils import dot_precision, empty_output, next_power_o
 __all__ = ["HSAAttentionFunction", "build_reverse_index", "hsa_attention_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
-# Rows (pairs x group heads) per tile of the chunk schedule.
-CHUNK_TILE_ROWS = 64
+# Launch parameters per kernel: (num_warps, num_stages); "chunk_rows" = pairs x group heads per chunk-schedule tile.
+# Benchmarks may overwrite entries (benchmarks/hsa.py --sweep).
+TUNING = {
+    "token_fwd": (4, 2),
+    "token_bwd": (4, 2),
+    "chunk_fwd": (4, 2),
+    "chunk_bwd": (8, 1),
+    "slot_sum": (4, 1),
+    "chunk_rows": 64,
+}
 
 
 @triton.jit
 def _load_chunk(base, c, stride_l, offs_s, offs_d, d_mask, S: tl.constexpr):
-    """Rows [c*S, (c+1)*S) of one KV head: [S, BLOCK_D]."""
+    """Rows [c*S, (c+1)*S) of one KV head: [S, BLOCK_D] (columns outside ``d_mask`` read as 0)."""
     rows = (c * S + offs_s).to(tl.int64)
     return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=d_mask[None, :], other=0.0)
 
@@ -67,22 +75,24 @@ def _hsa_fwd_token_kernel(
     sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for slot in range(TOPK):
+        # Branch-free so the loop pipelines: an invalid slot (index < 0) loads nothing and gets weight 0.
         c = tl.load(IDX + sel + slot)
-        if c >= 0:
-            w = tl.load(W + sel + slot)
-            kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask, S)
-            vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask, S)
-            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-            m = tl.max(s, 1)
-            if OFF_BY_ONE:
-                m = tl.maximum(m, 0.0)
-            p = tl.exp2(s - m[:, None])
-            l = tl.sum(p, 1)
-            if OFF_BY_ONE:
-                l += tl.exp2(-m)
-            o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
-            acc += o_k * (w / l)[:, None]
-            tl.store(LSE + (sel + slot) * G + offs_g, m + tl.log2(l), mask=g_mask)
+        ok = c >= 0
+        w = tl.where(ok, tl.load(W + sel + slot), 0.0)
+        c = tl.maximum(c, 0)
+        kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
+        vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+        m = tl.max(s, 1)
+        if OFF_BY_ONE:
+            m = tl.maximum(m, 0.0)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        if OFF_BY_ONE:
+            l += tl.exp2(-m)
+        o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+        acc += o_k * (w / l)[:, None]
+        tl.store(LSE + (sel + slot) * G + offs_g, m + tl.log2(l), mask=g_mask & ok)
     tl.store(O + q_off, acc.to(O.dtype.element_ty), mask=tile_mask)
 
 
@@ -188,19 +198,20 @@ def _hsa_bwd_token_kernel(
     dq = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for slot in range(TOPK):
         c = tl.load(IDX + sel + slot)
-        if c >= 0:
-            w = tl.load(W + sel + slot)
-            kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask, S)
-            vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask, S)
-            lse = tl.load(LSE + (sel + slot) * G + offs_g, mask=g_mask, other=0.0)
-            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-            p = tl.exp2(s - lse[:, None])
-            o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
-            delta = tl.sum(o_k * do.to(tl.float32), 1)
-            dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
-            ds = p * (dp - delta[:, None]) * w
-            dq += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
-            tl.store(DELTA + (sel + slot) * G + offs_g, delta, mask=g_mask)
+        ok = c >= 0
+        w = tl.where(ok, tl.load(W + sel + slot), 0.0)
+        c = tl.maximum(c, 0)
+        kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
+        vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
+        lse = tl.load(LSE + (sel + slot) * G + offs_g, mask=g_mask & ok, other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+        delta = tl.sum(o_k * do.to(tl.float32), 1)
+        dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
+        ds = p * (dp - delta[:, None]) * w
+        dq += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
+        tl.store(DELTA + (sel + slot) * G + offs_g, delta, mask=g_mask & ok)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask)
 
 
@@ -291,11 +302,13 @@ def build_reverse_index(indices: torch.Tensor, num_chunks: int):
 
 
 def _pairs_per_tile(group_pad: int) -> int:
-    return max(1, CHUNK_TILE_ROWS // group_pad)
+    """Pairs per chunk-schedule tile: TUNING rows, and at least 16 rows (the smallest MMA)."""
+    return max(1, TUNING["chunk_rows"] // group_pad, 16 // group_pad)
 
 
-def _num_warps(head_dim: int, rows: int) -> int:
-    return 8 if head_dim * max(rows, 64) >= 128 * 64 else 4
+def _launch(name: str) -> dict:
+    warps, stages = TUNING[name]
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, schedule, reverse=None):
@@ -317,7 +330,7 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
             q, k, v, weights, indices, o, lse, qk_scale, L,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, OFF_BY_ONE=off_by_one, PREC=prec,
-            num_warps=4,
+            **_launch("token_fwd"),
         )
         return o, lse, reverse
     if reverse is None:
@@ -325,19 +338,18 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
     pairs, offsets = reverse
     group_pad = next_power_of_2(G)
     block_p = _pairs_per_tile(group_pad)
-    block_p = max(block_p, 16 // group_pad if group_pad < 16 else 1)
     obuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
     if NC > 0:
         _hsa_fwd_chunk_kernel[(NC, B * Hk)](
             q, k, v, weights, pairs, offsets, obuf, lse, qk_scale, L, NC,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-            OFF_BY_ONE=off_by_one, PREC=prec, num_warps=_num_warps(D, block_p * group_pad),
+            OFF_BY_ONE=off_by_one, PREC=prec, **_launch("chunk_fwd"),
         )
     o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
     _slot_sum_kernel[(L, B * Hk)](
         obuf, indices, o, L, o.stride(0), o.stride(1), o.stride(2),
-        HK=Hk, G=G, TOPK=K, D=D, BLOCK_G=group_pad, BLOCK_D=BLOCK_D, num_warps=4,
+        HK=Hk, G=G, TOPK=K, D=D, BLOCK_G=group_pad, BLOCK_D=BLOCK_D, **_launch("slot_sum"),
     )
     return o, lse, reverse
 
@@ -358,19 +370,19 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     dk = empty_output(*k.shape, device=k.device, dtype=k.dtype)
     dv = empty_output(*v.shape, device=v.device, dtype=v.dtype)
     group_pad = next_power_of_2(G)
-    block_p = max(_pairs_per_tile(group_pad), 16 // group_pad if group_pad < 16 else 1)
+    block_p = _pairs_per_tile(group_pad)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     if schedule == "token":
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         _hsa_bwd_token_kernel[(L, B * Hk)](
             q, k, v, weights, indices, do, lse, dq, delta, qk_scale, sm_scale, L, *strides,
-            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=max(16, group_pad), BLOCK_D=BLOCK_D, PREC=prec, num_warps=4,
+            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=max(16, group_pad), BLOCK_D=BLOCK_D, PREC=prec, **_launch("token_bwd"),
         )
         if NC > 0:
             _hsa_bwd_chunk_kernel[(NC, B * Hk)](
                 q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq, qk_scale, sm_scale, L, NC, *strides,
                 HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-                COMPUTE_DELTA=False, WRITE_DQ=False, PREC=prec, num_warps=_num_warps(D, block_p * group_pad),
+                COMPUTE_DELTA=False, WRITE_DQ=False, PREC=prec, **_launch("chunk_bwd"),
             )
     else:
         dqbuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
@@ -378,12 +390,12 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
             _hsa_bwd_chunk_kernel[(NC, B * Hk)](
                 q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dqbuf, qk_scale, sm_scale, L, NC, *strides,
                 HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-                COMPUTE_DELTA=True, WRITE_DQ=True, PREC=prec, num_warps=_num_warps(D, block_p * group_pad),
+                COMPUTE_DELTA=True, WRITE_DQ=True, PREC=prec, **_launch("chunk_bwd"),
             )
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         _slot_sum_kernel[(L, B * Hk)](
             dqbuf, indices, dq, L, dq.stride(0), dq.stride(1), dq.stride(2),
-            HK=Hk, G=G, TOPK=K, D=D, BLOCK_G=group_pad, BLOCK_D=BLOCK_D, num_warps=4,
+            HK=Hk, G=G, TOPK=K, D=D, BLOCK_G=group_pad, BLOCK_D=BLOCK_D, **_launch("slot_sum"),
         )
     if NC == 0:
         dk.zero_()

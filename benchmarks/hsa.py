@@ -1,0 +1,237 @@
+"""Benchmark the HSA kernels (configs A, B, C of performance.md) against dense and sliding-window attention.
+
+For every config and length it measures, in one process on the same inputs:
+  hsa_attention forward / backward (Triton), effective TFLOP/s (valid selected chunks only), the K/V bytes the
+  selected chunks represent per forward (gather GB/s), peak memory of forward+backward;
+  hsa_retrieval forward (scoring + streaming top-k + weights) time and its peak memory above the inputs;
+  cuDNN dense causal attention (SDPA) and FlexAttention sliding window (window W = K*S, the tokens HSA attends to)
+  forward / backward, and the ratios.
+Selections come from hsa_retrieval on random retrieval queries and landmarks: uniformly random causal chunks.
+
+  python benchmarks/hsa.py                      # all configs, 8K..128K, bf16
+  python benchmarks/hsa.py --configs A --seq-lens 65536 --baselines dense
+Results: one JSON object per (config, length, baseline) appended to --out (default benchmarks/results/hsa.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import bench_ms, format_table, fwd_bwd_ms, peak_memory_gib, record, tflops  # noqa: E402
+from megatron_ext.kernels.hsa import hsa_attention, hsa_retrieval  # noqa: E402
+
+# name: (Hq, Hk, head dim, top-k); chunk size 64 and retrieval head dim 128 for all.
+CONFIGS = {"A": (64, 4, 128, 16), "B": (16, 1, 64, 8), "C": (16, 8, 128, 16)}
+CHUNK = 64
+RETRIEVAL_DIM = 128
+H100_BF16_PEAK_TFLOPS = 989.0
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for --smoke (Triton interpreter)
+
+
+def allocated_bytes() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+def dense_causal(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+_flex = {}
+
+
+def flex_sliding_window(q, k, v, window):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _flex:
+        _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+    L = q.shape[2]
+    key = (L, window)
+    if key not in _flex:
+
+        def sliding(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        _flex[key] = create_block_mask(sliding, None, None, L, L, device=q.device)
+    return _flex["fn"](q, k, v, block_mask=_flex[key])
+
+
+SWEEP = [  # TUNING overrides tried by --sweep (kernel: (num_warps, num_stages)); "chunk_rows" = rows per tile
+    {},
+    {"token_fwd": (4, 1), "token_bwd": (4, 1)},
+    {"token_fwd": (4, 3), "token_bwd": (4, 3)},
+    {"token_fwd": (8, 2), "token_bwd": (8, 2)},
+    {"token_fwd": (2, 2), "token_bwd": (2, 2)},
+    {"chunk_fwd": (4, 1), "chunk_bwd": (4, 1)},
+    {"chunk_fwd": (8, 2), "chunk_bwd": (8, 2)},
+    {"chunk_rows": 32},
+    {"chunk_rows": 128, "chunk_fwd": (8, 2), "chunk_bwd": (8, 1)},
+]
+
+
+def sweep(config: str, L: int, dtype: torch.dtype, schedules, rep: int):
+    """Time forward/backward of each schedule under each TUNING override; print one line each."""
+    from megatron_ext.kernels.hsa import attention
+
+    Hq, Hk, D, K = CONFIGS[config]
+    S, C = CHUNK, L // CHUNK
+    gen = torch.Generator(device=DEVICE).manual_seed(L)
+    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    idx, w = hsa_retrieval(q_r, lmk, chunk_size=S, topk=K)
+    q = torch.randn(1, L, Hq, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(1, C * S, Hk, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(1, C * S, Hk, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
+    w = w.detach().requires_grad_()
+    default = dict(attention.TUNING)
+    for schedule in schedules:
+        for override in SWEEP:
+            related = [key for key in override if key.startswith(schedule) or (key, schedule) == ("chunk_rows", "chunk")]
+            if override and not related:
+                continue
+            attention.TUNING.update(override)
+            try:
+                f, b = fwd_bwd_ms(
+                    lambda: hsa_attention(q, k, v, w, idx, chunk_size=S, schedule=schedule), (q, k, v, w), rep=rep
+                )
+                name = override or "default"
+                print(f"sweep {config} L={L} {schedule:5s} {name}: fwd {f:.3f} ms bwd {b:.3f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {config} L={L} {schedule} {override}: failed {type(e).__name__}: {e}", flush=True)
+            attention.TUNING.clear()
+            attention.TUNING.update(default)
+
+
+def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: int, schedule: str = "auto"):
+    Hq, Hk, D, K = CONFIGS[config]
+    G, S, C = Hq // Hk, CHUNK, L // CHUNK
+    dev = DEVICE
+    gen = torch.Generator(device=dev).manual_seed(L)
+    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=dev, dtype=dtype, generator=gen)
+    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=dev, dtype=dtype, generator=gen)
+
+    def retrieve():
+        return hsa_retrieval(q_r, lmk, chunk_size=S, topk=K)
+
+    base_mem = allocated_bytes()
+    retrieval_peak = peak_memory_gib(retrieve) - base_mem / 2**30
+    retrieval_ms = bench_ms(retrieve, rep=rep)
+    idx, w = retrieve()
+    n_valid = int((idx >= 0).sum())
+    del q_r, lmk
+    q = torch.randn(1, L, Hq, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(1, C * S, Hk, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(1, C * S, Hk, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    w = w.detach().requires_grad_()
+
+    def hsa():
+        return hsa_attention(q, k, v, w, idx, chunk_size=S, schedule=schedule)
+
+    fwd, bwd = fwd_bwd_ms(hsa, (q, k, v, w), rep=rep)
+    base_mem = allocated_bytes()
+    peak = peak_memory_gib(lambda: hsa().backward(torch.ones_like(q)))
+    flop_fwd = 4.0 * n_valid * G * S * D
+    gather_bytes = n_valid * 2 * S * D * q.element_size()
+    row = dict(
+        kernel="hsa_attention", config=config, seq_len=L, dtype=str(dtype).replace("torch.", ""), schedule=schedule,
+        fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=tflops(flop_fwd, fwd), bwd_tflops=tflops(2.5 * flop_fwd, bwd),
+        gather_gbps=gather_bytes / (fwd * 1e-3) / 1e9, peak_gib=peak, peak_above_inputs_gib=peak - base_mem / 2**30,
+        retrieval_ms=retrieval_ms, retrieval_peak_gib=retrieval_peak, retrieval_over_fwd=retrieval_ms / fwd,
+        valid_slot_fraction=n_valid / (L * Hk * K),
+    )
+    del w
+    qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    kd = k.detach().repeat_interleave(G, dim=2).transpose(1, 2).contiguous().requires_grad_()
+    vd = v.detach().repeat_interleave(G, dim=2).transpose(1, 2).contiguous().requires_grad_()
+    runners = {
+        "dense": ("cudnn_dense_causal", lambda: dense_causal(qd, kd, vd)),
+        "flex": ("flex_sliding_window", lambda: flex_sliding_window(qd, kd, vd, K * S)),
+    }
+    results = {}
+    for key in baselines:
+        name, fn = runners[key]
+        try:
+            results[name] = fwd_bwd_ms(fn, (qd, kd, vd), rep=rep)
+        except Exception as e:  # noqa: BLE001 - report the failure and keep measuring
+            print(f"  {name} failed at {config}/{L}: {type(e).__name__}: {e}", flush=True)
+            results[name] = None
+    for name, res in (results or {None: None}).items():
+        bf, bb = res if res is not None else (None, None)
+        record(
+            out_path, **row, baseline=name, baseline_fwd_ms=bf, baseline_bwd_ms=bb,
+            speedup_fwd_bwd=((bf + bb) / (fwd + bwd)) if res is not None else None,
+            sliding_window=K * S if name == "flex_sliding_window" else None,
+        )
+    record(
+        out_path, kernel="hsa_retrieval", config=config, seq_len=L, dtype=row["dtype"], fwd_ms=retrieval_ms,
+        bwd_ms=None, peak_gib=retrieval_peak, baseline="hsa_attention_forward", baseline_fwd_ms=fwd,
+        baseline_bwd_ms=None,
+    )
+    return row, results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default="A,B,C")
+    p.add_argument("--seq-lens", default="8192,16384,32768,65536,131072")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--baselines", default="dense,flex", help="comma list of dense, flex (or 'none')")
+    p.add_argument("--schedule", default="auto", choices=["auto", "token", "chunk"])
+    p.add_argument("--sweep", action="store_true", help="only time the TUNING variants of both schedules")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rep", type=int, default=100, help="timing budget per measurement, ms")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hsa.jsonl"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not args.smoke:
+        raise SystemExit("benchmarks/hsa.py needs a CUDA GPU (--smoke runs tiny sizes on CPU to check the script)")
+    import torch._dynamo as dynamo
+
+    dynamo.config.cache_size_limit = 64
+    baselines = [b for b in args.baselines.split(",") if b and b != "none"]
+    if args.sweep:
+        for config in args.configs.split(","):
+            for L in (int(x) for x in args.seq_lens.split(",")):
+                sweep(config, L, DTYPES[args.dtype], ("token", "chunk"), min(args.rep, 50))
+        return
+    table = []
+    for config in args.configs.split(","):
+        for L in (int(x) for x in args.seq_lens.split(",")):
+            try:
+                row, res = measure(config, L, DTYPES[args.dtype], baselines, args.out, args.rep, args.schedule)
+            except Exception as e:  # noqa: BLE001 - one failed size must not lose the others
+                print(f"{config}/{L} failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            dense, flex = res.get("cudnn_dense_causal"), res.get("flex_sliding_window")
+            table.append(dict(
+                cfg=config, L=L, sched=args.schedule, fwd_ms=row["fwd_ms"], bwd_ms=row["bwd_ms"],
+                bwd_fwd=row["bwd_ms"] / row["fwd_ms"],
+                fwd_TF=row["fwd_tflops"], bwd_TF=row["bwd_tflops"], gather_GBs=row["gather_gbps"],
+                peak_GiB=row["peak_gib"], retr_ms=row["retrieval_ms"], retr_fwd=row["retrieval_over_fwd"],
+                retr_GiB=row["retrieval_peak_gib"],
+                dense_ms=None if dense is None else sum(dense),
+                x_dense=None if dense is None else sum(dense) / (row["fwd_ms"] + row["bwd_ms"]),
+                swa_ms=None if flex is None else sum(flex),
+                x_swa=None if flex is None else sum(flex) / (row["fwd_ms"] + row["bwd_ms"]),
+            ))
+            print(format_table(table[-1:], list(table[-1])), flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if table:
+        print()
+        print(format_table(table, list(table[0])))
+
+
+if __name__ == "__main__":
+    main()
