@@ -154,8 +154,18 @@ def build_tiny_gpt(overrides, pre_process=True, post_process=True, vp_stage=None
     )
 
 
-def build_tiny_moe(overrides, pre_process=True, post_process=True, vp_stage=None):
-    """4 experts, top-2, a shared expert; dispatcher and balancing come from the overrides."""
+_AUX_LOSS = dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2)
+# DeepSeek-V3 style: sigmoid scores, no auxiliary loss, a per-expert bias updated from the load after each step.
+_AUX_LOSS_FREE = dict(
+    moe_router_load_balancing_type="none",
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_router_bias_update_rate=1e-2,
+)
+
+
+def build_tiny_moe(overrides, pre_process=True, post_process=True, vp_stage=None, balancing=None):
+    """4 experts, top-2, a shared expert; the dispatcher comes from the overrides (alltoall by default)."""
     from megatron.core.models.gpt import GPTModel
 
     config = _tiny_gpt_config(
@@ -166,8 +176,7 @@ def build_tiny_moe(overrides, pre_process=True, post_process=True, vp_stage=None
         moe_shared_expert_intermediate_size=64,
         moe_grouped_gemm=False,
         moe_token_dispatcher_type=overrides.get("moe_token_dispatcher_type", "alltoall"),
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=1e-2,
+        **(balancing or _AUX_LOSS),
     )
     return GPTModel(
         config,
@@ -182,7 +191,11 @@ def build_tiny_moe(overrides, pre_process=True, post_process=True, vp_stage=None
     )
 
 
-MODEL_BUILDERS: dict[str, Callable] = {"gpt": build_tiny_gpt, "moe": build_tiny_moe}
+MODEL_BUILDERS: dict[str, Callable] = {
+    "gpt": build_tiny_gpt,
+    "moe": build_tiny_moe,
+    "moe_aux_free": partial(build_tiny_moe, balancing=_AUX_LOSS_FREE),
+}
 
 
 def register_model_builder(name: str, builder: Callable) -> None:
@@ -239,6 +252,7 @@ def default_model_inputs(batch):
 
 
 MODEL_INPUTS: dict[str, Callable] = {"default": default_model_inputs}
+MODEL_INPUTS_OF: dict[str, str] = {}  # model name -> MODEL_INPUTS key, for models that need other inputs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,33 +396,37 @@ def train_layout(
             t0 = time.perf_counter()
             save_checkpoint(chunks, save_dir)
             save_seconds = time.perf_counter() - t0
+    params = gather_global_tensors(chunks, "param")
+    param_replica_errors = replica_mismatches(chunks, params, "param")
     eval_loss = None
     if eval_dir is not None:
         load_checkpoint(chunks, eval_dir)
         eval_loss = _run_schedule(chunks, layout, batches[SAVE_AFTER_STEP], inputs_fn, forward_only=True)
-    params = gather_global_tensors(chunks, "param")
     return {
         "losses": losses,
         "grads": grads,
         "grad_norms": grad_norms,
         "debug_params": debug_params,
         "grad_replica_errors": grad_replica_errors,
-        "param_replica_errors": replica_mismatches(chunks, params, "param"),
+        "param_replica_errors": param_replica_errors,
+        "final_params": params,
         "eval_loss": eval_loss,
         "save_seconds": save_seconds,
     }
 
 
-def evaluate_checkpoint(model_name: str, layout: Layout, ckpt_dir: str, step: int, inputs="default", seed=1234):
+def evaluate_checkpoint(model_name: str, layout: Layout, ckpt_dir: str, step: int = SAVE_AFTER_STEP, seed=1234):
     """Loss of global batch ``step`` with the weights of ``ckpt_dir``, at ``layout`` (forward only)."""
+    inputs = MODEL_INPUTS_OF.get(model_name, "default")
     _init_layout(layout, seed)
     chunks = build_model_chunks(model_name, layout)
     load_checkpoint(chunks, ckpt_dir)
     return _run_schedule(chunks, layout, global_batches(step + 1)[step], MODEL_INPUTS[inputs], forward_only=True)
 
 
-def make_reference(model_name: str, root: str, *, inputs: str = "default", seed: int = 1234) -> dict:
+def make_reference(model_name: str, root: str, *, seed: int = 1234) -> dict:
     """One rank: save initial weights to ``root/init``, train, save ``root/step2``. Needs a 1-rank world."""
+    inputs = MODEL_INPUTS_OF.get(model_name, "default")
     _init_layout(SINGLE_RANK, seed)
     init_dir = os.path.join(root, "init")
     save_checkpoint(build_model_chunks(model_name, SINGLE_RANK), init_dir)
@@ -418,17 +436,25 @@ def make_reference(model_name: str, root: str, *, inputs: str = "default", seed:
     return result
 
 
-def run_layouts(model_name: str, layouts: list[Layout], root: str, reference_step2: str, inputs: str = "default"):
-    """In a spawned world: every layout in turn (parallel state re-initialised each time). Returns {name: result}."""
+def run_layouts(jobs: list[tuple[str, Layout, str]]) -> dict:
+    """In one spawned world: each (model_name, layout, reference_root) job in turn, parallel state re-initialised
+    for each. A job trains from ``root/init``, saves ``root/<layout>/step2`` and evaluates ``root/step2``.
+    Returns {(model_name, layout_name): result}."""
     results = {}
-    for layout in layouts:
+    for model_name, layout, root in jobs:
         start = time.perf_counter()
         save_dir = os.path.join(root, layout.name, "step2")
-        results[layout.name] = train_layout(
-            model_name, layout, os.path.join(root, "init"), save_dir=save_dir, eval_dir=reference_step2, inputs=inputs
+        result = train_layout(
+            model_name,
+            layout,
+            os.path.join(root, "init"),
+            save_dir=save_dir,
+            eval_dir=os.path.join(root, "step2"),
+            inputs=MODEL_INPUTS_OF.get(model_name, "default"),
         )
-        results[layout.name]["step2_dir"] = save_dir
-        results[layout.name]["seconds"] = time.perf_counter() - start
+        result["step2_dir"] = save_dir
+        result["seconds"] = time.perf_counter() - start
+        results[(model_name, layout.name)] = result
     return results
 
 
@@ -468,6 +494,7 @@ __all__ = [
     "evaluate_checkpoint",
     "make_reference",
     "run_layouts",
+    "MODEL_INPUTS_OF",
     "assert_same_losses",
     "assert_same_grads",
 ]
