@@ -263,10 +263,12 @@ def tokenize_batch(batch: LineBatch, tokenizer, json_keys: Sequence[str], append
         if not line.strip():
             bad.add(BLANK_LINE, f, ln, "blank line")
             continue
+        if ln == 1 and line.startswith("\ufeff"):  # a UTF-8 byte-order mark opening the file
+            line = line[1:]
         try:
             record = json.loads(line)
-        except ValueError as err:
-            bad.add("malformed_json", f, ln, str(err))
+        except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+            bad.add("malformed_json", f, ln, _short(str(err)) or type(err).__name__)
             continue
         if not isinstance(record, dict):
             bad.add("not_an_object", f, ln, f"got {type(record).__name__}")

@@ -102,19 +102,21 @@ BAD_LINES = [
     (b'{"text": "  \\n\\t "}', "empty_document"),
     (b'{"text": "lone \\ud800 surrogate"}', "invalid_unicode"),
     (b'["not", "an", "object"]', "not_an_object"),
-    (b'{"text": "' + b"x" * 3000 + b'"}', "line_too_long"),
+    (b'{"text": "' + b"x" * 400_000 + b'"}', "line_too_long"),
     (b"", "blank_line"),
+    (b"[" * 100000 + b"]" * 100000, "malformed_json"),  # nesting deeper than the JSON parser's recursion
     (b'{"text": "good two \\u00e9"}', None),
     (b'{"text": "good three', None),  # last line without newline is still read ... and is malformed
 ]
 
 
-@pytest.mark.parametrize("batch_bytes", [256, 1 << 20], ids=["long-line-dropped-unread", "long-line-in-block"])
+@pytest.mark.parametrize("batch_bytes", [4096, 1 << 20], ids=["long-line-dropped-unread", "long-line-in-block"])
 def test_every_bad_input_is_counted_reported_and_skipped(tmp_path, batch_bytes):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(b"\n".join(line for line, _ in BAD_LINES[:-1]) + b"\n" + b'{"text": "good three"}')
+    path.write_bytes(b"\xef\xbb\xbf"  # a byte-order mark before the first record is not an error
+                     + b"\n".join(line for line, _ in BAD_LINES[:-1]) + b"\n" + b'{"text": "good three"}')
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"fine {i}"} for i in range(3)])
-    summary = run(tmp_path, [good, path], append_eod=True, max_line_bytes=1024, batch_bytes=batch_bytes)
+    summary = run(tmp_path, [good, path], append_eod=True, max_line_bytes=300_000, batch_bytes=batch_bytes)
     expected_counts = {}
     for _, kind in BAD_LINES[:-1]:
         if kind:
