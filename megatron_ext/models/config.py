@@ -108,6 +108,11 @@ class HSAConfig(TransformerConfig):
             self.kv_channels = self.hidden_size // self.num_attention_heads
         super().__post_init__()
         self._validate_hsa()
+        if self.layer_pattern is not None:
+            # Layers of a pattern hold different parameters (memory builder, group heads, SWA, MoE): checkpoint them
+            # under per-layer keys. megatron's default stacks 'decoder.layers.*' as if layers were identical, and
+            # such a checkpoint cannot be loaded (nor resharded) once they are not.
+            self.hetereogenous_dist_checkpoint = True
 
     # ------------------------------------------------------------------------------------------------------------
     def _fail(self, field: str, problem: str, fix: str):
