@@ -41,7 +41,8 @@ class ChunkMemory:
 
     chunk_size: S; landmarks: HSA [B, C, R, Dr] / GCA [B, C, hidden]; keys/values: HSA's shared memory
     [B, C*S, Hk_local, D]; encoded: GCA's encoder output [B, C*S, hidden] (each group projects its own K/V);
-    selection/group: the current retrieval group's selection and its group id.
+    selection/group: the current retrieval group's selection and its group id; cu_seqlens: packed documents over
+    the flattened B*L tokens (sample starts included), None when unpacked.
     """
 
     chunk_size: int
@@ -51,6 +52,7 @@ class ChunkMemory:
     encoded: Optional[torch.Tensor] = None
     selection: Optional[Selection] = None
     group: Optional[int] = None
+    cu_seqlens: Optional[torch.Tensor] = None
 
     @property
     def num_chunks(self) -> int:

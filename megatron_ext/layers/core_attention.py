@@ -12,7 +12,8 @@ megatron-core's local ``DotProductAttention`` materialises the full s x s scores
 With Transformer Engine importable, :func:`core_attention_builder` returns ``TEDotProductAttention`` instead.
 Window convention (flash-attn's ``window=(W, 0)``): query i sees keys j with 0 <= i - j <= W.
 As with TE's causal kernels, the ``attention_mask`` argument is ignored for causal layers (causality and the window
-are structural); bidirectional use (``no_mask``) applies no mask.
+are structural); bidirectional use (``no_mask``) applies no mask. Packed sequences come as ``packed_seq_params``
+(sbhd layout, see ``layers/packing.py``): tokens attend within their document only.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_ext.layers.packing import document_ids, flat_cu_seqlens
 
 __all__ = ["LocalCoreAttention", "core_attention_builder", "attention", "te_available"]
 
@@ -72,6 +75,21 @@ def _window_block_mask(q_len: int, k_len: int, window: int, device_str: str):
     return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=k_len, device=device_str)
 
 
+def _document_block_mask(doc_ids: torch.Tensor, window: Optional[int], causal: bool):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def document_mask(b, h, q_idx, kv_idx):
+        keep = doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+        if causal:
+            keep = keep & (q_idx >= kv_idx)
+        if window is not None:
+            keep = keep & (q_idx - kv_idx <= window)
+        return keep
+
+    L = doc_ids.shape[1]
+    return create_block_mask(document_mask, B=doc_ids.shape[0], H=None, Q_LEN=L, KV_LEN=L, device=str(doc_ids.device))
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,24 +100,34 @@ def attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     impl: str = "auto",
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention on batch-first heads: q [B, Hq, Lq, D], k/v [B, Hk, Lk, D] (Hq % Hk == 0) -> [B, Hq, Lq, D].
 
-    impl: 'auto' (flex for a window on CUDA, else SDPA), 'sdpa' or 'flex'.
+    window: keys j with 0 <= i - j <= window only; doc_ids: [B, L] document index per token (packed sequences,
+    Lq == Lk): keys of other documents are masked. impl: 'auto' (FlexAttention for windows and documents on CUDA,
+    else SDPA), 'sdpa' or 'flex'.
     """
     gqa = q.shape[1] != k.shape[1]
-    use_flex = window is not None and (impl == "flex" or (impl == "auto" and q.is_cuda))
-    if use_flex and window + 1 < k.shape[2]:
+    Lq, Lk = q.shape[2], k.shape[2]
+    if window is not None and window + 1 >= Lk:
+        window = None  # the window covers everything: plain causal
+    if doc_ids is not None and doc_ids.shape != (q.shape[0], Lq):
+        raise ValueError(f"doc_ids must be [B, L] = {(q.shape[0], Lq)}, got {tuple(doc_ids.shape)}")
+    needs_mask = window is not None or doc_ids is not None
+    use_flex = needs_mask and (impl == "flex" or (impl == "auto" and q.is_cuda))
+    if use_flex:
         if dropout_p > 0:
             raise ValueError("FlexAttention has no attention dropout: set attention_dropout=0 or attention_impl='sdpa'")
-        block_mask = _window_block_mask(q.shape[2], k.shape[2], int(window), str(q.device))
+        if doc_ids is not None:
+            block_mask = _document_block_mask(doc_ids, window, causal)
+        else:
+            block_mask = _window_block_mask(Lq, Lk, int(window), str(q.device))
         return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    if window is not None and window + 1 < k.shape[2]:
-        mask = band_mask(q.shape[2], k.shape[2], window, causal, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                                              enable_gqa=gqa)
-    if causal and q.shape[2] != k.shape[2]:
-        mask = band_mask(q.shape[2], k.shape[2], None, True, q.device)
+    if needs_mask or (causal and Lq != Lk):
+        mask = band_mask(Lq, Lk, window, causal, q.device)
+        if doc_ids is not None:
+            mask = mask[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
@@ -146,18 +174,21 @@ class LocalCoreAttention(MegatronModule):
                 packed_seq_params=None, **kwargs):
         if attention_bias is not None:
             raise ValueError("LocalCoreAttention does not take an attention_bias")
-        if packed_seq_params is not None:
-            raise NotImplementedError(
-                "packed sequences (packed_seq_params) are not supported by LocalCoreAttention yet; "
-                "use unpacked [s, b] batches"
-            )
+        if packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "sbhd") != "sbhd":
+            flat_cu_seqlens(packed_seq_params, 1, 1, query.device)  # raises, naming the supported layout
         sq, b, hq, d = query.shape
+        doc_ids = None
+        cu = flat_cu_seqlens(packed_seq_params, b, sq, query.device)
+        if cu is not None:
+            if key.shape[0] != sq:
+                raise ValueError("packed sequences need as many keys as queries (no KV cache)")
+            doc_ids = document_ids(cu, b, sq)
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         out = attention(
             q, k, v, causal=self.causal, window=self.window_size, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0, impl=self.impl,
+            dropout_p=self.dropout if self.training else 0.0, impl=self.impl, doc_ids=doc_ids,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
 

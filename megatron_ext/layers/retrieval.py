@@ -63,11 +63,16 @@ class HSARetrieval(MegatronModule):
         landmarks = memory.landmarks
         if self.query_norm is not None:
             q_r, landmarks = self.query_norm(q_r), self.landmark_norm(landmarks)
+        landmarks = landmarks.to(q_r.dtype)
+        if memory.cu_seqlens is not None:  # packed: the kernels take one flat sequence (chunk ids become b*C + c)
+            q_r, landmarks = q_r.reshape(1, b * s, *q_r.shape[2:]), landmarks.reshape(1, -1, *landmarks.shape[2:])
         indices, weights = hsa_retrieval(
-            q_r.contiguous(), landmarks.to(q_r.dtype).contiguous(), chunk_size=self.chunk_size, topk=self.topk,
+            q_r.contiguous(), landmarks.contiguous(), chunk_size=self.chunk_size, topk=self.topk,
             weight_rule=self.weight_rule, gumbel=self.gumbel and self.training,
-            rank_decay=self.rank_decay[0] if self.rank_decay is not None else None, backend=self.backend,
+            rank_decay=self.rank_decay[0] if self.rank_decay is not None else None, cu_seqlens=memory.cu_seqlens,
+            backend=self.backend,
         )
+        indices, weights = indices.reshape(b, s, *indices.shape[2:]), weights.reshape(b, s, *weights.shape[2:])
         Hl = self.kv_heads_local
         if self.retrieval_heads == 1:  # one selection shared by every KV head
             indices, weights = indices.expand(b, s, Hl, -1), weights.expand(b, s, Hl, -1)
@@ -104,11 +109,15 @@ class GCARetrieval(MegatronModule):
         C = s // S
         landmark_rows = x.reshape(C, S, b, h)[:, -1].transpose(0, 1)  # [b, C, h]: chunk c's landmark token
         query = self.landmark_query_norm(landmark_rows)
+        landmarks = memory.landmarks.to(query.dtype)
+        cu = memory.cu_seqlens
+        if cu is not None:  # packed: one flat sequence for the kernels (chunk ids become b*C + c)
+            query, landmarks = query.reshape(1, b * C, h), landmarks.reshape(1, b * C, h)
         made_by, weights_made_by = gca_retrieval(
-            query, memory.landmarks.to(query.dtype), topk=self.topk, chunk_size=S,
-            gumbel=self.gumbel and self.training, backend=self.backend,
+            query, landmarks, topk=self.topk, chunk_size=S, gumbel=self.gumbel and self.training, cu_seqlens=cu,
+            backend=self.backend,
         )
-        indices, weights = selection_for_query_chunks(made_by, weights_made_by, chunk_size=S)
+        indices, weights = selection_for_query_chunks(made_by, weights_made_by, chunk_size=S, cu_seqlens=cu)
         keys, _ = self.key_proj(memory.encoded)
         values, _ = self.value_proj(memory.encoded)
         keys = keys.reshape(b, C * S, self.kv_heads_local, self.head_dim)

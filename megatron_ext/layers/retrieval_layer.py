@@ -10,13 +10,16 @@ Built from megatron's ``TransformerLayerSubmodules`` slots plus two of its own:
                             plain residual:             x <- x + a;  out = x + MLP(norm x)
 
 The chunk memory arrives and leaves as megatron's ``context`` (``TransformerBlock`` threads it through the layers),
-so the hand-off from the memory layer to every retrieval layer above is one explicit object.
+so the hand-off from the memory layer to every retrieval layer above is one explicit object. Packed batches
+(``packed_seq_params``, see ``layers/packing.py``) put their document offsets into the memory, so every retrieval
+above stays inside the token's document.
 Retrieval and the chunk encoder read the layer's *input* x, as in the reference models (the retrieval layer and
 the chunking layer sit before the HSA layer and see the same hidden state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -25,6 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_ext.layers.chunk_memory import ChunkMemory
+from megatron_ext.layers.packing import flat_cu_seqlens
 
 __all__ = ["RetrievalLayerSubmodules", "RetrievalTransformerLayer"]
 
@@ -55,7 +59,11 @@ class RetrievalTransformerLayer(TransformerLayer):
         if inference_context is not None:
             raise NotImplementedError("retrieval layers have no megatron inference path; use the kernels' *_decode")
         x = hidden_states
-        memory = self.chunk_memory(x) if self.chunk_memory is not None else context
+        if self.chunk_memory is not None:
+            cu = flat_cu_seqlens(packed_seq_params, x.shape[1], x.shape[0], x.device)
+            memory = dataclasses.replace(self.chunk_memory(x), cu_seqlens=cu)
+        else:
+            memory = context
         if not isinstance(memory, ChunkMemory):
             raise RuntimeError(
                 f"layer {self.layer_number}: expected the chunk memory as `context`, got {type(memory).__name__}; "

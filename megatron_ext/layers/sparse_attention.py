@@ -81,11 +81,14 @@ class HSAAttention(_ChunkCrossAttention):
 
         selection = self._need_selection(memory, self.layer_number)
         q = self._queries(hidden)
-        o = hsa_attention(
-            q, memory.keys.to(q.dtype), memory.values.to(q.dtype), selection.weights, selection.indices,
-            chunk_size=self.chunk_size, softmax_off_by_one=self.softmax_off_by_one, backend=self.backend,
-        )
-        return self._output(o)
+        k, v, w, idx = memory.keys.to(q.dtype), memory.values.to(q.dtype), selection.weights, selection.indices
+        b, s = q.shape[:2]
+        if memory.cu_seqlens is not None:  # packed: chunk ids are flat (b*C + c), so is the memory
+            q, k, v = (t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v))
+            w, idx = (t.reshape(1, b * s, *t.shape[2:]) for t in (w, idx))
+        o = hsa_attention(q, k, v, w, idx, chunk_size=self.chunk_size, softmax_off_by_one=self.softmax_off_by_one,
+                          backend=self.backend)
+        return self._output(o.reshape(b, s, *o.shape[2:]))
 
 
 class GCAAttention(_ChunkCrossAttention):
@@ -99,9 +102,13 @@ class GCAAttention(_ChunkCrossAttention):
 
         selection = self._need_selection(memory, self.layer_number)
         q = self._queries(hidden)
+        k, v = selection.keys.to(q.dtype), selection.values.to(q.dtype)
+        b, s = q.shape[:2]
+        if memory.cu_seqlens is not None:  # packed: selection is already flat [1, b*C, K]
+            q, k, v = (t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v))
         o = gca_attention(
-            q, selection.keys.to(q.dtype), selection.values.to(q.dtype), selection.weights, selection.indices,
-            chunk_size=self.chunk_size, softmax_off_by_one=self.softmax_off_by_one,
-            landmark_null_slot=self.landmark_null_slot, backend=self.backend,
+            q, k, v, selection.weights, selection.indices, chunk_size=self.chunk_size,
+            softmax_off_by_one=self.softmax_off_by_one, landmark_null_slot=self.landmark_null_slot,
+            backend=self.backend,
         )
-        return self._output(o)
+        return self._output(o.reshape(b, s, *o.shape[2:]))

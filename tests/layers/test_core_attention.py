@@ -55,8 +55,16 @@ def test_core_attention_module_contract(megatron_world):
     assert out.shape == (s, b, 4 * 16)
     ref = naive_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), causal=True, window=3)
     torch.testing.assert_close(out.double(), ref.permute(2, 0, 1, 3).reshape(s, b, -1), rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="packed"):
-        module(q, k, v, None, attn_mask_type=AttnMaskType.causal, attention_bias=None, packed_seq_params=object())
+    # Packed documents [0, 4) and [4, 10) of each sample: the second document alone gives the same outputs.
+    from megatron_ext.layers.packing import packed_seq_params
+
+    cu = torch.tensor([0, 4, 10, 14, 20], dtype=torch.int32)  # flat over b * s = 20 tokens
+    packed = module(q, k, v, None, attn_mask_type=AttnMaskType.causal, attention_bias=None,
+                    packed_seq_params=packed_seq_params(cu, s))
+    alone = module(q[4:], k[4:], v[4:], None, attn_mask_type=AttnMaskType.causal, attention_bias=None,
+                   packed_seq_params=None)
+    torch.testing.assert_close(packed[4:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:4], out[:4], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
