@@ -80,6 +80,12 @@ class ChunkEncoder(MegatronModule):
             y, _ = layer(hidden_states=y, attention_mask=None, rotary_pos_emb=rope)
         return self.final_norm(y)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # self.layers is a plain ModuleList: megatron's default would save its TP-sharded linears as replicated.
+        from megatron_ext.parallel.checkpoint import sharded_state_dict_through_containers
+
+        return sharded_state_dict_through_containers(self, prefix, sharded_offsets, metadata)
+
 
 class HSAChunkMemory(MegatronModule):
     """Chunk encoder + landmarks + shared memory K/V for HSA. forward(x [s, b, h]) -> ChunkMemory."""
