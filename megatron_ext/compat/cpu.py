@@ -234,6 +234,13 @@ def apply_training() -> bool:
     # tracker under the same test; ``dist_checkpointing/strategies/async_utils.py`` takes
     # ``rank % torch.cuda.device_count()``. One visible "device" makes all three take their normal path.
     torch.cuda.device_count = lambda: 1
+    # ``training/arguments.py`` (``validate_args``, TP or CP > 1) reads the GPU architecture through
+    # ``utils.common_utils.get_device_arch_version`` -> ``torch.cuda.get_device_properties(...).major``; report a
+    # pre-Blackwell device, whose path only asks that CUDA_DEVICE_MAX_CONNECTIONS=1 (set by :func:`apply`).
+    import types
+
+    torch.cuda.get_device_properties = lambda *args, **kwargs: types.SimpleNamespace(
+        name="cpu", major=9, minor=0, total_memory=0, multi_processor_count=1)
     # ``training/initialize.py``: ``initialize_megatron`` asserts ``torch.cuda.is_available()`` unless called with
     # ``allow_no_cuda=True``; ``training.pretrain`` calls it without, through the name it imported.
     from megatron.training import initialize as megatron_initialize

@@ -191,4 +191,7 @@ def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         elif action.type is not None and value is not None:
             value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
         defaults[action.dest] = value
+    if defaults.get("num_query_groups") is not None and "group_query_attention" not in defaults:
+        # Model files (examples/*.yaml) give num_query_groups alone; Megatron-LM reads it only with this switch.
+        defaults["group_query_attention"] = True
     return defaults

@@ -16,6 +16,11 @@ marker ``--load`` reads). Two gaps remain, closed here:
 ``--keep-last-checkpoints K`` prunes older ``iter_*`` directories right after the marker moves to a new checkpoint
 (never the one it names). The atomic write goes through megatron's own storage shim (``maybe_msc``) for local paths
 only; object-store paths are left to it.
+
+Speed: the ``torch_dist`` writer hands its results back through a queue that megatron creates, on the first save of a
+process, as a ``multiprocessing`` *spawn* Manager: a fresh Python process that re-imports the training script and
+megatron (4-20 s, the "slow first save" of megatron_core_notes.md). A synchronous save (no ``--async-save``) only
+passes results between threads of this process, so :func:`install` gives it a plain ``queue.Queue`` instead.
 """
 
 from __future__ import annotations
@@ -136,14 +141,19 @@ def _remove_stale_iteration_dir(save_dir: str, iteration: int) -> None:
         torch.distributed.barrier()
 
 
-def install(keep_last: int | None = None) -> None:
+def install(keep_last: int | None = None, async_save: bool = False) -> None:
     """Make megatron's checkpoint saves crash-safe (see the module docstring); idempotent."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.training import checkpointing as megatron_checkpointing
     from megatron.training import training as megatron_training
 
     _STATE["keep_last"] = keep_last
     if _STATE["installed"]:
         return
+    if not async_save and filesystem_async._results_queue is None:  # noqa: SLF001 - megatron's module-level queue
+        filesystem_async._results_queue = queue.Queue()  # noqa: SLF001 - threads of this process only (see above)
     megatron_checkpointing.maybe_msc = _StorageShim(megatron_checkpointing.maybe_msc)
     original_save = megatron_checkpointing.save_checkpoint
 

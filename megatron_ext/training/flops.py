@@ -95,8 +95,9 @@ def _layer_plans(config):
     return [LayerPlan(index=i, kind="swa" if windowed else "full") for i in range(config.num_layers)]
 
 
-def _is_expert_param(name: str, param: torch.nn.Parameter) -> bool:
-    return ".experts." in name and not getattr(param, "allreduce", True)
+def _is_expert_param(name: str) -> bool:
+    """Routed-expert weights live under ``mlp.experts.`` (shared experts under ``mlp.shared_experts.``)."""
+    return ".experts." in name
 
 
 def _replicas(param: torch.nn.Parameter, expert: bool) -> int:
@@ -137,7 +138,7 @@ class FlopModel:
                 if id(param) in seen or param.dim() < 2 or "embedding" in name:
                     continue
                 seen.add(id(param))
-                is_expert = _is_expert_param(name, param)
+                is_expert = _is_expert_param(name)
                 share = param.numel() / _replicas(param, is_expert)
                 if is_expert:
                     expert += share

@@ -39,5 +39,5 @@ def install_training_hooks(args) -> None:
     from megatron_ext.training import checkpointing, logging as hsa_logging, optimizer_resume
 
     optimizer_resume.install()
-    checkpointing.install(keep_last=args.keep_last_checkpoints)
+    checkpointing.install(keep_last=args.keep_last_checkpoints, async_save=args.async_save)
     hsa_logging.install(args)

@@ -1,0 +1,84 @@
+"""Run ``pretrain_hsa.py`` in a subprocess (one CPU process over gloo, or a torchrun world) and read its log."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "pretrain_hsa.py")
+
+# A tiny SWA+HSA model, fp32, dropout on (so that resume must restore the RNG too), distributed optimizer.
+TINY_SWA_HSA = [
+    "--num-layers", "3", "--layer-pattern", "swa [hsa swa]", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "96", "--swiglu",
+    "--normalization", "RMSNorm", "--disable-bias-linear", "--qk-layernorm",
+    "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type", "rope",
+    "--swa-window-size", "16", "--hsa-chunk-size", "8", "--hsa-topk", "2", "--hsa-num-kv-heads", "1",
+    "--hsa-kernel-backend", "reference",
+    "--micro-batch-size", "2", "--global-batch-size", "4",
+    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
+    "--weight-decay", "0.1", "--clip-grad", "1.0", "--use-distributed-optimizer", "--seed", "1234",
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+    "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
+]
+
+_ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+) \|.*?grad norm: ([0-9.]+) \|")
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+
+    def losses(self) -> dict[int, str]:
+        """iteration -> the logged ``lm loss`` text (6 significant decimals, as megatron prints it)."""
+        return {int(m.group(1)): m.group(2) for m in _ITERATION.finditer(self.output)}
+
+    def grad_norms(self) -> dict[int, str]:
+        return {int(m.group(1)): m.group(3) for m in _ITERATION.finditer(self.output)}
+
+    def check(self) -> "Run":
+        assert self.returncode == 0, f"pretrain_hsa.py failed (rc {self.returncode}):\n{self.output[-6000:]}"
+        return self
+
+
+def env(threads: int = 1) -> dict:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = str(threads)
+    e["PYTHONUNBUFFERED"] = "1"
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def start(args: list[str], *, nproc: int = 1, threads: int = 1) -> subprocess.Popen:
+    """Start the script; its output goes to a temporary file (a pipe could fill up and stall it)."""
+    if nproc == 1:
+        cmd = [sys.executable, SCRIPT, *args]
+    else:
+        from megatron_ext.compat.cpu import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), SCRIPT, *args]
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(threads), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> Run:
+    proc.wait(timeout=timeout)
+    proc.log.seek(0)
+    out = proc.log.read()
+    proc.log.close()
+    return Run(proc.returncode, out)
+
+
+def run(args: list[str], **kwargs) -> Run:
+    return finish(start(args, **kwargs))

@@ -1,0 +1,62 @@
+"""pretrain_hsa.py's arguments: Megatron-LM's parser + the HSA/GCA group + ``--config FILE.yaml`` with overrides."""
+
+import sys
+
+import pytest
+
+from megatron_ext.training import arguments
+
+
+def _parse(monkeypatch, argv):
+    from megatron.training.arguments import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_hsa.py", *argv])
+    return parse_args(extra_args_provider=arguments.add_hsa_arguments)
+
+
+def test_yaml_sets_defaults_and_command_line_wins(monkeypatch, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "model:\n  num-layers: 4\n  hidden_size: 128\n  layer_pattern: 'swa*3 hsa'\n  hsa_topk: 4\n"
+        "  hsa_bypass_residual: false\n  num_query_groups: 2\n"
+        "training:\n  lr: 2.0e-3\n  no-rope-fusion: true\n  use-distributed-optimizer: true\n"
+        "  eval-iters: 7\n"
+    )
+    args = _parse(monkeypatch, ["--config", str(cfg), "--hsa-topk", "16", "--eval-iters", "3"])
+    assert (args.num_layers, args.hidden_size, args.lr) == (4, 128, 2e-3)
+    assert args.layer_pattern == "swa*3 hsa"
+    assert args.hsa_topk == 16 and args.eval_iters == 3, "the command line overrides the file"
+    assert args.hsa_bypass_residual is False and args.apply_rope_fusion is False
+    assert args.use_distributed_optimizer is True
+    assert args.group_query_attention is True and args.num_query_groups == 2
+
+
+def test_megatron_flags_keep_their_names(monkeypatch):
+    args = _parse(monkeypatch, [
+        "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--num-experts", "8",
+        "--seq-length", "8192", "--micro-batch-size", "1", "--global-batch-size", "64", "--lr-decay-style",
+        "cosine", "--lr-warmup-iters", "100", "--min-lr", "1e-5", "--attention-pattern", "swa hsa",
+        "--no-hsa-qk-norm", "--hsa-gumbel-noise",
+    ])
+    assert (args.tensor_model_parallel_size, args.expert_model_parallel_size, args.num_experts) == (2, 2, 8)
+    assert (args.seq_length, args.global_batch_size, args.lr_decay_style) == (8192, 64, "cosine")
+    assert args.layer_pattern == "swa hsa"  # --attention-pattern is an alias of --layer-pattern
+    assert args.hsa_qk_norm is False and args.hsa_gumbel_noise is True
+
+
+def test_every_hsa_config_field_has_a_flag(monkeypatch):
+    args = _parse(monkeypatch, [])
+    for field in arguments._hsa_config_fields():  # noqa: SLF001
+        assert hasattr(args, field.name), f"HSAConfig.{field.name} cannot be set from the command line"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hsa_top_k: 4\n", "unknown argument 'hsa_top_k'"),
+    ("use-distributed-optimizer: 1\n", "is a switch"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_bad_yaml_is_named(monkeypatch, tmp_path, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        _parse(monkeypatch, ["--config", str(cfg)])

@@ -1,0 +1,73 @@
+"""Checkpoints survive a process killed mid-save: ``latest`` keeps naming the previous, complete checkpoint."""
+
+import os
+import signal
+import time
+
+from megatron_ext.training.checkpointing import (
+    TRACKER_NAME,
+    _AtomicTrackerFile,
+    checkpoint_iterations,
+    prune_checkpoints,
+    read_latest_iteration,
+    write_atomic,
+)
+from tests.training.runner import TINY_SWA_HSA, finish, start
+
+
+def _make_checkpoints(root, iterations, latest):
+    for it in iterations:
+        os.makedirs(root / f"iter_{it:07d}")
+    (root / TRACKER_NAME).write_text(str(latest))
+
+
+def test_write_atomic_replaces_whole_file(tmp_path):
+    path = tmp_path / TRACKER_NAME
+    path.write_text("100")
+    write_atomic(str(path), "200")
+    assert path.read_text() == "200"
+    assert os.listdir(tmp_path) == [TRACKER_NAME], "no temporary file may be left behind"
+
+
+def test_marker_unchanged_until_the_write_completes(tmp_path):
+    (tmp_path / TRACKER_NAME).write_text("100")
+    marker = _AtomicTrackerFile(str(tmp_path / TRACKER_NAME))
+    marker.write("2")  # a process killed here (before close) must leave the old marker intact
+    assert read_latest_iteration(str(tmp_path)) == 100
+    marker.write("00")
+    marker.close()
+    assert read_latest_iteration(str(tmp_path)) == 200
+
+
+def test_prune_keeps_newest_and_never_the_latest(tmp_path):
+    _make_checkpoints(tmp_path, [10, 20, 30, 40], latest=30)  # iter 40: a partial save newer than latest
+    assert prune_checkpoints(str(tmp_path), keep_last=2) == [10]
+    assert checkpoint_iterations(str(tmp_path)) == [20, 30, 40]
+    assert prune_checkpoints(str(tmp_path), keep_last=1) == [20]
+    assert checkpoint_iterations(str(tmp_path)) == [30, 40]
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    common = TINY_SWA_HSA + ["--train-iters", "8", "--save-interval", "4", "--save", ckpt]
+    finish(start(common + ["--exit-interval", "4"])).check()
+    assert read_latest_iteration(ckpt) == 4
+
+    # Resume and SIGKILL the process as soon as it starts writing the iteration-8 checkpoint.
+    proc = start(common + ["--load", ckpt])
+    partial = os.path.join(ckpt, "iter_0000008")
+    deadline = time.monotonic() + 240
+    while not os.path.exists(partial) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    killed = finish(proc)
+    assert killed.returncode == -signal.SIGKILL, "the process ended before it started saving iteration 8"
+    assert read_latest_iteration(ckpt) == 4, "latest must still name the last complete checkpoint"
+    assert sorted(killed.losses()) == [5, 6, 7, 8]
+
+    # The previous checkpoint loads, and training from it repeats iterations 5-8 exactly, then saves 8.
+    again = finish(start(common + ["--load", ckpt])).check()
+    assert "at iteration 4" in again.output
+    assert again.losses() == killed.losses()
+    assert read_latest_iteration(ckpt) == 8
+    assert os.listdir(os.path.join(ckpt, "iter_0000008")), "the re-done save must be complete"
