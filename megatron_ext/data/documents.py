@@ -327,7 +327,9 @@ _WORKER: dict = {}
 
 
 def init_worker(tokenizer_spec, json_keys: Sequence[str], append_eod: bool, max_samples: int,
-                out_dtype=np.int64) -> None:
+                out_dtype=np.int64, in_subprocess: bool = False) -> None:
+    if in_subprocess:  # one core per worker: keep Hugging Face tokenizers from starting a thread pool each
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER.update(tokenizer=tokenizer_spec.build(), json_keys=list(json_keys), append_eod=append_eod,
                    max_samples=max_samples, out_dtype=out_dtype)
 

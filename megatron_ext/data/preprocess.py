@@ -137,7 +137,8 @@ def _ordered_results(batches: Iterator, workers: int, init_args: tuple) -> Itera
     # ProcessPoolExecutor (not multiprocessing.Pool): a worker that dies raises BrokenProcessPool here instead of
     # leaving the run waiting forever.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init_args) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
+                             initargs=init_args + (True,)) as pool:
         pending: deque = deque()
         try:
             for batch in batches:

@@ -84,6 +84,17 @@ class DataConfig:
             pack_chunk_size=get("data_pack_chunk_size"),
         )
 
+    def landmark_id(self, tokenizer) -> Optional[int]:
+        """The landmark token id in use (None without landmarks)."""
+        if not self.landmark_chunk_size:
+            return None
+        return tokenizer.vocab_size if self.landmark_token_id is None else self.landmark_token_id
+
+    def required_vocab_size(self, tokenizer) -> int:
+        """The smallest model vocabulary that covers every id in the batches (text ids and the landmark)."""
+        landmark = self.landmark_id(tokenizer)
+        return tokenizer.vocab_size if landmark is None else max(tokenizer.vocab_size, landmark + 1)
+
     @property
     def text_tokens_per_sample(self) -> int:
         """Text tokens drawn per sample: seq_length, less one slot per chunk for landmarks."""
@@ -154,6 +165,7 @@ def build_train_valid_test_datasets(
 
     ``num_samples``: samples wanted per split (train_iters * global_batch_size, ...), as in Megatron-LM.
     ``is_built_on_rank``: Megatron-LM builds only on ranks that read data (TP rank 0, first/last PP stage).
+    With landmarks, the model's (padded) vocabulary must be at least ``config.required_vocab_size(tokenizer)``.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
@@ -169,7 +181,7 @@ def build_train_valid_test_datasets(
         cls, list(num_samples), is_built_on_rank or (lambda: True), gpt_dataset_config(config, tokenizer)
     ).build()
     if config.landmark_chunk_size:
-        landmark = tokenizer.vocab_size if config.landmark_token_id is None else config.landmark_token_id
+        landmark = config.landmark_id(tokenizer)
         datasets = [
             None if d is None else LandmarkDataset(d, config.landmark_chunk_size, landmark, tokenizer.eod,
                                                     config.reset_position_ids)

@@ -176,3 +176,11 @@ def test_bundled_corpus_feeds_the_provider(tmp_path):
     assert "attention_mask" not in batch
     text = tok.detokenize(batch["tokens"][0].tolist())
     assert any(name in text for name in ("Mira", "Tomas", "Ada", "plus", "Dear", "asked"))  # real corpus text
+
+
+def test_landmark_vocabulary_requirement():
+    config = DataConfig(seq_length=64, mock_data=True, landmark_chunk_size=16)
+    assert config.required_vocab_size(TOK) == TOK.vocab_size + 1
+    assert DataConfig(seq_length=64, mock_data=True, landmark_chunk_size=16,
+                      landmark_token_id=3).required_vocab_size(TOK) == TOK.vocab_size
+    assert DataConfig(seq_length=64, mock_data=True).required_vocab_size(TOK) == TOK.vocab_size
