@@ -27,7 +27,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_ext.layers.chunk_memory import ChunkMemory, merge_chunks, split_chunks
-from megatron_ext.layers.norms import RMSNorm
+from megatron_ext.layers.norms import RMSNorm, rms_norm
+from megatron_ext.parallel.tensor import sum_gradient_over_tp
 from megatron_ext.layers.specs import attention_layer_spec, dense_mlp_builder, self_attention_spec
 
 __all__ = ["ChunkEncoder", "HSAChunkMemory", "GCAChunkMemory", "encoder_config"]
@@ -100,6 +101,7 @@ class HSAChunkMemory(MegatronModule):
         tp_rank, tp_size = _tp_world(pg_collection)
         self.kv_heads_local = config.hsa_num_kv_heads // tp_size
         tp_group = pg_collection.tp if pg_collection is not None else None
+        self._grad_tp_group = tp_group
         self.encoder = ChunkEncoder(config, config.hsa_encoder_layers, pg_collection) if config.hsa_encoder_layers else None
         self.input_norm = None if self.encoder is not None else RMSNorm(config, h, eps=config.layernorm_epsilon)
         self.use_cls = bool(config.hsa_encoder_cls and self.encoder is not None)
@@ -138,8 +140,8 @@ class HSAChunkMemory(MegatronModule):
         values, _ = self.value_proj(tokens)
         keys = keys.reshape(b, C * S, self.kv_heads_local, self.head_dim)
         values = values.reshape(b, C * S, self.kv_heads_local, self.head_dim)
-        if self.key_norm is not None:
-            keys = self.key_norm(keys)
+        if self.key_norm is not None:  # one norm weight for all KV heads, this rank's heads only: sum over TP
+            keys = rms_norm(keys, sum_gradient_over_tp(self.key_norm.weight, self._grad_tp_group), self.key_norm.eps)
         return ChunkMemory(chunk_size=S, landmarks=landmarks, keys=keys, values=values)
 
 

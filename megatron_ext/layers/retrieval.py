@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_ext.layers.chunk_encoder import _tp_world
 from megatron_ext.layers.chunk_memory import ChunkMemory, Selection
 from megatron_ext.layers.norms import RMSNorm
+from megatron_ext.parallel.tensor import sum_gradient_over_tp
 
 __all__ = ["HSARetrieval", "GCARetrieval"]
 
@@ -41,6 +42,7 @@ class HSARetrieval(MegatronModule):
         self.tp_rank, tp_size = _tp_world(pg_collection)
         self.kv_heads_local = config.hsa_num_kv_heads // tp_size
         tp_group = pg_collection.tp if pg_collection is not None else None
+        self._grad_tp_group = tp_group
         self.norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
         self.query_proj = ColumnParallelLinear(
             h, config.hsa_retrieval_width, config=config, init_method=config.init_method, bias=False,
@@ -73,6 +75,8 @@ class HSARetrieval(MegatronModule):
             backend=self.backend,
         )
         indices, weights = indices.reshape(b, s, *indices.shape[2:]), weights.reshape(b, s, *weights.shape[2:])
+        # Replicated retrieval, used by this rank's KV heads only: sum the weights' gradient over TP.
+        weights = sum_gradient_over_tp(weights, self._grad_tp_group)
         Hl = self.kv_heads_local
         if self.retrieval_heads == 1:  # one selection shared by every KV head
             indices, weights = indices.expand(b, s, Hl, -1), weights.expand(b, s, Hl, -1)
@@ -96,6 +100,7 @@ class GCARetrieval(MegatronModule):
         _, tp_size = _tp_world(pg_collection)
         self.kv_heads_local = config.gca_kv_heads // tp_size
         tp_group = pg_collection.tp if pg_collection is not None else None
+        self._grad_tp_group = tp_group
         self.landmark_query_norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
         linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=True, tp_group=tp_group)
         self.key_proj = ColumnParallelLinear(h, config.gca_kv_heads * self.head_dim, **linear)
@@ -118,6 +123,7 @@ class GCARetrieval(MegatronModule):
             backend=self.backend,
         )
         indices, weights = selection_for_query_chunks(made_by, weights_made_by, chunk_size=S, cu_seqlens=cu)
+        weights = sum_gradient_over_tp(weights, self._grad_tp_group)  # replicated, used by this rank's heads only
         keys, _ = self.key_proj(memory.encoded)
         values, _ = self.value_proj(memory.encoded)
         keys = keys.reshape(b, C * S, self.kv_heads_local, self.head_dim)

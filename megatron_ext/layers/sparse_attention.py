@@ -21,7 +21,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.layers.chunk_encoder import _tp_world
 from megatron_ext.layers.chunk_memory import ChunkMemory
-from megatron_ext.layers.norms import RMSNorm
+from megatron_ext.layers.norms import RMSNorm, rms_norm
+from megatron_ext.parallel.tensor import sum_gradient_over_tp
 
 __all__ = ["HSAAttention", "GCAAttention"]
 
@@ -36,6 +37,7 @@ class _ChunkCrossAttention(MegatronModule):
         self.chunk_size = config.hsa_chunk_size
         self.backend = config.hsa_kernel_backend
         tp_group = pg_collection.tp if pg_collection is not None else None
+        self._grad_tp_group = tp_group
         width = config.num_attention_heads * self.head_dim
         self.query_proj = ColumnParallelLinear(
             config.hidden_size, width, config=config, init_method=config.init_method, bias=False,
@@ -52,8 +54,8 @@ class _ChunkCrossAttention(MegatronModule):
         s, b, _ = hidden.shape
         q, _ = self.query_proj(hidden)
         q = q.reshape(s, b, self.heads_local, self.head_dim)
-        if self.query_norm is not None:
-            q = self.query_norm(q)
+        if self.query_norm is not None:  # one norm weight for all heads, this rank's heads only: sum over TP
+            q = rms_norm(q, sum_gradient_over_tp(self.query_norm.weight, self._grad_tp_group), self.query_norm.eps)
         return q.transpose(0, 1).contiguous()
 
     def _output(self, o: torch.Tensor):
