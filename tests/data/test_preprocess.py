@@ -60,6 +60,16 @@ def test_round_trip_equals_tokenizer_output(tmp_path, spec, append_eod):
     assert summary.documents["text"] == len(texts) and summary.tokens["text"] == sum(map(len, expected))
 
 
+def test_hugging_face_tokenizer_round_trip_with_workers(tmp_path, hf_tokenizer_json):
+    spec = TokenizerSpec("HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_json)
+    texts = corpus_texts(40)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    run(tmp_path, [path], spec=spec, append_eod=True, workers=2, batch_bytes=4096)
+    tok = spec.build()
+    assert read_dataset(dataset_prefix(str(tmp_path / "out"), "text"))[1] == [tok.tokenize(t) + [tok.eod]
+                                                                               for t in texts]
+
+
 def test_several_json_keys_get_their_own_datasets(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"q": f"question {i}", "a": f"answer {i}"} for i in range(5)])
     run(tmp_path, [path], json_keys=["q", "a"], append_eod=True)

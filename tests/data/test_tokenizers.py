@@ -107,21 +107,16 @@ def test_hf_tokenizer_clear_error_without_library(tmp_path, monkeypatch):
         HuggingFaceTokenizer(str(tmp_path / "tokenizer.json"))
 
 
-def test_hf_tokenizer_with_local_tokenizers_library(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers
+def test_hf_tokenizer_with_local_tokenizers_library(hf_tokenizer_json):
+    import tokenizers
 
-    hf = tokenizers.Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = tokenizers.decoders.ByteLevel()
-    with open(CORPUS_FILE) as f:
-        texts = [json.loads(line)["text"] for line in f][:100]
-    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"]))
-    hf.save(str(tmp_path / "tokenizer.json"))
-    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tokenizer.json"))
-    assert tok.eod == hf.token_to_id("<|endoftext|>")
-    for text in SAMPLES[:2]:
+    hf = tokenizers.Tokenizer.from_file(hf_tokenizer_json)
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_json)
+    assert tok.eod == hf.token_to_id("<|endoftext|>") and tok.vocab_size == hf.get_vocab_size()
+    for text in SAMPLES:
         assert tok.tokenize(text) == hf.encode(text, add_special_tokens=False).ids
+        assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.tokenize_batch(SAMPLES) == [tok.tokenize(t) for t in SAMPLES]
 
 
 def test_errors_name_the_problem(tmp_path):
