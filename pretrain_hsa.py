@@ -51,10 +51,13 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
 
 def get_batch(data_iterator, vp_stage=None):
-    """This rank's micro-batch as CPU/GPU tensors: tokens, labels, loss_mask, attention_mask, position_ids."""
+    """This rank's micro-batch (tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_params).
+
+    Middle pipeline stages read nothing: their input arrives from the previous stage.
+    """
     if not (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
             or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)):
-        return None, None, None, None, None
+        return None
     return hsa_data.get_batch(data_iterator)
 
 
@@ -78,10 +81,12 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     vp_stage = getattr(model, "vp_stage", None)
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
+    batch = get_batch(data_iterator, vp_stage) or dict.fromkeys(
+        ("tokens", "labels", "loss_mask", "attention_mask", "position_ids", "packed_seq_params"))
     timers("batch-generator").stop()
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
-    return output_tensor, partial(loss_func, loss_mask)
+    output_tensor = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                          loss_mask=batch["loss_mask"], packed_seq_params=batch["packed_seq_params"])
+    return output_tensor, partial(loss_func, batch["loss_mask"])
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):

@@ -1,67 +1,100 @@
-"""`make demo`: train a tiny megatron-core GPT for a few steps on whatever machine this is (CPU is fine).
+"""`make demo`: the whole training path on whatever machine this is (a CPU is fine), in about a minute.
 
-Prints the loss of every step and where its outputs went.
+1. preprocess the bundled tiny corpus (JSONL -> megatron indexed dataset, SentencePiece tokenizer);
+2. train a tiny SWA+HSA model with ``pretrain_hsa.py`` (megatron's training loop, distributed optimizer,
+   chunk-aligned document packing) and stop half-way, saving a checkpoint (``--exit-interval``);
+3. resume from that checkpoint and train to the end, with validation;
+4. print where everything went and the loss curve.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
+import subprocess
+import sys
 import time
 
-import torch
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from megatron_ext.compat import cpu as cpu_compat
-from megatron_ext.testing import initialize_megatron_parallel, teardown_megatron_parallel
+TINY_SWA_HSA = [
+    # model: 2 SWA layers, then one retrieval group (HSA + SWA); one chunk encoder layer
+    "--num-layers", "4", "--layer-pattern", "swa*2 [hsa swa]", "--hidden-size", "64",
+    "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "192",
+    "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear", "--qk-layernorm",
+    "--position-embedding-type", "rope", "--swa-window-size", "32",
+    "--hsa-chunk-size", "16", "--hsa-topk", "2", "--hsa-num-kv-heads", "1", "--hsa-kernel-backend", "reference",
+    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+    # data: 256-token samples of documents packed on chunk boundaries
+    "--seq-length", "256", "--max-position-embeddings", "256", "--data-pack-chunk-size", "16", "--split", "95,5,0",
+    # optimisation: warm-up then cosine to a minimum LR, global batch 8 = 2 micro-batches of 4 (accumulation)
+    "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
+    "--lr-decay-style", "cosine", "--lr-warmup-iters", "4", "--weight-decay", "0.01", "--clip-grad", "1.0",
+    "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--use-distributed-optimizer", "--seed", "1234",
+    "--log-interval", "5", "--eval-interval", "20", "--eval-iters", "2",
+]
+
+_LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?lm loss: ([0-9.E+-]+)")
+_VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
+
+
+def _run(cmd: list[str], log_path: str) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    text = open(log_path).read()
+    if proc.returncode != 0:
+        sys.stderr.write(text[-4000:])
+        raise SystemExit(f"demo step failed (exit code {proc.returncode}); full log: {log_path}")
+    return text
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=10)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--train-iters", type=int, default=40)
     args = parser.parse_args(argv)
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    started = time.time()
 
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+    import warnings
 
-    cpu_compat.apply()
-    cpu_compat.init_process_group()
-    initialize_megatron_parallel(seed=1234)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    warnings.filterwarnings("ignore")  # megatron-core's "no TE/apex, falling back" notices, printed on import
+    from megatron_ext.data.corpus import CORPUS_FILE, TOKENIZER_MODEL, build_demo_data
 
-    vocab, seq, batch = 256, 64, 4
-    config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-    )
-    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=vocab, max_sequence_length=seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    print(f"[1/3] preprocessing {os.path.relpath(CORPUS_FILE, REPO)} ...", flush=True)
+    prefix, _ = build_demo_data(os.path.join(out, "data"))
 
-    # A learnable toy stream: each token is the previous one plus one (mod vocab).
-    gen = torch.Generator().manual_seed(0)
-    start = torch.randint(0, vocab, (batch, 1), generator=gen)
-    tokens = (start + torch.arange(seq + 1)) % vocab
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    position_ids = torch.arange(seq).expand(batch, seq)
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    ckpt, tb, logs = os.path.join(out, "checkpoints"), os.path.join(out, "tensorboard"), os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    half = args.train_iters // 2
+    base = [sys.executable, os.path.join(REPO, "pretrain_hsa.py"), *TINY_SWA_HSA,
+            "--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", TOKENIZER_MODEL,
+            "--train-iters", str(args.train_iters), "--save-interval", str(half), "--save", ckpt,
+            "--tensorboard-dir", tb, "--keep-last-checkpoints", "2"]
+    print(f"[2/3] training a tiny SWA+HSA model, iterations 1-{half}, then saving and stopping ...", flush=True)
+    first = _run(base + ["--exit-interval", str(half)], os.path.join(logs, "train_part1.log"))
+    print(f"[3/3] resuming from the iteration-{half} checkpoint, iterations {half + 1}-{args.train_iters} ...",
+          flush=True)
+    second = _run(base + ["--load", ckpt], os.path.join(logs, "train_part2.log"))
+    if f"at iteration {half}" not in second:
+        raise SystemExit("the second run did not resume from the checkpoint; see " + logs)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_path = os.path.join(args.output_dir, "losses.jsonl")
-    with open(log_path, "w") as log:
-        for step in range(1, args.steps + 1):
-            t0 = time.perf_counter()
-            optimizer.zero_grad()
-            loss = model(inputs, position_ids, causal, labels=labels).float().mean()
-            loss.backward()
-            optimizer.step()
-            elapsed = time.perf_counter() - t0
-            print(f"step {step:3d} | lm loss {loss.item():.4f} | {batch * seq / elapsed:,.0f} tokens/s", flush=True)
-            log.write(json.dumps({"step": step, "lm_loss": loss.item()}) + "\n")
-    print(f"demo outputs: per-step losses in {os.path.abspath(log_path)}")
-    teardown_megatron_parallel()
-    torch.distributed.destroy_process_group()
+    print("\niteration | lm loss")
+    for text in (first, second):
+        for it, _, loss in _LOSS.findall(text):
+            print(f"{int(it):9d} | {float(loss):.4f}")
+    for text in (first, second):
+        for it, loss in dict(_VALID.findall(text)).items():
+            print(f"validation lm loss at iteration {it}: {float(loss):.4f}")
+    print(f"\nDone in {time.time() - started:.0f} s. Outputs:")
+    print(f"  tokenized corpus   {prefix}.bin/.idx")
+    print(f"  checkpoints        {ckpt}  (latest: iteration "
+          f"{open(os.path.join(ckpt, 'latest_checkpointed_iteration.txt')).read().strip()})")
+    print(f"  TensorBoard        {tb}   (tensorboard --logdir {tb})")
+    print(f"  training logs      {logs}")
 
 
 if __name__ == "__main__":

@@ -107,12 +107,18 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="YAML file of argument values (keys are flag names with - or _, optionally under "
                             "'model:', 'training:' or 'data:' sections); the command line overrides them.")
     _add_hsa_config_flags(group, parser)
+    from megatron_ext.data.provider import add_data_args
+
+    add_data_args(parser)  # --data-pack-chunk-size (HSA packing), --data-landmark-chunk-size (GCA), ...
     group.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="K",
                        help="After each complete save keep only the newest K iter_* checkpoints in --save.")
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="Peak dense TFLOP/s per device for MFU (default: 989, the H100 bf16 peak, on CUDA).")
 
     defaults = environment_defaults()
+    # The attention layers mask causally (and by document, from cu_seqlens) themselves: no dense [s, s] masks,
+    # which are unaffordable at long context (Megatron-LM's default builds one per sample).
+    defaults["create_attention_mask_in_dataloader"] = False
     config_path = _config_path_from_argv(sys.argv[1:])
     if config_path is not None:
         defaults.update(load_yaml_config(config_path, parser))
