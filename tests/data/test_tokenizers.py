@@ -141,3 +141,17 @@ def test_sentencepiece_matches_megatron_cores_own_wrapper():
         texts = [json.loads(line)["text"] for line in f][:50] + SAMPLES
     for text in texts:
         assert ours.tokenize(text) == theirs.tokenize(text)
+
+
+def test_gpt2_bpe_equals_hugging_face_on_the_same_files(hf_tokenizer_json, tmp_path):
+    """Our plain-Python byte-level BPE against the `tokenizers` library, given the same vocab.json/merges.txt."""
+    import tokenizers
+
+    hf = tokenizers.Tokenizer.from_file(hf_tokenizer_json)
+    hf.model.save(str(tmp_path))  # writes vocab.json and merges.txt in GPT-2's format
+    ours = build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"),
+                           merge_file=str(tmp_path / "merges.txt"))
+    with open(CORPUS_FILE) as f:
+        texts = [json.loads(line)["text"] for line in f][200:260] + SAMPLES
+    for text in texts:
+        assert ours.tokenize(text) == hf.encode(text, add_special_tokens=False).ids
