@@ -22,6 +22,7 @@ import numpy as np
 
 # Bad-input categories, in report order, with the meaning printed in the report.
 BAD_INPUT_KINDS = {
+    "unreadable_input": "file could not be read on (corrupt/truncated compressed data, I/O error); rest skipped",
     "line_too_long": "line longer than --max-line-bytes (skipped unread)",
     "invalid_utf8": "line is not valid UTF-8",
     "malformed_json": "line is not valid JSON",
@@ -82,7 +83,8 @@ def open_input(path: str) -> io.BufferedIOBase:
 class LineBatch:
     """Consecutive whole lines of one file, as one bytes block (cheap to send to a worker process).
 
-    ``long_line`` marks instead a single line longer than the read buffer allows, which was dropped unread.
+    ``long_line`` marks instead a single line longer than the read buffer allows, which was dropped unread;
+    ``read_error`` marks the point where the file could not be read on.
     """
 
     file_index: int
@@ -91,6 +93,7 @@ class LineBatch:
     num_lines: int
     max_line_bytes: int
     long_line: bool = False
+    read_error: Optional[str] = None  # the file could not be read on from this line
 
     @property
     def num_bytes(self) -> int:
@@ -108,38 +111,64 @@ def read_line_batches(
 ) -> Iterator[LineBatch]:
     """Yield each file as blocks of about ``batch_bytes`` of whole lines. The reading process only finds newlines
     and counts them; a line that grows past ``max_line_bytes`` without a newline is read on and dropped in pieces
-    (never held whole), and reported as one ``long_line`` batch."""
+    (never held whole), and reported as one ``long_line`` batch. A file that fails part-way (truncated or corrupt
+    compressed data, an I/O error) keeps the whole lines read before the failure and is reported by a
+    ``read_error`` batch; reading goes on with the next file."""
     for index, path in enumerate(paths):
-        file_index = file_index_offset + index
-        with open_input(path) as stream:
-            pending, line = bytearray(), 1
-            while True:
-                chunk = stream.read(batch_bytes)
-                if not chunk:
-                    if pending:
-                        count = pending.count(b"\n") + (not pending.endswith(b"\n"))
-                        yield LineBatch(file_index, line, bytes(pending), count, max_line_bytes)
-                    break
-                pending += chunk
-                cut = pending.rfind(b"\n")
-                if cut < 0:
-                    if len(pending) > max_line_bytes:  # one over-long line: skip to its end
-                        while chunk:
-                            chunk = stream.read(batch_bytes)
-                            newline = chunk.find(b"\n")
-                            if newline >= 0:
-                                break
-                        yield LineBatch(file_index, line, b"", 1, max_line_bytes, long_line=True)
-                        line += 1
-                        pending = bytearray(chunk[newline + 1:] if chunk else b"")
-                    continue
-                if len(pending) < batch_bytes:
-                    continue  # gather a bigger block first
-                block = bytes(pending[: cut + 1])
-                del pending[: cut + 1]
-                count = block.count(b"\n")
-                yield LineBatch(file_index, line, block, count, max_line_bytes)
-                line += count
+        reader = _BlockReader(file_offset=file_index_offset + index, max_line_bytes=max_line_bytes,
+                              batch_bytes=batch_bytes)
+        try:
+            with open_input(path) as stream:
+                yield from reader.blocks(stream)
+        except InputError:
+            raise  # a configuration problem (a missing decompressor), not bad data
+        except Exception as err:  # noqa: BLE001 - any failure to read on is reported as bad input
+            yield from reader.flush_whole_lines()
+            yield LineBatch(reader.file_index, reader.line, b"", 0, max_line_bytes,
+                            read_error=f"{type(err).__name__}: {_short(str(err))}; rest of the file skipped")
+
+
+class _BlockReader:
+    def __init__(self, file_offset: int, max_line_bytes: int, batch_bytes: int) -> None:
+        self.file_index, self.max_line_bytes, self.batch_bytes = file_offset, max_line_bytes, batch_bytes
+        self.pending, self.line = bytearray(), 1
+
+    def _emit(self, upto: int) -> LineBatch:
+        block = bytes(self.pending[:upto])
+        del self.pending[:upto]
+        count = block.count(b"\n") + (not block.endswith(b"\n"))
+        batch = LineBatch(self.file_index, self.line, block, count, self.max_line_bytes)
+        self.line += count
+        return batch
+
+    def flush_whole_lines(self) -> Iterator[LineBatch]:
+        cut = self.pending.rfind(b"\n")
+        if cut >= 0:
+            yield self._emit(cut + 1)
+        self.pending = bytearray()  # a partial line cut off by the failure is dropped
+
+    def blocks(self, stream) -> Iterator[LineBatch]:
+        while True:
+            chunk = stream.read(self.batch_bytes)
+            if not chunk:
+                if self.pending:
+                    yield self._emit(len(self.pending))
+                return
+            self.pending += chunk
+            cut = self.pending.rfind(b"\n")
+            if cut < 0:
+                if len(self.pending) > self.max_line_bytes:  # one over-long line: skip to its end
+                    while chunk:
+                        chunk = stream.read(self.batch_bytes)
+                        newline = chunk.find(b"\n")
+                        if newline >= 0:
+                            break
+                    yield LineBatch(self.file_index, self.line, b"", 1, self.max_line_bytes, long_line=True)
+                    self.line += 1
+                    self.pending = bytearray(chunk[newline + 1:] if chunk else b"")
+                continue
+            if len(self.pending) >= self.batch_bytes:
+                yield self._emit(cut + 1)
 
 
 @dataclass
@@ -250,6 +279,8 @@ def tokenize_batch(batch: LineBatch, tokenizer, json_keys: Sequence[str], append
     f = batch.file_index
     if batch.long_line:
         bad.add("line_too_long", f, batch.first_line, f"longer than {batch.max_line_bytes:,} bytes; skipped unread")
+    if batch.read_error:
+        bad.add("unreadable_input", f, batch.first_line, batch.read_error)
     for offset, raw in enumerate(batch.lines()):
         ln = batch.first_line + offset
         if len(raw) > batch.max_line_bytes:
