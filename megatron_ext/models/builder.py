@@ -90,7 +90,7 @@ def build_model(config: HSAConfig, *, vocab_size: Optional[int] = None, pre_proc
 
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     spec = build_layer_specs(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab,
@@ -103,3 +103,8 @@ def build_model(config: HSAConfig, *, vocab_size: Optional[int] = None, pre_proc
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    if config.retrieval_kind is not None:  # PP: the chunk memory travels with the activation between stages
+        from megatron_ext.parallel.pipeline import install_chunk_memory_handoff
+
+        install_chunk_memory_handoff(model)
+    return model

@@ -174,6 +174,10 @@ class HSAConfig(TransformerConfig):
                 f"use one of {sorted(ATTENTION_KINDS)} or register a kind with "
                 f"megatron_ext.models.registry.register_attention_kind",
             )
+        # Layers with different parameter sets need per-layer checkpoint keys (megatron stacks layers otherwise).
+        distinct = {(p.kind, p.mlp, p.group_head, p.memory_builder) for p in plans}
+        if len(distinct) > 1 or (self.num_moe_experts and self.moe_layer_freq != 1):
+            self.hetereogenous_dist_checkpoint = True  # (megatron's spelling)
         kinds = {p.kind for p in plans} & RETRIEVAL_KINDS
         if len(kinds) > 1:
             self._fail("layer_pattern", "mixes hsa and gca layers (they need different chunk memories)",
@@ -209,9 +213,6 @@ class HSAConfig(TransformerConfig):
                        f"{self.encoder_query_groups} does not divide num_attention_heads={heads}",
                        "pick a divisor of num_attention_heads")
         tp = self.tensor_model_parallel_size
-        if self.pipeline_model_parallel_size > 1:
-            self._fail("pipeline_model_parallel_size", "hsa/gca models do not run under pipeline parallelism yet "
-                       "(the chunk-memory hand-off between stages is not implemented)", "set it to 1")
         if self.context_parallel_size > 1:
             self._fail("context_parallel_size", "hsa/gca layers do not support context parallelism yet", "set it to 1")
         if self.sequence_parallel:
