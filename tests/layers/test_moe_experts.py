@@ -272,6 +272,55 @@ def test_moe_layer_matches_sequential_mlp(megatron_world, balancing, device_perm
         assert not torch.allclose(without_aux.router.weight.grad, grouped.router.weight.grad)
 
 
+def _compare_layers_on_rank(parallel):
+    """Rank body: grouped vs SequentialMLP MoE layers with the same weights under expert / expert-tensor parallelism."""
+    from megatron.core import parallel_state
+
+    config = moe_config(moe_shared_expert_intermediate_size=24, moe_aux_loss_coeff=1e-2,
+                        moe_router_load_balancing_type="aux_loss", **parallel)
+    torch.manual_seed(11)
+    reference = build_moe_layer("sequential", config)
+    grouped = build_moe_layer("grouped_gemm", config)
+    grouped.load_state_dict(reference.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(100 + torch.distributed.get_rank())  # different tokens on each rank
+    hidden = torch.randn(8, 2, HIDDEN, generator=gen)
+    x_ref, x = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    out_ref, out = reference(x_ref)[0], grouped(x)[0]
+    dy = torch.randn(out.shape, generator=gen)
+    (out_ref * dy).sum().backward()
+    (out * dy).sum().backward()
+    ref_fc1, ref_fc2 = sequential_expert_grads(reference.experts)
+    return dict(
+        local_experts=grouped.experts.num_local_experts,
+        fc1_rows=grouped.experts.weight1.shape[1],
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        out=(out - out_ref).abs().max().item(),
+        dx=(x.grad - x_ref.grad).abs().max().item(),
+        fc1=(grouped.experts.weight1.grad - ref_fc1).abs().max().item(),
+        fc2=(grouped.experts.weight2.grad - ref_fc2).abs().max().item(),
+        scale=out_ref.abs().max().item(),
+    )
+
+
+@pytest.mark.parametrize(
+    "parallel",
+    [dict(expert_model_parallel_size=2), dict(expert_tensor_parallel_size=2)],
+    ids=["EP2", "ETP2"],
+)
+def test_moe_layer_matches_sequential_mlp_on_two_ranks(parallel):
+    from megatron_ext.testing import run_on_ranks
+
+    results = run_on_ranks(_compare_layers_on_rank, 2, parallel, parallel_sizes=parallel)
+    for rank, result in enumerate(results):
+        if "expert_model_parallel_size" in parallel:
+            assert result["local_experts"] == NUM_EXPERTS // 2 and result["ep"] == 2
+        else:
+            assert result["fc1_rows"] == 2 * FFN // 2  # fc1 split over the two expert-TP ranks
+        assert result["scale"] > 0
+        for name in ("out", "dx", "fc1", "fc2"):
+            assert result[name] < 1e-5, f"rank {rank}: {name} differs by {result[name]}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
