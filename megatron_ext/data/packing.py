@@ -14,10 +14,15 @@ the landmark transform then inserts the landmark tokens, see ``landmarks.py``):
 - ``position_ids [L]``: restart at 0 at every document segment.
 - ``cu_seqlens [L // S + 1] int32``: segment boundaries, all multiples of S, starting 0 and ending L, padded at
   the end by repeating L (so samples stack); ``collate_batch`` removes the repeats.
+
+The index (document order per epoch, each window's first document and offset, the window shuffle) costs 4 bytes
+per document and epoch plus 16 per window; with ``path_to_cache`` it is saved as ``.npy`` by rank 0 and
+memory-mapped by every rank, like megatron-core's GPTDataset indices.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -71,21 +76,53 @@ class ChunkAlignedPackedDataset(MegatronDataset):
         self.slots = config.sequence_length  # text-token slots per sample
         self.chunk = config.tokens_per_chunk
         self.eod = config.tokenizer.eod
-        indexed_indices = np.asarray(indexed_indices, dtype=np.int64)
-        lengths = np.asarray(indexed_dataset.sequence_lengths, dtype=np.int64)[indexed_indices]
-        indexed_indices, lengths = indexed_indices[lengths > 0], lengths[lengths > 0]
+        self.sequence_lengths = indexed_dataset.sequence_lengths  # mmap'd for an IndexedDataset
+        self.doc_order, self.window_doc, self.window_offset, self.shuffle_index = self._load_or_build_index()
+
+    def _build_index(self):
+        """The stream layout, reduced to what a window needs: the document order, and for every window the
+        position (in that order) of its first document and the offset into it. O(documents x epochs) memory:
+        4 bytes per document and epoch, 16 bytes per window."""
+        indices = np.asarray(self.indices, dtype=np.int64)
+        lengths = np.asarray(self.sequence_lengths, dtype=np.int64)[indices]
+        indices, lengths = indices[lengths > 0], lengths[lengths > 0]
         padded = -(-lengths // self.chunk) * self.chunk
         per_epoch = int(padded.sum())
         if per_epoch == 0:
-            raise ValueError(f"{dataset_path}: the {index_split.name} split holds no tokens")
-        epochs = 1 if num_samples is None else max(1, -(-num_samples * self.slots // per_epoch))
-        rng = np.random.RandomState(config.random_seed)
-        order = np.concatenate([rng.permutation(len(indexed_indices)) for _ in range(epochs)])
-        self.doc_ids = indexed_indices[order]  # low-level document per stream slot
-        self.doc_lengths = lengths[order]
-        self.doc_ends = np.cumsum(padded[order])  # end of each padded document in the stream
-        self.num_windows = int(self.doc_ends[-1] // self.slots)
-        self.shuffle_index = rng.permutation(self.num_windows)
+            raise ValueError(f"{self.dataset_path}: the {self.index_split.name} split holds no tokens")
+        epochs = 1 if self.num_samples is None else max(1, -(-self.num_samples * self.slots // per_epoch))
+        rng = np.random.RandomState(self.config.random_seed)
+        order = np.concatenate([rng.permutation(len(indices)) for _ in range(epochs)])
+        id_dtype = np.int32 if len(self.sequence_lengths) < np.iinfo(np.int32).max else np.int64
+        doc_order = indices[order].astype(id_dtype)
+        ends = np.cumsum(padded[order])  # end of each padded document in the stream
+        num_windows = int(ends[-1] // self.slots)
+        starts = np.arange(num_windows, dtype=np.int64) * self.slots
+        window_doc = np.searchsorted(ends, starts, side="right")
+        window_offset = starts - (ends[window_doc] - padded[order][window_doc])
+        shuffle_index = rng.permutation(num_windows).astype(np.int64)
+        return doc_order, window_doc.astype(np.int64), window_offset.astype(np.int64), shuffle_index
+
+    def _load_or_build_index(self):
+        """Like GPTDataset: cached as .npy under ``path_to_cache`` (built on rank 0, memory-mapped by everyone)."""
+        names = ("doc_order", "window_doc", "window_offset", "shuffle_index")
+        cache = self.config.path_to_cache
+        if not cache:
+            return self._build_index()
+        base = os.path.join(cache, f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}")
+        paths = [f"{base}-{name}.npy" for name in names]
+        if not all(os.path.isfile(p) for p in paths):
+            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+                raise RuntimeError(f"packed-dataset index missing in {cache}: rank 0 builds it first")
+            arrays = self._build_index()
+            os.makedirs(cache, exist_ok=True)
+            with open(f"{base}-description.txt", "w") as f:
+                f.write(self.unique_description)
+            for path, array in zip(paths, arrays):  # written under a tmp name: a reader never sees half a file
+                with open(path + ".tmp", "wb") as f:
+                    np.save(f, array)
+                os.replace(path + ".tmp", path)
+        return tuple(np.load(p, mmap_mode="r") for p in paths)
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset) -> int:
@@ -102,37 +139,36 @@ class ChunkAlignedPackedDataset(MegatronDataset):
         return MegatronDataset._key_config_attributes() + ["pack_chunk_size", "tokens_per_chunk"]
 
     def __len__(self) -> int:
-        return self.num_windows
+        return len(self.shuffle_index)
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
-        n = self.slots
-        start = int(self.shuffle_index[idx]) * n
+        n, t = self.slots, self.chunk
+        window = int(self.shuffle_index[idx])
+        k, offset = int(self.window_doc[window]), int(self.window_offset[window])
         tokens = np.full(n, self.eod, dtype=np.int64)
         labels = np.full(n, self.eod, dtype=np.int64)
         loss_mask = np.zeros(n, dtype=np.float32)
         position_ids = np.zeros(n, dtype=np.int64)
         boundaries = [0]
-        k = int(np.searchsorted(self.doc_ends, start, side="right"))
-        while k < len(self.doc_ends):
-            length = int(self.doc_lengths[k])
-            doc_start = int(self.doc_ends[k]) - (-(-length // self.chunk) * self.chunk)
-            if doc_start >= start + n:
-                break
-            seg_begin, seg_end = max(doc_start, start), min(int(self.doc_ends[k]), start + n)
-            offset = seg_begin - doc_start  # tokens of this document already placed in earlier windows
-            real = min(length - offset, seg_end - seg_begin)
+        pos = 0
+        while pos < n:
+            doc = int(self.doc_order[k])
+            length = int(self.sequence_lengths[doc])
+            # offset: tokens of this document placed in earlier windows (a multiple of t, so < length)
+            segment = min(-(-length // t) * t - offset, n - pos)  # text plus padding to the chunk boundary
+            real = min(length - offset, segment)
             continues = offset + real < length
-            text = self.dataset.get(int(self.doc_ids[k]), offset=offset, length=real + int(continues))
-            a = seg_begin - start
-            tokens[a:a + real] = text[:real]
-            labels[a:a + real - 1] = text[1:real]
-            loss_mask[a:a + real - 1] = 1.0
+            text = self.dataset.get(doc, offset=offset, length=real + int(continues))
+            tokens[pos:pos + real] = text[:real]
+            labels[pos:pos + real - 1] = text[1:real]
+            loss_mask[pos:pos + real - 1] = 1.0
             if continues:  # the next token lies in the next window: still a valid target
-                labels[a + real - 1] = text[real]
-                loss_mask[a + real - 1] = 1.0
-            position_ids[a:seg_end - start] = np.arange(seg_end - seg_begin)
-            boundaries.append(seg_end - start)
-            k += 1
+                labels[pos + real - 1] = text[real]
+                loss_mask[pos + real - 1] = 1.0
+            position_ids[pos:pos + segment] = np.arange(segment)
+            pos += segment
+            boundaries.append(pos)
+            k, offset = k + 1, 0
         if self.config.eod_mask_loss:
             loss_mask[tokens == self.eod] = 0.0
         cu_seqlens = np.full(n // self.chunk + 1, n, dtype=np.int32)

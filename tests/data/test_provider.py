@@ -123,6 +123,12 @@ def test_packed_hsa_batches_are_chunk_aligned_and_cover_every_document(sources):
     assert Counter(map(tuple, rebuilt)) <= Counter(map(tuple, docs))  # each document whole, at most once
     assert len(rebuilt) >= len(docs) - 3  # all but those cut off by the last, partial window
 
+    # A second build loads the cached index (memory-mapped) and yields the same samples.
+    again = build_train_valid_test_datasets(config, [20, 0, 0], TOK)[0]
+    assert isinstance(again.doc_order, np.memmap) and len(again) == len(train)
+    for i in (0, len(train) // 2, len(train) - 1):
+        assert all(torch.equal(again[i][k], train[i][k]) for k in train[i])
+
     batch = collate_batch([train[i] for i in range(4)])
     cu = batch["cu_seqlens"]
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 4 * L and torch.all(cu % s == 0)
