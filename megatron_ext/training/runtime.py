@@ -26,12 +26,27 @@ def prepare_process() -> None:
         if "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             torch.set_num_threads(1)
     cpu_compat.apply_training()
+    _skip_dataset_helper_compilation()
     if "RANK" not in os.environ:  # `python pretrain_hsa.py ...` without torchrun: a world of one
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(cpu_compat.free_port()))
+
+
+def _skip_dataset_helper_compilation() -> None:
+    """``initialize_megatron`` runs ``compile_helpers()`` on rank 0: ``make`` in a folder the pip wheel ships without
+    a Makefile, then ``sys.exit(1)`` (megatron_core_notes.md, H100 appendix, obstacle 1). The wheel's prebuilt
+    ``helpers_cpp`` is what the datasets use; when it imports, there is nothing to compile. (On the CPU
+    ``megatron_ext.compat.cpu`` does the same.)"""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return  # a source checkout without the built helpers: let megatron build them
+    from megatron.core.datasets import utils as dataset_utils
+
+    dataset_utils.compile_helpers = lambda: None
 
 
 def install_training_hooks(args) -> None:
