@@ -112,9 +112,9 @@ class ChunkAlignedPackedDataset(MegatronDataset):
         base = os.path.join(cache, f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}")
         paths = [f"{base}-{name}.npy" for name in names]
         if not all(os.path.isfile(p) for p in paths):
-            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-                raise RuntimeError(f"packed-dataset index missing in {cache}: rank 0 builds it first")
             arrays = self._build_index()
+            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+                return arrays  # rank 0's cache is not visible here (node-local disk): the build is deterministic
             os.makedirs(cache, exist_ok=True)
             with open(f"{base}-description.txt", "w") as f:
                 f.write(self.unique_description)
