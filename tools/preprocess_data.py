@@ -34,12 +34,12 @@ def get_args(argv=None) -> argparse.Namespace:
     group.add_argument("--split-sentences", action="store_true", help="not supported: documents are kept whole")
 
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=list(TOKENIZER_TYPES) +
-                       ["GPTSentencePieceTokenizer", "Llama2Tokenizer"])
+    group.add_argument("--tokenizer-type", required=True,
+                       choices=[t for t in TOKENIZER_TYPES if t != "NullTokenizer"]
+                       + ["GPTSentencePieceTokenizer", "Llama2Tokenizer"])
     group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model, or HF tokenizer.json/dir")
     group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
 
     group = parser.add_argument_group("output data")
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     options = PreprocessOptions(
         inputs=args.input,
         output_prefix=args.output_prefix,
-        tokenizer=TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-                                args.vocab_size),
+        tokenizer=TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file),
         json_keys=args.json_keys,
         append_eod=args.append_eod,
         workers=args.workers,
