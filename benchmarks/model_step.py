@@ -31,7 +31,7 @@ from benchmarks.common import format_table, record  # noqa: E402
 H100_BF16_PEAK = 989.0
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "model_step.jsonl")
 
-# name: (yaml, overrides, micro-batch, sequence length)
+# name: (yaml, overrides, micro-batch, sequence length[, packed document length])
 MODELS = {
     "swa_hsa_345m": ("swa_hsa_345m.yaml", {}, 1, 8192),
     "gpt_345m_full": ("gpt_345m_full.yaml", {}, 1, 8192),
@@ -40,11 +40,22 @@ MODELS = {
     # SWA+MoE layer, with the full vocabulary.
     "moe_8b_a1b_2layer": ("moe_8b_a1b_swa_hsa.yaml", {"num_layers": 2, "layer_pattern": "[hsa swa]"}, 1, 8192),
     "drt_128m": ("drt_128m.yaml", {}, 1, 16640),
+    # Packed batches: 4 documents of 2048 tokens per 8K sample (document masks in every attention, per-document
+    # retrieval).
+    "swa_hsa_345m_packed": ("swa_hsa_345m.yaml", {}, 1, 8192, 2048),
+    # The 8B-A1B slice with a 1024-wide retrieval head (instead of 2048), for the Triton retrieval's size limits.
+    "moe_8b_a1b_2layer_dr1024": (
+        "moe_8b_a1b_swa_hsa.yaml", {"num_layers": 2, "layer_pattern": "[hsa swa]", "hsa_retrieval_dim": 1024}, 1, 8192,
+    ),
 }
+DEFAULT_MODELS = ["swa_hsa_345m", "gpt_345m_full", "gpt_345m_swa", "moe_8b_a1b_2layer", "drt_128m"]
 
 
-def attention_flops_forward(config, L: int) -> float:
-    """Forward attention FLOPs of one sequence of L tokens (matmuls of scores and values only)."""
+def attention_flops_forward(config, L: int, doc_len: int | None = None) -> float:
+    """Forward attention FLOPs of one sequence of L tokens (matmuls of scores and values only); packed documents
+    of doc_len tokens attend within themselves only."""
+    if doc_len is not None:
+        return (L // doc_len) * attention_flops_forward(config, doc_len)
     Hq, d = config.num_attention_heads, config.kv_channels
     S, K, W = config.hsa_chunk_size, config.hsa_topk, config.swa_window_size
 
@@ -76,7 +87,7 @@ def attention_flops_forward(config, L: int) -> float:
 def build(name: str, device, **extra):
     from megatron_ext.models import build_model, config_from_yaml
 
-    yaml_name, overrides, batch, seq = MODELS[name]
+    yaml_name, overrides, batch, seq = MODELS[name][:4]
     config = config_from_yaml(
         os.path.join(ROOT, "examples", yaml_name), bf16=True, params_dtype="bfloat16", seq_length=seq,
         use_cpu_initialization=False, **{**overrides, **extra},
@@ -85,7 +96,12 @@ def build(name: str, device, **extra):
     return config, model, batch, seq
 
 
-def time_steps(model, config, batch, seq, steps, warmup, device):
+def time_steps(model, config, batch, seq, steps, warmup, device, doc_len=None):
+    from megatron_ext.layers.packing import packed_seq_params
+
+    packed = None
+    if doc_len is not None:
+        packed = packed_seq_params(torch.arange(0, batch * seq + 1, doc_len, device=device, dtype=torch.int32), seq)
     vocab = model.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
@@ -97,7 +113,7 @@ def time_steps(model, config, batch, seq, steps, warmup, device):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(tokens, positions, None, labels=labels).float().mean()
+        loss = model(tokens, positions, None, labels=labels, packed_seq_params=packed).float().mean()
         loss.backward()
         opt.step()
         torch.cuda.synchronize()
@@ -112,7 +128,7 @@ def time_steps(model, config, batch, seq, steps, warmup, device):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=RESULTS)
@@ -140,11 +156,13 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
             config, model, batch, seq = build(name, device, **extra)
             total, active = count_parameters(model, config)
-            step_s, losses = time_steps(model, config, batch, seq, args.steps, args.warmup, device)
+            doc_len = MODELS[name][4] if len(MODELS[name]) > 4 else None
+            step_s, losses = time_steps(model, config, batch, seq, args.steps, args.warmup, device, doc_len)
             tokens = batch * seq
-            flop = 6 * tokens * active + 3.5 * batch * attention_flops_forward(config, seq)
+            flop = 6 * tokens * active + 3.5 * batch * attention_flops_forward(config, seq, doc_len)
             row.update(
                 pattern=config.layer_pattern, micro_batch=batch, seq_length=seq, tokens_per_step=tokens,
+                packed_doc_len=doc_len,
                 params_total=total, params_active=active, step_ms=step_s * 1e3, tokens_per_s=tokens / step_s,
                 model_tflops=flop / step_s / 1e12, mfu=flop / step_s / 1e12 / H100_BF16_PEAK,
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, first_loss=losses[0], last_loss=losses[-1],
@@ -154,7 +172,7 @@ def main(argv=None) -> int:
         except Exception as exc:  # one failing model must not hide the others' numbers
             traceback.print_exc()
             row.update(status=f"error: {type(exc).__name__}: {str(exc)[:300]}")
-            if not extra and name != "gpt_345m_full" and name != "gpt_345m_swa":
+            if not extra and not name.startswith("gpt_"):
                 todo.insert(0, (name, {"hsa_kernel_backend": "reference"}))
             model = None
         torch.cuda.empty_cache()
