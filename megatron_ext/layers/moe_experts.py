@@ -22,7 +22,8 @@ directions. A plain ``state_dict`` of ``SequentialMLP`` (``local_experts.<i>.lin
 :func:`get_moe_spec` returns the MoE slot of a layer spec: TE's ``TEGroupedMLP`` when Transformer Engine is
 installed, these experts otherwise, in ``GroupedGemmMoELayer`` (megatron's ``MoELayer`` whose alltoall dispatcher
 permutes tokens on the device when there is a single expert-parallel rank: no host sync, no loop over experts, no
-atomics; megatron's path otherwise).
+atomics; with expert or expert-tensor parallelism megatron's all-to-all / all-gather, the received tokens regrouped
+by expert with one device gather instead of megatron's Python loop over (rank, expert) chunks).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "GroupedGemmMLP",
     "grouped_moe_classes",
     "sort_tokens_by_expert",
+    "chunk_sort_permutation",
     "grouped_gemm",
     "grouped_gemm_backend",
     "get_moe_spec",
@@ -507,6 +509,42 @@ def sort_tokens_by_expert(routing_map: torch.Tensor, topk: int):
     return row_flat, token_rows, tokens_per_expert
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` (inverse ``inverse``); backward is ``grad[inverse]`` (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def chunk_sort_permutation(chunk_sizes: torch.Tensor, num_rows: int):
+    """Rows grouped as chunks (source, local expert) -> grouped as (local expert, source), on the device.
+
+    Args:
+        chunk_sizes: [S, E_local] rows per (source rank, local expert), in the order the rows arrive.
+        num_rows: their total (the received tensor's length; known on the host, so no sync).
+    Returns:
+        perm [num_rows] (``sorted = rows[perm]``) and its inverse.
+    """
+    sources, experts = chunk_sizes.shape
+    device = chunk_sizes.device
+    sizes = chunk_sizes.reshape(-1).to(torch.int64)
+    source_start = (torch.cumsum(sizes, 0) - sizes).view(sources, experts)
+    sorted_sizes = chunk_sizes.t().reshape(-1).to(torch.int64)
+    sorted_start = torch.cumsum(sorted_sizes, 0) - sorted_sizes
+    chunk = torch.repeat_interleave(torch.arange(sources * experts, device=device), sorted_sizes, output_size=num_rows)
+    rows = torch.arange(num_rows, device=device)
+    perm = source_start.t().reshape(-1)[chunk] + (rows - sorted_start[chunk])
+    inverse = torch.empty_like(perm).scatter_(0, perm, rows)
+    return perm, inverse
+
+
 def _grouped_dispatcher_class():
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -517,7 +555,12 @@ def _grouped_dispatcher_class():
         communication, and the permutation needs no host-side counts: rows are sorted by expert with a cumsum and
         one scatter, token outputs are combined with a gather and a sum over the k rows of each token (backward:
         a gather and the same sum), and ``tokens_per_expert`` stays on the device for the grouped GEMM. No host
-        sync per layer, no Python loop over experts, no atomics. Everything else is megatron's path.
+        sync per layer, no Python loop over experts, no atomics.
+
+        With expert (or expert-tensor) parallelism the communication is megatron's (all-to-all with host-side split
+        sizes, TP all-gather / reduce-scatter), but the tokens received from the other ranks are regrouped by local
+        expert with one device gather (``chunk_sort_permutation``) instead of megatron's Python loop of splits over
+        every (rank, expert) chunk. Token dropping, quantization padding and TE's fused permutation stay megatron's.
         """
 
         def __init__(self, *args, **kwargs):
@@ -531,6 +574,23 @@ def _grouped_dispatcher_class():
                 and not config.moe_router_padding_for_quantization
                 and not config.moe_permute_fusion
             )
+            self.device_chunk_sort = (
+                not self.device_permutation
+                and self.num_local_experts > 1
+                and not self.drop_and_pad
+                and not config.moe_permute_fusion
+            )
+            self._chunk_sizes = self._chunk_perm = self._chunk_inverse = None
+
+        def preprocess(self, routing_map):
+            tokens_per_local_expert = super().preprocess(routing_map)
+            if self.device_chunk_sort:
+                # Still on the device here; megatron moves its own reference to the host later.
+                self._chunk_sizes = self.num_global_tokens_per_local_expert.view(-1, self.num_local_experts)
+            return tokens_per_local_expert
+
+        def _split_sizes_tp(self):
+            return None if self.output_splits_tp is None else self.output_splits_tp.tolist()
 
         def dispatch_preprocess(self, hidden_states, routing_map, probs):
             if not self.device_permutation:
@@ -558,14 +618,45 @@ def _grouped_dispatcher_class():
             return permutated_local_input_tokens, permuted_probs
 
         def dispatch_postprocess(self, global_input_tokens, global_probs):
+            if self.device_chunk_sort:
+                return self._dispatch_postprocess_chunk_sort(global_input_tokens, global_probs)
             if not self.device_permutation:
                 return super().dispatch_postprocess(global_input_tokens, global_probs)
             tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
             return global_input_tokens, tokens_per_expert, global_probs
 
         def combine_preprocess(self, hidden_states):
+            if self.device_chunk_sort:
+                return self._combine_preprocess_chunk_sort(hidden_states)
             if not self.device_permutation:
                 return super().combine_preprocess(hidden_states)
+            return hidden_states
+
+        def _dispatch_postprocess_chunk_sort(self, tokens, probs):
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            if self.tp_size > 1:
+                splits = self._split_sizes_tp()
+                tokens = gather_from_sequence_parallel_region(tokens, group=self.tp_group, output_split_sizes=splits)
+                probs = gather_from_sequence_parallel_region(probs, group=self.tp_group, output_split_sizes=splits)
+            self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_2", self.tokens_per_expert)
+            self._chunk_perm, self._chunk_inverse = chunk_sort_permutation(self._chunk_sizes, tokens.shape[0])
+            tokens = _PermuteRows.apply(tokens, self._chunk_perm, self._chunk_inverse)
+            probs = _PermuteRows.apply(probs, self._chunk_perm, self._chunk_inverse)
+            tokens_per_expert = self._maybe_dtoh_and_synchronize("before_finish", self.tokens_per_expert)
+            self.tokens_per_expert = None
+            return tokens, tokens_per_expert, probs
+
+        def _combine_preprocess_chunk_sort(self, hidden_states):
+            from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+
+            hidden_states = _PermuteRows.apply(hidden_states, self._chunk_inverse, self._chunk_perm)
+            self._chunk_perm = self._chunk_inverse = self._chunk_sizes = None
+            if self.tp_size > 1:
+                # Reduce in the router's precision, as megatron does.
+                hidden_states = reduce_scatter_to_sequence_parallel_region(
+                    hidden_states.to(self.probs.dtype), group=self.tp_group, input_split_sizes=self._split_sizes_tp()
+                ).to(hidden_states.dtype)
             return hidden_states
 
         def token_combine(self, hidden_states, async_finish=True, allocate_on_comm_stream=True):

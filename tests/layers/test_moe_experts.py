@@ -211,6 +211,22 @@ def test_sort_tokens_by_expert_matches_megatron_permute():
     torch.testing.assert_close(combined, unpermute(rows, sorted_token, restore_shape=x.shape))
 
 
+def test_chunk_sort_permutation_matches_megatron_sort_chunks():
+    from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
+
+    from megatron_ext.layers.moe_experts import chunk_sort_permutation
+
+    sources, experts = 3, 4
+    sizes = torch.tensor([[2, 0, 3, 1], [0, 0, 4, 2], [5, 1, 0, 0]])  # rows per (source rank, local expert)
+    rows = torch.randn(int(sizes.sum()), 6)
+    # megatron's order: chunk (source, expert) -> (expert, source)
+    order = torch.arange(sources * experts).reshape(sources, experts).t().reshape(-1)
+    expected, _ = sort_chunks_by_idxs(rows, sizes.reshape(-1), order)
+    perm, inverse = chunk_sort_permutation(sizes, rows.shape[0])
+    assert torch.equal(rows[perm], expected)
+    assert torch.equal(rows[perm][inverse], rows)
+
+
 @pytest.mark.parametrize("device_permutation", [True, False], ids=["device-permutation", "megatron-dispatcher"])
 @pytest.mark.parametrize(
     "balancing",
@@ -272,8 +288,9 @@ def test_moe_layer_matches_sequential_mlp(megatron_world, balancing, device_perm
         assert not torch.allclose(without_aux.router.weight.grad, grouped.router.weight.grad)
 
 
-def _compare_layers_on_rank(parallel):
-    """Rank body: grouped vs SequentialMLP MoE layers with the same weights under expert / expert-tensor parallelism."""
+def _compare_layers_on_rank(parallel, checkpoint_dir=None):
+    """Rank body: grouped vs SequentialMLP MoE layers with the same weights under expert / expert-tensor parallelism;
+    with ``checkpoint_dir``, then save the grouped layer holding :func:`_full_expert_weights` (EP=2 only)."""
     from megatron.core import parallel_state
 
     config = moe_config(moe_shared_expert_intermediate_size=24, moe_aux_loss_coeff=1e-2,
@@ -290,10 +307,13 @@ def _compare_layers_on_rank(parallel):
     (out_ref * dy).sum().backward()
     (out * dy).sum().backward()
     ref_fc1, ref_fc2 = sequential_expert_grads(reference.experts)
+    if checkpoint_dir is not None:
+        _save_full_weights(grouped, checkpoint_dir)
     return dict(
         local_experts=grouped.experts.num_local_experts,
         fc1_rows=grouped.experts.weight1.shape[1],
         ep=parallel_state.get_expert_model_parallel_world_size(),
+        device_chunk_sort=grouped.token_dispatcher.device_chunk_sort,
         out=(out - out_ref).abs().max().item(),
         dx=(x.grad - x_ref.grad).abs().max().item(),
         fc1=(grouped.experts.weight1.grad - ref_fc1).abs().max().item(),
@@ -302,23 +322,38 @@ def _compare_layers_on_rank(parallel):
     )
 
 
-@pytest.mark.parametrize(
-    "parallel",
-    [dict(expert_model_parallel_size=2), dict(expert_tensor_parallel_size=2)],
-    ids=["EP2", "ETP2"],
-)
-def test_moe_layer_matches_sequential_mlp_on_two_ranks(parallel):
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory):
+    """One 2-rank EP=2 world (spawning ranks is the slow part): the comparison results and a saved checkpoint."""
     from megatron_ext.testing import run_on_ranks
 
-    results = run_on_ranks(_compare_layers_on_rank, 2, parallel, parallel_sizes=parallel)
+    checkpoint_dir = str(tmp_path_factory.mktemp("ep2_checkpoint"))
+    parallel = dict(expert_model_parallel_size=2)
+    results = run_on_ranks(_compare_layers_on_rank, 2, parallel, checkpoint_dir, parallel_sizes=parallel)
+    return results, checkpoint_dir
+
+
+def _assert_same_as_sequential(results):
     for rank, result in enumerate(results):
-        if "expert_model_parallel_size" in parallel:
-            assert result["local_experts"] == NUM_EXPERTS // 2 and result["ep"] == 2
-        else:
-            assert result["fc1_rows"] == 2 * FFN // 2  # fc1 split over the two expert-TP ranks
+        assert result["device_chunk_sort"], "received tokens must be regrouped on the device"
         assert result["scale"] > 0
         for name in ("out", "dx", "fc1", "fc2"):
             assert result[name] < 1e-5, f"rank {rank}: {name} differs by {result[name]}"
+
+
+def test_moe_layer_matches_sequential_mlp_at_ep2(ep2_run):
+    results, _ = ep2_run
+    assert all(r["local_experts"] == NUM_EXPERTS // 2 and r["ep"] == 2 for r in results)
+    _assert_same_as_sequential(results)
+
+
+def test_moe_layer_matches_sequential_mlp_at_expert_tp2():
+    from megatron_ext.testing import run_on_ranks
+
+    parallel = dict(expert_tensor_parallel_size=2)
+    results = run_on_ranks(_compare_layers_on_rank, 2, parallel, parallel_sizes=parallel)
+    assert all(r["fc1_rows"] == 2 * FFN // 2 for r in results)  # fc1 split over the two expert-TP ranks
+    _assert_same_as_sequential(results)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,12 +415,10 @@ def test_dist_checkpoint_round_trip(megatron_world, tmp_path, direction):
     assert_close(target(x)[0], source(x)[0], "output after the checkpoint round trip")
 
 
-def _save_grouped_at_ep2(checkpoint_dir):
-    """Rank body: build the grouped MoE layer at EP=2 from a fixed full weight set and save it."""
+def _save_full_weights(layer, checkpoint_dir):
+    """Give an EP=2 grouped layer its slice of :func:`_full_expert_weights` and save it."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    config = moe_config(expert_model_parallel_size=2)
-    layer = build_moe_layer("grouped_gemm", config)
     full_fc1, full_fc2 = _full_expert_weights()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     local = slice(ep_rank * NUM_EXPERTS // 2, (ep_rank + 1) * NUM_EXPERTS // 2)
@@ -394,7 +427,6 @@ def _save_grouped_at_ep2(checkpoint_dir):
         layer.experts.weight2.copy_(full_fc2[local])
         layer.router.weight.fill_(0.5)
     dist_checkpointing.save(layer.sharded_state_dict("mlp."), checkpoint_dir)
-    return layer.experts.weight1.shape[0]
 
 
 def _full_expert_weights():
@@ -405,19 +437,12 @@ def _full_expert_weights():
     )
 
 
-def test_checkpoint_from_ep2_grouped_loads_into_ep1_sequential(megatron_world, tmp_path):
+def test_checkpoint_from_ep2_grouped_loads_into_ep1_sequential(megatron_world, ep2_run):
     from megatron.core import dist_checkpointing
 
-    from megatron_ext.testing import run_on_ranks
-
-    checkpoint_dir = tmp_path / "ep2"
-    checkpoint_dir.mkdir()
-    checkpoint_dir = str(checkpoint_dir)
-    local_counts = run_on_ranks(
-        _save_grouped_at_ep2, 2, checkpoint_dir, parallel_sizes=dict(expert_model_parallel_size=2)
-    )
-    assert local_counts == [NUM_EXPERTS // 2] * 2
-    sequential = build_moe_layer("sequential", moe_config())
+    _, checkpoint_dir = ep2_run
+    config = moe_config(moe_shared_expert_intermediate_size=24)  # the saved layer's shapes
+    sequential = build_moe_layer("sequential", config)
     loaded = dist_checkpointing.load(sequential.sharded_state_dict("mlp."), checkpoint_dir)
     sequential.load_state_dict({k[len("mlp.") :]: v for k, v in loaded.items()}, strict=True)
     fc1, fc2 = sequential_expert_weights(sequential.experts)
