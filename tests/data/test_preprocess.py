@@ -240,29 +240,31 @@ def test_line_batches_cover_every_line_once_in_order(tmp_path, batch_bytes):
         assert got == want or (got is None and len(want) > 100)
 
 
-def test_sigterm_mid_run_leaves_no_dataset_and_no_temporary_files(tmp_path):
+def test_sigterm_mid_run_leaves_no_dataset_and_no_temporary_files(tmp_path, monkeypatch):
+    """A real SIGTERM, delivered to this process while the command line tool writes with live workers."""
     import signal
-    import subprocess
 
-    texts = corpus_texts()
-    path = tmp_path / "big.jsonl"
-    with open(path, "w") as f:
-        for i in range(6000):
-            f.write(json.dumps({"text": texts[i % len(texts)]}) + "\n")
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "preprocess_data.py")
-    proc = subprocess.Popen(
-        [sys.executable, "-W", "ignore", tool, "--input", str(path), "--output-prefix", str(tmp_path / "out"),
-         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", TOKENIZER_MODEL, "--workers", "2",
-         "--log-interval", "200"],
-        stderr=subprocess.PIPE, text=True,
-    )
-    for line in proc.stderr:  # wait until documents are being written
-        if "processed" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    proc.stderr.read()
-    assert proc.wait(timeout=60) != 0
-    assert sorted(os.listdir(tmp_path)) == ["big.jsonl"]
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    try:
+        import preprocess_data
+    finally:
+        sys.path.pop(0)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in corpus_texts(300)])
+    real_add, calls = preprocess_module._Writers.add, []
+
+    def add_then_sigterm(self, key, tokens, lengths):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, in the main thread
+        return real_add(self, key, tokens, lengths)
+
+    monkeypatch.setattr(preprocess_module._Writers, "add", add_then_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="signal"):
+        preprocess_data.main(["--input", str(path), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type",
+                              "ByteLevelTokenizer", "--workers", "2", "--log-interval", "0"])
+    assert signal.getsignal(signal.SIGTERM) is previous  # the tool restores the handler it replaced
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 
 def test_keep_partitions_writes_a_blend_that_reads_like_the_merged_dataset(tmp_path):
