@@ -92,7 +92,8 @@ class PreprocessSummary:
             f"({docs / secs:,.0f} docs/s, {toks / secs:,.0f} tokens/s, {self.input_bytes / 1e6 / secs:,.2f} MB/s)",
         ]
         for key, prefix in self.output_prefixes.items():
-            lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {prefix}.bin/.idx")
+            lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens "
+                         f"-> {prefix}.bin/.idx")
         if self.bad.counts:
             lines.append(f"bad input: {self.bad.num_bad:,} skipped")
             lines.extend(self.bad.format(self.input_paths))
@@ -126,30 +127,44 @@ def _split_files(paths: List[str], parts: int) -> List[List[str]]:
     return groups
 
 
-def _ordered_results(batches: Iterator, workers: int, init_args: tuple) -> Iterator[BatchResult]:
-    """Tokenized batches in input order; at most a few batches per worker in flight (bounded memory)."""
-    if workers == 1:
-        init_worker(*init_args)
-        for batch in batches:
-            yield worker_tokenize(batch)
-        return
-    # spawn: workers do not inherit the parent's torch/OpenMP state, and start the same on every platform.
-    # ProcessPoolExecutor (not multiprocessing.Pool): a worker that dies raises BrokenProcessPool here instead of
-    # leaving the run waiting forever.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
-                             initargs=init_args + (True,)) as pool:
+class _Tokenizers:
+    """Where batches are tokenized: in this process (one worker), or in a pool of spawned worker processes
+    shared by all partitions. ``ordered(batches)`` yields results in input order with at most a few batches per
+    worker in flight (bounded memory)."""
+
+    def __init__(self, workers: int, init_args: tuple) -> None:
+        self.workers = workers
+        self.pool = None
+        if workers == 1:
+            init_worker(*init_args)
+        else:
+            # spawn: workers do not inherit the parent's torch/OpenMP state, and start the same everywhere.
+            # ProcessPoolExecutor (not multiprocessing.Pool): a worker that dies raises BrokenProcessPool here
+            # instead of leaving the run waiting forever.
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=init_worker, initargs=init_args + (True,))
+
+    def ordered(self, batches: Iterator) -> Iterator[BatchResult]:
+        if self.pool is None:
+            for batch in batches:
+                yield worker_tokenize(batch)
+            return
         pending: deque = deque()
         try:
             for batch in batches:
-                pending.append(pool.submit(worker_tokenize, batch))
-                if len(pending) >= 3 * workers:
+                pending.append(self.pool.submit(worker_tokenize, batch))
+                if len(pending) >= 3 * self.workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 class _Progress:
@@ -247,71 +262,79 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
 
     part_prefixes: List[Dict[str, str]] = []
     part_tokens: List[Dict[str, int]] = []
-    for g, group in enumerate(groups):
-        if len(groups) == 1:
-            prefixes = finals
-        else:
-            prefixes = {k: f"{p}.part{g + 1:04d}of{len(groups):04d}" for k, p in finals.items()}
-        part_prefixes.append(prefixes)
-        stamp_path = next(iter(prefixes.values())) + ".stamp.json"
-        stamp = {"files": _file_fingerprint(group), **settings}
-        if len(groups) > 1 and _stamp_matches(stamp_path, stamp, prefixes):
-            with open(stamp_path) as f:
-                done = json.load(f)
-            for k in finals:
-                documents[k] += done["documents"][k]
-                tokens[k] += done["tokens"][k]
-            totals["bytes"] += done["bytes"]
-            totals["lines"] += done["lines"]
-            bad.merge(BadInputLog.from_json(done["bad"], paths, options.error_samples))
-            part_tokens.append(done["tokens"])
-            resumed += 1
-            log(f"partition {g + 1}/{len(groups)}: reusing finished output ({len(group)} file(s))")
-            continue
+    tokenizers: Optional[_Tokenizers] = None  # started at the first partition that is not reused
+    try:
+        for g, group in enumerate(groups):
+            if len(groups) == 1:
+                prefixes = finals
+            else:
+                prefixes = {k: f"{p}.part{g + 1:04d}of{len(groups):04d}" for k, p in finals.items()}
+            part_prefixes.append(prefixes)
+            stamp_path = next(iter(prefixes.values())) + ".stamp.json"
+            stamp = {"files": _file_fingerprint(group), **settings}
+            if len(groups) > 1 and _stamp_matches(stamp_path, stamp, prefixes):
+                with open(stamp_path) as f:
+                    done = json.load(f)
+                for k in finals:
+                    documents[k] += done["documents"][k]
+                    tokens[k] += done["tokens"][k]
+                totals["bytes"] += done["bytes"]
+                totals["lines"] += done["lines"]
+                bad.merge(BadInputLog.from_json(done["bad"], paths, options.error_samples))
+                part_tokens.append(done["tokens"])
+                resumed += 1
+                log(f"partition {g + 1}/{len(groups)}: reusing finished output ({len(group)} file(s))")
+                continue
 
-        writers = _Writers(prefixes, dtype)
-        part_bad = BadInputLog(max_samples=options.error_samples)
-        part_bytes = part_lines = 0
-        try:
-            batches = read_line_batches(group, max_line_bytes=options.max_line_bytes,
-                                        batch_bytes=options.batch_bytes, file_index_offset=paths.index(group[0]))
-            for result in _ordered_results(batches, options.workers, init_args):
-                if options.on_error == "fail" and result.bad.num_bad:
-                    kind, f, ln, detail = result.bad.first_error()
+            if tokenizers is None:
+                tokenizers = _Tokenizers(options.workers, init_args)
+            writers = _Writers(prefixes, dtype)
+            part_bad = BadInputLog(max_samples=options.error_samples)
+            part_bytes = part_lines = 0
+            try:
+                batches = read_line_batches(group, max_line_bytes=options.max_line_bytes,
+                                            batch_bytes=options.batch_bytes,
+                                            file_index_offset=paths.index(group[0]))
+                for result in tokenizers.ordered(batches):
+                    if options.on_error == "fail" and result.bad.num_bad:
+                        kind, f, ln, detail = result.bad.first_error()
+                        raise InputError(
+                            f"{paths[f]}:{ln}: {kind}: {detail}\n(--on-error fail stops at the first bad "
+                            f"document; --on-error skip counts, reports and leaves out bad documents)"
+                        )
+                    for key, out in result.outputs.items():
+                        writers.add(key, out.tokens, out.lengths)
+                    part_bad.merge(result.bad)
+                    part_bytes += result.num_bytes
+                    part_lines += result.num_lines
+                    progress.update(sum(o.lengths.size for o in result.outputs.values()),
+                                    sum(o.tokens.size for o in result.outputs.values()),
+                                    result.num_bytes, result.bad.num_bad)
+                total_docs = sum(documents.values()) + sum(writers.documents.values())
+                if g == len(groups) - 1 and total_docs == 0:
                     raise InputError(
-                        f"{paths[f]}:{ln}: {kind}: {detail}\n(--on-error fail stops at the first bad document; "
-                        f"--on-error skip counts, reports and leaves out bad documents)"
+                        "no valid document in the input: check --json-keys and the input format\n"
+                        + "\n".join(part_bad.format(paths))
                     )
-                for key, out in result.outputs.items():
-                    writers.add(key, out.tokens, out.lengths)
-                part_bad.merge(result.bad)
-                part_bytes += result.num_bytes
-                part_lines += result.num_lines
-                progress.update(sum(o.lengths.size for o in result.outputs.values()),
-                                sum(o.tokens.size for o in result.outputs.values()),
-                                result.num_bytes, result.bad.num_bad)
-            total_docs = sum(documents.values()) + sum(writers.documents.values())
-            if g == len(groups) - 1 and total_docs == 0:
-                raise InputError(
-                    "no valid document in the input: check --json-keys and the input format\n"
-                    + "\n".join(part_bad.format(paths))
-                )
-            writers.commit()
-        except BaseException:
-            writers.discard()
-            raise
-        for k in finals:
-            documents[k] += writers.documents[k]
-            tokens[k] += writers.tokens[k]
-        totals["bytes"] += part_bytes
-        totals["lines"] += part_lines
-        bad.merge(part_bad)
-        part_tokens.append(dict(writers.tokens))
-        if len(groups) > 1:
-            done = {**stamp, "documents": writers.documents, "tokens": writers.tokens, "bytes": part_bytes,
-                    "lines": part_lines, "bad": part_bad.to_json(paths)}
-            _write_json_atomic(stamp_path, done)
-            log(f"partition {g + 1}/{len(groups)} finished")
+                writers.commit()
+            except BaseException:
+                writers.discard()
+                raise
+            for k in finals:
+                documents[k] += writers.documents[k]
+                tokens[k] += writers.tokens[k]
+            totals["bytes"] += part_bytes
+            totals["lines"] += part_lines
+            bad.merge(part_bad)
+            part_tokens.append(dict(writers.tokens))
+            if len(groups) > 1:
+                done = {**stamp, "documents": writers.documents, "tokens": writers.tokens, "bytes": part_bytes,
+                        "lines": part_lines, "bad": part_bad.to_json(paths)}
+                _write_json_atomic(stamp_path, done)
+                log(f"partition {g + 1}/{len(groups)} finished")
+    finally:
+        if tokenizers is not None:
+            tokenizers.close()
 
     if len(groups) > 1 and options.keep_partitions:
         # Weighted by tokens, so a blend of the partials samples like the merged dataset would.

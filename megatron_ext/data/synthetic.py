@@ -47,7 +47,8 @@ class _Pieces:
 
         self.tokenizer = tokenizer
         # SentencePiece-like tokenizers put a word boundary before every piece themselves: no leading space then.
-        self.drop_leading_space = tokenizer.detokenize(list(tokenizer.tokenize("a")) + list(tokenizer.tokenize("b"))) == "a b"
+        pair = list(tokenizer.tokenize("a")) + list(tokenizer.tokenize("b"))
+        self.drop_leading_space = tokenizer.detokenize(pair) == "a b"
         rng = random.Random(seed)
         self.filler = [self.encode(" " + _sentence_filler(rng, rng.choice(NAMES))) for _ in range(256)]
         if min(map(len, self.filler)) == 0:

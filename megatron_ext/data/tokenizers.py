@@ -95,7 +95,9 @@ class SentencePieceTokenizer(TextTokenizer):
         try:
             import sentencepiece
         except ImportError as err:  # pragma: no cover - sentencepiece is a declared dependency
-            raise ImportError("SentencePieceTokenizer needs the `sentencepiece` package: pip install sentencepiece") from err
+            raise ImportError(
+                "SentencePieceTokenizer needs the `sentencepiece` package: pip install sentencepiece"
+            ) from err
         self.model_path = os.path.abspath(model_path)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
         self.vocab_size = self._sp.get_piece_size()

@@ -134,7 +134,8 @@ def test_sentencepiece_matches_megatron_cores_own_wrapper():
     """Datasets written with our tokenizer read the same under megatron-core's tokenizer (as pretrain uses)."""
     from megatron.core.tokenizers import MegatronTokenizer
 
-    theirs = MegatronTokenizer.from_pretrained(tokenizer_path=TOKENIZER_MODEL, metadata_path={"library": "sentencepiece"})
+    theirs = MegatronTokenizer.from_pretrained(tokenizer_path=TOKENIZER_MODEL,
+                                               metadata_path={"library": "sentencepiece"})
     ours = build_tokenizer("SentencePieceTokenizer", TOKENIZER_MODEL)
     assert (ours.vocab_size, ours.eod, ours.pad) == (theirs.vocab_size, theirs.eod, theirs.pad)
     with open(CORPUS_FILE) as f:

@@ -124,7 +124,8 @@ def train_tokenizer(corpus: str = CORPUS_FILE, prefix: str = TOKENIZER_PREFIX, v
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, character_coverage=1.0,
-        num_threads=1, minloglevel=2, normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        num_threads=1, minloglevel=2, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True,
     )
     os.remove(prefix + ".vocab")  # the .model holds everything
 
