@@ -190,3 +190,27 @@ def test_landmark_vocabulary_requirement():
     assert DataConfig(seq_length=64, mock_data=True, landmark_chunk_size=16,
                       landmark_token_id=3).required_vocab_size(TOK) == TOK.vocab_size
     assert DataConfig(seq_length=64, mock_data=True).required_vocab_size(TOK) == TOK.vocab_size
+
+
+def test_packed_batch_feeds_hsa_retrieval_without_crossing_documents(sources):
+    """The contract with the kernels: a collated packed batch, flattened to B = 1, drives hsa_retrieval."""
+    from megatron_ext.kernels.hsa import hsa_retrieval_reference
+
+    prefixes, cache = sources
+    s, L, B = 16, 64, 3
+    config = DataConfig(seq_length=L, data_path=[prefixes["first"]], split="100,0,0", data_cache_path=cache,
+                        pack_chunk_size=s)
+    train = build_train_valid_test_datasets(config, [10, 0, 0], TOK)[0]
+    batch = collate_batch([train[i] for i in range(B)])
+    cu = batch["cu_seqlens"]
+    total, chunks, topk = B * L, B * L // s, 4
+    gen = torch.Generator().manual_seed(0)
+    indices, weights = hsa_retrieval_reference(torch.randn(1, total, 1, 8, generator=gen),
+                                               torch.randn(1, chunks, 1, 8, generator=gen),
+                                               chunk_size=s, topk=topk, cu_seqlens=cu)
+    doc_of = lambda pos: int(torch.searchsorted(cu.long(), torch.tensor(pos), right=True)) - 1  # noqa: E731
+    for t in range(total):
+        chosen = [int(c) for c in indices[0, t, 0] if c >= 0]
+        eligible = [c for c in range(chunks) if (c + 1) * s <= t and doc_of(c * s) == doc_of(t)]
+        assert set(chosen) <= set(eligible) and len(chosen) == min(topk, len(eligible))
+    assert any(len([c for c in indices[0, t, 0] if c >= 0]) for t in range(total))  # retrieval did happen
