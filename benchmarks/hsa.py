@@ -68,16 +68,12 @@ def flex_sliding_window(q, k, v, window):
     return _flex["fn"](q, k, v, block_mask=_flex[key])
 
 
-SWEEP = [  # TUNING overrides tried by --sweep (kernel: (num_warps, num_stages)); "chunk_rows" = rows per tile
+SWEEP = [  # TUNING overrides tried by --sweep (kernel: (num_warps, num_stages)); "*_rows" = rows per tile
     {},
-    {"token_fwd": (4, 1), "token_bwd": (4, 1)},
-    {"token_fwd": (4, 3), "token_bwd": (4, 3)},
-    {"token_fwd": (8, 2), "token_bwd": (8, 2)},
-    {"token_fwd": (2, 2), "token_bwd": (2, 2)},
-    {"chunk_fwd": (4, 1), "chunk_bwd": (4, 1)},
-    {"chunk_fwd": (8, 2), "chunk_bwd": (8, 2)},
-    {"chunk_rows": 32},
-    {"chunk_rows": 128, "chunk_fwd": (8, 2), "chunk_bwd": (8, 1)},
+    {"token_fwd": (4, 2), "token_bwd": (4, 2)},
+    {"token_fwd": (2, 3), "token_bwd": (2, 3)},
+    {"chunk_fwd": (4, 2), "chunk_bwd": (8, 2)},
+    {"chunk_fwd_rows": 128, "chunk_fwd": (8, 1), "chunk_bwd_rows": 64, "chunk_bwd": (4, 1)},
 ]
 
 
@@ -98,7 +94,7 @@ def sweep(config: str, L: int, dtype: torch.dtype, schedules, rep: int):
     default = dict(attention.TUNING)
     for schedule in schedules:
         for override in SWEEP:
-            related = [key for key in override if key.startswith(schedule) or (key, schedule) == ("chunk_rows", "chunk")]
+            related = [key for key in override if key.startswith(schedule)]
             if override and not related:
                 continue
             attention.TUNING.update(override)

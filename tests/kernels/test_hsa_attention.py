@@ -143,7 +143,8 @@ CPU_CASES = [
     (1, 90, 16, 1, 32, 32, 2, torch.float32, "token", True),  # G=16, token schedule
     (1, 96, 1, 1, 128, 32, 2, torch.float16, "token", False),  # G=1 padded rows, D=128
     (1, 100, 64, 1, 32, 64, 2, torch.float32, "chunk", False),  # G=64 in the chunk schedule, S=64
-    (1, 130, 8, 1, 32, 128, 17, torch.float32, "token", False),  # S=128, K=17 (mostly invalid slots)
+    (1, 130, 8, 1, 32, 128, 3, torch.float32, "token", False),  # S=128 (mostly invalid slots)
+    (1, 80, 2, 1, 32, 16, 17, torch.float32, "chunk", False),  # K=17 > available chunks: invalid slots skipped
 ]
 
 

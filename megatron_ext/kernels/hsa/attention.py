@@ -12,8 +12,13 @@ chunk  one program per (chunk, KV head): it loads the chunk's K/V once and visit
        Per-slot outputs go to a [B, L, Hk, K, G, D] buffer that a third kernel sums over the valid slots; the
        backward is one chunk program that recomputes Delta and writes dK, dV and per-slot dQ.
 
+The forward and backward schedules are chosen independently (the saved log-sum-exp has one layout): the chunk
+backward is the faster one on H100 for every measured group size, at the price of a [B, L, Hk, K, G, D] per-slot dq
+buffer; the token backward needs no such buffer.
+
 Backward formulas (natural-log units; P_k recomputed from the saved log-sum-exp):
-  dS_k = w_k P_k * (dO V_k^T - Delta_k),  dq = scale sum_k dS_k K_k,  dK_c = scale sum dS_k^T q,
+  dP_k = dO V_k^T,  Delta_k = <O_k, dO> = rowsum(P_k * dP_k) (each chunk is a single softmax block),
+  dS_k = w_k P_k * (dP_k - Delta_k),  dq = scale sum_k dS_k K_k,  dK_c = scale sum dS_k^T q,
   dV_c = sum (w_k P_k)^T dO,  dw_k = sum_g Delta_k.
 Invalid slots (index < 0) are skipped everywhere; their weight gradient is 0.
 """
@@ -31,15 +36,16 @@ from megatron_ext.kernels.utils import dot_precision, empty_output, next_power_o
 __all__ = ["HSAAttentionFunction", "build_reverse_index", "hsa_attention_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
-# Launch parameters per kernel: (num_warps, num_stages); "chunk_rows" = pairs x group heads per chunk-schedule tile.
-# Benchmarks may overwrite entries (benchmarks/hsa.py --sweep).
+# Launch parameters per kernel: (num_warps, num_stages); "*_rows" = pairs x group heads per chunk-schedule tile.
+# Defaults from the H100 sweep in benchmarks/results/hsa.md; benchmarks may overwrite entries (hsa.py --sweep).
 TUNING = {
-    "token_fwd": (4, 2),
-    "token_bwd": (4, 2),
-    "chunk_fwd": (4, 2),
+    "token_fwd": (2, 2),
+    "token_bwd": (2, 2),
+    "chunk_fwd": (4, 1),
     "chunk_bwd": (8, 1),
     "slot_sum": (4, 1),
-    "chunk_rows": 64,
+    "chunk_fwd_rows": 64,
+    "chunk_bwd_rows": 128,
 }
 
 
@@ -178,7 +184,7 @@ def _hsa_bwd_token_kernel(
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq of one (token, KV head) and Delta_k = <O_k, dO> for each of its slots. Q, DO, DQ share strides."""
+    """dq of one (token, KV head) and Delta_k for each of its slots. Q, DO, DQ share strides."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HK
@@ -206,9 +212,8 @@ def _hsa_bwd_token_kernel(
         lse = tl.load(LSE + (sel + slot) * G + offs_g, mask=g_mask & ok, other=0.0)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
-        o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
-        delta = tl.sum(o_k * do.to(tl.float32), 1)
         dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
+        delta = tl.sum(p * dp, 1)  # = <O_k, dO>: one softmax block per chunk, so no O_k recompute is needed
         ds = p * (dp - delta[:, None]) * w
         dq += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
         tl.store(DELTA + (sel + slot) * G + offs_g, delta, mask=g_mask & ok)
@@ -263,8 +268,7 @@ def _hsa_bwd_chunk_kernel(
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
         if COMPUTE_DELTA:
-            o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
-            delta = tl.sum(o_k * do.to(tl.float32), 1)
+            delta = tl.sum(p * dp, 1)  # = <O_k, dO> (the chunk is one softmax block)
             tl.store(DELTA + row, delta, mask=r_mask)
         else:
             delta = tl.load(DELTA + row, mask=r_mask, other=0.0)
@@ -301,9 +305,9 @@ def build_reverse_index(indices: torch.Tensor, num_chunks: int):
     return pairs, offsets
 
 
-def _pairs_per_tile(group_pad: int) -> int:
+def _pairs_per_tile(group_pad: int, rows_key: str) -> int:
     """Pairs per chunk-schedule tile: TUNING rows, and at least 16 rows (the smallest MMA)."""
-    return max(1, TUNING["chunk_rows"] // group_pad, 16 // group_pad)
+    return max(1, TUNING[rows_key] // group_pad, 16 // group_pad)
 
 
 def _launch(name: str) -> dict:
@@ -337,7 +341,7 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
         reverse = build_reverse_index(indices, NC)
     pairs, offsets = reverse
     group_pad = next_power_of_2(G)
-    block_p = _pairs_per_tile(group_pad)
+    block_p = _pairs_per_tile(group_pad, "chunk_fwd_rows")
     obuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
     if NC > 0:
         _hsa_fwd_chunk_kernel[(NC, B * Hk)](
@@ -370,7 +374,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     dk = empty_output(*k.shape, device=k.device, dtype=k.dtype)
     dv = empty_output(*v.shape, device=v.device, dtype=v.dtype)
     group_pad = next_power_of_2(G)
-    block_p = _pairs_per_tile(group_pad)
+    block_p = _pairs_per_tile(group_pad, "chunk_bwd_rows")
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     if schedule == "token":
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
@@ -407,15 +411,15 @@ class HSAAttentionFunction(torch.autograd.Function):
     """Autograd op over the Triton kernels; see ``megatron_ext.kernels.hsa.hsa_attention`` for the contract."""
 
     @staticmethod
-    def forward(ctx, q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, schedule):
+    def forward(ctx, q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, fwd_schedule, bwd_schedule):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         w32 = weights.contiguous().float()
         idx = indices.contiguous().to(torch.int32)
-        o, lse, reverse = hsa_attention_forward(q, k, v, w32, idx, chunk_size, sm_scale, off_by_one, schedule)
+        o, lse, reverse = hsa_attention_forward(q, k, v, w32, idx, chunk_size, sm_scale, off_by_one, fwd_schedule)
         saved_reverse = reverse if reverse is not None else (None, None)
         ctx.save_for_backward(q, k, v, w32, idx, lse, *saved_reverse)
         ctx.has_reverse = reverse is not None
-        ctx.config = (chunk_size, sm_scale, schedule)
+        ctx.config = (chunk_size, sm_scale, bwd_schedule)
         ctx.weights_dtype = weights.dtype
         return o
 
@@ -427,4 +431,4 @@ class HSAAttentionFunction(torch.autograd.Function):
         dq, dk, dv, dw = hsa_attention_backward(
             q, k, v, w32, idx, do.contiguous(), lse, chunk_size, sm_scale, schedule, reverse
         )
-        return dq, dk, dv, dw.to(ctx.weights_dtype), None, None, None, None, None
+        return dq, dk, dv, dw.to(ctx.weights_dtype), None, None, None, None, None, None

@@ -13,11 +13,14 @@ from megatron_ext.kernels.utils import check_dtype, resolve_backend
 
 __all__ = ["hsa_retrieval", "hsa_attention", "hsa_decode", "ATTENTION_SCHEDULES"]
 
+# Loop orders of the Triton kernels (attention.py explains both):
 # "token": one program per (token, KV head) gathers its K selected chunks; the G query heads of the group fill the
 #   MMA rows, so it is efficient when G >= 16.
 # "chunk": one program per (chunk, KV head) visits the (token, slot) pairs that selected it (reverse index) and
-#   packs several tokens per tile, so small groups (G < 16) still fill the MMA rows; per-slot outputs are summed
-#   afterwards.
+#   packs several tokens per tile, so small groups (G < 16) still fill the MMA rows; per-slot results are summed
+#   afterwards through a [B, L, Hk, K, G, D] buffer.
+# "auto": forward "token" when G >= 16 else "chunk"; backward "chunk" (fastest measured for every G).
+# "token" / "chunk" use that order in both passes ("token" is the one without per-slot buffers: least memory).
 ATTENTION_SCHEDULES = ("auto", "token", "chunk")
 TOKEN_SCHEDULE_MIN_GROUP = 16
 
@@ -93,7 +96,8 @@ def hsa_attention(
 
     q ``[B, L, Hq, D]``, k/v ``[B, C*S, Hk, D]``, weights/indices ``[B, L, Hk, K]`` -> o ``[B, L, Hq, D]``.
     Negative indices are skipped. Gradients flow to q, k, v and weights (fp32), never to indices.
-    ``schedule`` picks the Triton loop order ("token" or "chunk"; "auto": token when Hq/Hk >= 16).
+    ``schedule`` picks the Triton loop order: "auto" (fastest), "token" (least memory) or "chunk"; see
+    ``ATTENTION_SCHEDULES``.
     """
     ref._check_attention_inputs(q, k, v, weights, indices, chunk_size)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -113,9 +117,13 @@ def hsa_attention(
 
     group = q.shape[2] // k.shape[2]
     if schedule == "auto":
-        schedule = "token" if group >= TOKEN_SCHEDULE_MIN_GROUP else "chunk"
+        fwd_schedule, bwd_schedule = ("token" if group >= TOKEN_SCHEDULE_MIN_GROUP else "chunk"), "chunk"
+    else:
+        fwd_schedule = bwd_schedule = schedule
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    return HSAAttentionFunction.apply(q, k, v, weights, indices, chunk_size, scale, softmax_off_by_one, schedule)
+    return HSAAttentionFunction.apply(
+        q, k, v, weights, indices, chunk_size, scale, softmax_off_by_one, fwd_schedule, bwd_schedule
+    )
 
 
 def hsa_decode(

@@ -27,6 +27,16 @@ __all__ = ["retrieval_triton", "topk_chunks", "SelectedScores"]
 GRAD_TILE_ELEMENTS = 1 << 24
 
 
+def _topk_configs():
+    """Tile shapes to try: small token blocks keep the serial top-k loop short (few rows compete per swap), larger
+    ones score more chunks per MMA. The interpreter gets one small config (no timing)."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_C": 16}, num_warps=4)]
+    shapes = [(64, 64, 4), (64, 32, 4), (32, 32, 4), (32, 32, 2), (32, 16, 2), (16, 32, 1), (16, 16, 1)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_C": c}, num_warps=w, num_stages=1) for t, c, w in shapes]
+
+
+@triton.autotune(configs=_topk_configs(), key=["L", "C", "R", "DR", "TOPK"])
 @triton.jit
 def _topk_chunks_kernel(
     QR, LMK, LO, IDX_OUT, SCORE_OUT,
@@ -113,19 +123,17 @@ def topk_chunks(q_r, landmarks, *, chunk_size, topk, gumbel=False, cu_seqlens=No
         lo = doc_start_chunks(cu_seqlens, L, chunk_size, q_r.device).to(torch.int32)
     if gumbel and seed is None:
         seed = int(torch.randint(0, 2**30, (1,)).item())
-    if interpreter_enabled():
-        block_t, block_c, warps = 16, 16, 4
-    else:
-        block_t, block_c, warps = 64, 64, 4
     block_dr = min(64, max(16, next_power_of_2(Dr)))
-    grid = (triton.cdiv(L, block_t), B * R)
+
+    def grid(meta):
+        return (triton.cdiv(L, meta["BLOCK_T"]), B * R)
+
     _topk_chunks_kernel[grid](
         q_r, landmarks, lo if lo is not None else idx, idx, scores,
         1.0 / math.sqrt(Dr), L, C, int(seed or 0),
         q_r.stride(0), q_r.stride(1), q_r.stride(2), landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
         R=R, DR=Dr, S=chunk_size, TOPK=topk, KP=max(2, next_power_of_2(topk)),
-        BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_DR=block_dr,
-        HAS_LO=lo is not None, GUMBEL=bool(gumbel), PREC=dot_precision(q_r.dtype), num_warps=warps,
+        BLOCK_DR=block_dr, HAS_LO=lo is not None, GUMBEL=bool(gumbel), PREC=dot_precision(q_r.dtype),
     )
     return idx, scores
 
