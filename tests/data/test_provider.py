@@ -214,3 +214,30 @@ def test_packed_batch_feeds_hsa_retrieval_without_crossing_documents(sources):
         eligible = [c for c in range(chunks) if (c + 1) * s <= t and doc_of(c * s) == doc_of(t)]
         assert set(chosen) <= set(eligible) and len(chosen) == min(topk, len(eligible))
     assert any(len([c for c in indices[0, t, 0] if c >= 0]) for t in range(total))  # retrieval did happen
+
+
+def test_insert_landmarks_against_an_explicit_loop():
+    from megatron_ext.data.landmarks import insert_landmarks
+
+    s, eod, lmk = 4, 9, 99
+    text = torch.tensor([1, 2, 9, 3, 4, 5, 9, 6, 7])  # 3 chunks of 3 text tokens, EODs inside
+    labels = torch.tensor([2, 9, 3, 4, 5, 9, 6, 7, 8])
+    loss_mask = torch.tensor([1.0, 1, 0, 1, 1, 1, 0, 1, 1])
+    out = insert_landmarks({"tokens": text, "labels": labels, "loss_mask": loss_mask,
+                            "position_ids": torch.arange(9)}, s, lmk, eod, reset_position_ids=True)
+    tokens, want_labels, want_mask, want_pos = [], [], [], []
+    pos = 0
+    for i in range(9):
+        tokens.append(int(text[i]))
+        want_labels.append(int(labels[i]))
+        want_mask.append(float(loss_mask[i]))
+        want_pos.append(pos)
+        pos = 0 if int(text[i]) == eod else pos + 1
+        if i % 3 == 2:  # a landmark closes the chunk: no loss, its label is the next text token
+            tokens.append(lmk)
+            want_labels.append(int(labels[i]))
+            want_mask.append(0.0)
+            want_pos.append(pos)
+            pos += 1
+    assert out["tokens"].tolist() == tokens and out["labels"].tolist() == want_labels
+    assert out["loss_mask"].tolist() == want_mask and out["position_ids"].tolist() == want_pos

@@ -84,3 +84,21 @@ def test_written_dataset_trains_one_task_per_packed_sample(tmp_path):
         sample = train[i]
         assert torch.equal(torch.unique_consecutive(sample["cu_seqlens"]), torch.tensor([0, 512], dtype=torch.int32))
         assert tuple(sample["tokens"][:-1].tolist()) in documents  # one whole task (its EOD has no target)
+
+
+def test_command_line(tmp_path, capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    try:
+        import make_synthetic_data
+    finally:
+        sys.path.pop(0)
+    base = ["--task", "multikey", "--num-samples", "2", "--tokenizer-type", "ByteLevelTokenizer",
+            "--output-prefix", str(tmp_path / "mk")]
+    assert make_synthetic_data.main(base + ["--seq-length", "1500"]) == 0
+    records = list(iter_task_samples(str(tmp_path / "mk")))
+    assert len(records) == 2 and all(len(p) + len(a) + 1 == 1500 for p, a, _ in records)
+    assert make_synthetic_data.main(base + ["--seq-length", "50"]) == 2
+    assert "needs at least" in capsys.readouterr().err
