@@ -48,7 +48,9 @@ def train_args(config: str, args) -> list[str]:
            "--lr-decay-style", "cosine", "--lr-warmup-iters", str(max(1, min(5, args.train_iters // 4))), "--weight-decay", "1e-3", "--clip-grad", "1.0",
            "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--use-distributed-optimizer", "--mock-data",
            "--tokenizer-type", "NullTokenizer", "--log-interval", str(args.log_interval), "--log-throughput",
-           "--eval-iters", "0", "--eval-interval", "1000000", "--seed", "1234"]
+           "--eval-iters", "0", "--eval-interval", "1000000", "--seed", "1234",
+           # the papers' recipe has no dropout (and FlexAttention, the SWA path on GPUs, has no attention dropout)
+           "--attention-dropout", "0.0", "--hidden-dropout", "0.0"]
     if args.smoke:
         cmd += SMOKE_OVERRIDES
     else:
@@ -89,7 +91,7 @@ def environment() -> dict:
     import torch
 
     info = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
-            "command": "python benchmarks/train.py " + " ".join(sys.argv[1:])}
+            "bench_command": "python benchmarks/train.py " + " ".join(sys.argv[1:])}
     try:
         import triton
 
@@ -102,7 +104,7 @@ def environment() -> dict:
 
 def markdown(rows: list[dict], env: dict, args) -> str:
     lines = [f"## {env['date'][:10]}, {env['device']}, torch {env['torch']}, Triton {env.get('triton', '-')}", "",
-             f"Command: `{env['command']}`", "",
+             f"Command: `{env['bench_command']}`", "",
              f"{args.train_iters} iterations, {args.seq_length} tokens x global batch {args.global_batch_size} "
              f"(micro-batch 1), bf16, distributed optimizer; medians over iterations > {args.skip_iters}.", "",
              "| model | iterations | iteration ms | tokens/s | TFLOP/s/GPU | MFU | max GiB | loss first -> last |",

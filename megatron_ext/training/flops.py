@@ -144,7 +144,9 @@ class FlopModel:
                     expert += share
                 else:
                     dense += share
-        counts = torch.tensor([dense, expert], dtype=torch.float64)
+        # On the collective's device (NCCL reduces CUDA tensors only).
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        counts = torch.tensor([dense, expert], dtype=torch.float64, device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         dense, expert = counts.tolist()
