@@ -70,8 +70,9 @@ def flex_sliding_window(q, k, v, window):
 
 SWEEP = [  # TUNING overrides tried by --sweep (kernel: (num_warps, num_stages)); "*_rows" = rows per tile
     {},
-    {"token_fwd": (4, 2), "token_bwd": (4, 2)},
+    {"token_fwd": (1, 2), "token_bwd": (1, 2)},
     {"token_fwd": (2, 3), "token_bwd": (2, 3)},
+    {"token_fwd": (4, 2), "token_bwd": (4, 2)},
     {"chunk_fwd": (4, 2), "chunk_bwd": (8, 2)},
     {"chunk_fwd_rows": 128, "chunk_fwd": (8, 1), "chunk_bwd_rows": 64, "chunk_bwd": (4, 1)},
 ]
@@ -199,11 +200,12 @@ def main(argv=None):
     if args.sweep:
         for config in args.configs.split(","):
             for L in (int(x) for x in args.seq_lens.split(",")):
-                sweep(config, L, DTYPES[args.dtype], ("token", "chunk"), min(args.rep, 50))
+                sweep(config, L, DTYPES[args.dtype], ("auto", "token", "chunk"), min(args.rep, 50))
         return
     table = []
-    for config in args.configs.split(","):
-        for L in (int(x) for x in args.seq_lens.split(",")):
+    # length-major, so that a time limit cuts the longest runs, not a whole config
+    for L in (int(x) for x in args.seq_lens.split(",")):
+        for config in args.configs.split(","):
             try:
                 row, res = measure(config, L, DTYPES[args.dtype], baselines, args.out, args.rep, args.schedule)
             except Exception as e:  # noqa: BLE001 - one failed size must not lose the others
