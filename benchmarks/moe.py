@@ -11,7 +11,9 @@ Sections (each prints a table; every row is appended to ``--out``):
 1. ``check``: grouped GEMM in bf16 against an fp32 loop, uneven and empty expert loads, forward and gradients.
 2. ``experts``: the expert computation alone (E experts, T*topk routed rows), forward+backward.
 3. ``moe_layer``: one MoELayer (router, dispatcher, experts, shared expert), forward+backward.
-4. ``train``: training steps of the 2-layer slice at each sequence length: tokens/s, TFLOP/s, peak memory.
+4. ``train``: training steps of the 2-layer slice at each sequence length: tokens/s, TFLOP/s, peak memory; each
+   variant (``VARIANTS``: experts module, token permutation, shared-expert overlap, core attention) in a fresh
+   process (``--no-isolate`` to keep one), optionally with a torch.profiler table of one step (``--profile DIR``).
 
 FLOPs count only active parameters, 6 per parameter per token (forward + backward): attention projections, router,
 top-k routed experts, shared expert and output layer; the attention score FLOPs (which grow with the sequence) are
@@ -420,6 +422,15 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
         stats = torch.stack([r["lm loss"] for r in reduced]).sum(0)
         losses.append(float(stats[0] / stats[1]))
 
+    if args.profile:
+        _profile_one_step(args, variant, seq_len, lambda: (
+            model.zero_grad_buffer(), optimizer.zero_grad(),
+            forward_backward(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+                             num_microbatches=args.micro_batches, seq_length=seq_len,
+                             micro_batch_size=args.micro_batch_size, forward_only=False),
+            optimizer.step(),
+        ))
+
     tokens_per_step = args.micro_batches * args.micro_batch_size * seq_len
     step_s = statistics.median(step_times)
     flop_per_token = 6 * active_params_per_token(shape, args.layers)
@@ -440,6 +451,23 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
     config.finalize_model_grads_func = config.no_sync_func = None
     free_memory()
     return row
+
+
+def _profile_one_step(args, variant, seq_len, step):
+    """One more training step under torch.profiler; the top kernels go to stdout and ``--profile`` (a folder)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=40)
+    os.makedirs(args.profile, exist_ok=True)
+    name = f"profile_{variant.replace('/', '_').replace('+', '_')}_{seq_len}.txt"
+    with open(os.path.join(args.profile, name), "w") as f:
+        f.write(table)
+    print(f"profile of one step ({variant}, {seq_len}):\n{table}", flush=True)
 
 
 def section_train(args, shape, out_path):
@@ -477,6 +505,8 @@ def train_variant_isolated(args, variant: str, seq_len: int) -> dict:
                "--steps", str(args.steps)]
     if args.tiny:
         command.append("--tiny")
+    if args.profile:
+        command += ["--profile", args.profile]
     if not args.cross_entropy_fusion:
         command.append("--no-cross-entropy-fusion")
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.worker_timeout_s)
@@ -524,6 +554,8 @@ def main(argv=None):
                         choices=list(VARIANTS), help="variants trained at the other sequence lengths")
     parser.add_argument("--no-cross-entropy-fusion", dest="cross_entropy_fusion", action="store_false",
                         help="use megatron's unfused vocab-parallel cross entropy")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="profile one extra training step per variant; kernel tables are written to DIR")
     parser.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "moe.jsonl"))
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
