@@ -211,6 +211,14 @@ def install_chunk_memory_handoff(model) -> None:
     config = model.config
     if config.pipeline_model_parallel_size == 1 or getattr(block, "_chunk_memory_handoff", False):
         return
+    if config.pipeline_model_parallel_size == 2 and (config.virtual_pipeline_model_parallel_size or 1) > 1:
+        # Variable shapes make the schedule exchange each activation's shape first; with two stages and virtual
+        # stages, megatron-core 0.19.2 sends the forward and the backward shape to the same peer in one batched
+        # isend/irecv, which pairs them by posting order and swaps them (seen on gloo: mismatched tensor sizes).
+        raise ValueError(
+            "retrieval models cannot use a virtual pipeline with pipeline_model_parallel_size=2 (megatron-core "
+            "swaps the activation shapes of the two directions); use PP=2 without virtual stages, or PP>=3"
+        )
     config.variable_seq_lengths = True  # boundaries carry different payloads
     block._chunk_memory_handoff = True
     block._stage_context = None

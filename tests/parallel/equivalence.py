@@ -191,7 +191,52 @@ def build_tiny_moe(overrides, pre_process=True, post_process=True, vp_stage=None
     )
 
 
+# Retrieval models (megatron_ext.models.build_model). Patterns of 4 layers so that PP=2 splits them 2+2 with the
+# chunk memory made in stage 0 and used in stage 1; the bracketed retrieval group spans both stages, so the group's
+# selection crosses the boundary too.
+RETRIEVAL_CHUNK = 4
+RETRIEVAL_MODELS = {
+    "swa_hsa": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=2, hsa_inner_swa=True,
+                    hsa_rank_decay=True, hsa_landmark_norm=True),
+    "swa_hsa_shared_retrieval": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=1),
+    "gca": dict(layer_pattern="swa [gca swa gca]", hsa_encoder_layers=1),
+}
+
+
+def build_retrieval_model(overrides, pre_process=True, post_process=True, vp_stage=None, family="swa_hsa"):
+    from megatron_ext.models import HSAConfig
+    from megatron_ext.models.builder import build_model
+
+    fields = dict(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        qk_layernorm=True,
+        seq_length=SEQ,
+        swa_window_size=6,
+        hsa_chunk_size=RETRIEVAL_CHUNK,
+        hsa_topk=2,
+        hsa_encoder_layers=1,
+        hsa_kernel_backend="reference",
+        vocab_size=VOCAB,
+        params_dtype=torch.float32,
+    )
+    fields.update(RETRIEVAL_MODELS[family])
+    fields.update(overrides)
+    return build_model(HSAConfig(**fields), pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
 MODEL_BUILDERS: dict[str, Callable] = {
+    **{family: partial(build_retrieval_model, family=family) for family in RETRIEVAL_MODELS},
     "gpt": build_tiny_gpt,
     "moe": build_tiny_moe,
     "moe_aux_free": partial(build_tiny_moe, balancing=_AUX_LOSS_FREE),
@@ -251,8 +296,14 @@ def default_model_inputs(batch):
     return tokens, labels, position_ids, causal
 
 
-MODEL_INPUTS: dict[str, Callable] = {"default": default_model_inputs}
-MODEL_INPUTS_OF: dict[str, str] = {}  # model name -> MODEL_INPUTS key, for models that need other inputs
+def unmasked_model_inputs(batch):
+    """As :func:`default_model_inputs` without a mask: our core attentions are causal by construction."""
+    tokens, labels, position_ids, _ = default_model_inputs(batch)
+    return tokens, labels, position_ids, None
+
+
+MODEL_INPUTS: dict[str, Callable] = {"default": default_model_inputs, "unmasked": unmasked_model_inputs}
+MODEL_INPUTS_OF: dict[str, str] = {family: "unmasked" for family in RETRIEVAL_MODELS}  # model -> MODEL_INPUTS key
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,7 +522,9 @@ def assert_same_losses(losses, reference, rtol=1e-5, what="loss"):
         assert abs(a - b) <= rtol * abs(b), f"{what} step {step + 1}: {a:.8f} vs reference {b:.8f}"
 
 
-def assert_same_grads(grads, reference, rtol=1e-5):
+def assert_same_grads(grads, reference, rtol=1e-5, atol=1e-8):
+    """Per tensor: |g - ref| <= rtol * |ref| + atol (norms). atol covers gradients that nearly cancel (a scalar
+    like HSA's rank decay starts at ~1e-6, where fp32 reduction order alone moves it by ~1e-10)."""
     for step, (g, ref) in enumerate(zip(grads, reference)):
         assert g.keys() == ref.keys(), (
             f"step {step + 1}: gradient keys differ: only here {sorted(g.keys() - ref.keys())}, "
@@ -480,8 +533,10 @@ def assert_same_grads(grads, reference, rtol=1e-5):
         for key, r in ref.items():
             assert g[key].shape == r.shape, f"step {step + 1} {key}: shape {tuple(g[key].shape)} vs {tuple(r.shape)}"
             assert r.norm() > 0 or key.endswith("expert_bias"), f"step {step + 1} {key}: reference gradient is zero"
-            err = relative_error(g[key], r)
-            assert err <= rtol, f"step {step + 1} {key}: relative gradient error {err:.2e}"
+            diff = (g[key] - r).norm().item()
+            assert diff <= rtol * r.norm().item() + atol, (
+                f"step {step + 1} {key}: gradient differs by {diff:.2e} (relative {relative_error(g[key], r):.2e})"
+            )
 
 
 __all__ = [

@@ -40,6 +40,12 @@ LAYOUTS: dict[str, list[Layout]] = {
         Layout("tp2_sp_ep2", tp=2, sp=True, ep=2),
         Layout("pp2", pp=2),
     ],
+    # SWA+HSA (per-KV-head retrieval, rank decay, landmark norms), HSA with one shared retrieval head, DRT's GCA.
+    # TP shards by KV-head groups; PP=2 puts the memory-building layer in stage 0 and the group's last HSA layer in
+    # stage 1, so the chunk memory and the selection cross the boundary.
+    "swa_hsa": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
+    "swa_hsa_shared_retrieval": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
+    "gca": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
     "moe_aux_free": [
         Layout("ep2_alltoall", ep=2),
         Layout("tp2_sp", tp=2, sp=True),
