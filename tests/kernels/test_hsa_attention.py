@@ -140,7 +140,7 @@ def test_bad_inputs_raise_clear_errors():
 CPU_CASES = [
     (2, 70, 4, 2, 32, 32, 1, torch.float32, "chunk", False),  # G=2, K=1, batch 2, L not a multiple of S
     (1, 100, 3, 1, 64, 32, 3, torch.float16, "chunk", True),  # G=3 (not a power of 2), fp16
-    (1, 90, 16, 1, 32, 32, 2, torch.float32, "token", True),  # G=16, token schedule
+    (1, 90, 16, 1, 32, 32, 2, torch.float32, "auto", True),  # G=16: token forward, chunk backward
     (1, 96, 1, 1, 128, 32, 2, torch.float16, "token", False),  # G=1 padded rows, D=128
     (1, 100, 64, 1, 32, 64, 2, torch.float32, "chunk", False),  # G=64 in the chunk schedule, S=64
     (1, 130, 8, 1, 32, 128, 3, torch.float32, "token", False),  # S=128 (mostly invalid slots)
