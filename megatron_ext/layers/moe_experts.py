@@ -706,6 +706,8 @@ def _grouped_moe_layer_class():
                 )
                 if self.use_shared_expert and self.shared_expert_overlap:
                     self.token_dispatcher.set_shared_experts(self.shared_experts)
+                if hasattr(self, "_training_token_dispatcher"):  # inference-optimized layers switch back to it
+                    self._training_token_dispatcher = self.token_dispatcher
 
     return GroupedGemmMoELayer
 
