@@ -209,11 +209,14 @@ class _Writers:
         self.tokens = {k: 0 for k in prefixes}
 
     def add(self, key: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append a batch of single-sequence documents: exactly what ``add_document(doc, [len(doc)])`` per
+        document does to the builder (tested byte for byte), in one write instead of one call per document, which
+        would make the main process the bottleneck at a few dozen workers."""
         builder = self.writers[key].builder
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            builder.add_document(tokens[a:b], [b - a])
+        builder.data_file.write(np.ascontiguousarray(tokens, dtype=builder.dtype).tobytes())
+        builder.sequence_lengths.extend(lengths.tolist())
+        count = len(builder.sequence_lengths)
+        builder.document_indices.extend(range(count - lengths.size + 1, count + 1))
         self.documents[key] += int(lengths.size)
         self.tokens[key] += int(tokens.size)
 

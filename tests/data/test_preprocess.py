@@ -297,3 +297,21 @@ def test_truncated_compressed_file_keeps_its_whole_lines_and_the_next_files(tmp_
     assert docs[-1] == list(b"still read")
     with pytest.raises(InputError, match="unreadable_input"):
         run(tmp_path, [broken, after], name="strict", on_error="fail")
+
+
+def test_files_equal_a_plain_add_document_loop_byte_for_byte(tmp_path):
+    """The batched append equals megatron-core's IndexedDatasetBuilder fed one document at a time."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    texts = corpus_texts(120)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    run(tmp_path, [path], spec=SP, append_eod=True, batch_bytes=8192)
+    tok = SP.build()
+    builder = IndexedDatasetBuilder(str(tmp_path / "plain.bin"), dtype=DType.optimal_dtype(tok.vocab_size))
+    for text in texts:
+        ids = tok.tokenize(text) + [tok.eod]
+        builder.add_document(np.array(ids), [len(ids)])
+    builder.finalize(str(tmp_path / "plain.idx"))
+    ours = dataset_prefix(str(tmp_path / "out"), "text")
+    for suffix in (".bin", ".idx"):
+        assert open(ours + suffix, "rb").read() == open(str(tmp_path / "plain") + suffix, "rb").read()
