@@ -13,6 +13,7 @@ CUDA) and, for a plain ``python pretrain_hsa.py`` without a launcher, a world of
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 
@@ -56,3 +57,30 @@ def install_training_hooks(args) -> None:
     optimizer_resume.install()
     checkpointing.install(keep_last=args.keep_last_checkpoints, async_save=args.async_save)
     hsa_logging.install(args)
+    listen_for_preemption(args)
+
+
+# SLURM warns a job before preempting or timing it out with SIGUSR1 (``#SBATCH --signal=B:USR1@<seconds>``), then
+# sends SIGTERM; torchrun passes SIGTERM on to the workers.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def listen_for_preemption(args) -> None:
+    """With ``--exit-signal-handler`` (on by default here) either preemption signal makes megatron save a checkpoint
+    at the end of the current iteration and exit with status 0.
+
+    megatron's handler listens to one signal (``--exit-signal``, default SIGTERM); the others of
+    ``PREEMPTION_SIGNALS`` are routed to the same flag, which every rank reads collectively after each iteration.
+    """
+    if not args.exit_signal_handler:
+        return
+    from megatron.training.global_vars import get_signal_handler
+
+    handler = get_signal_handler()
+
+    def note_signal(signum, frame):
+        handler._signal_received = True  # noqa: SLF001 - the flag megatron's own handler sets
+
+    for sig in PREEMPTION_SIGNALS:
+        if sig != handler.sig:
+            signal.signal(sig, note_signal)

@@ -57,8 +57,9 @@ def env(threads: int = 1) -> dict:
     return e
 
 
-def start(args: list[str], *, nproc: int = 1, threads: int = 1) -> subprocess.Popen:
-    """Start the script; its output goes to a temporary file (a pipe could fill up and stall it)."""
+def start(args: list[str], *, nproc: int = 1, threads: int = 1, log_path: str | None = None) -> subprocess.Popen:
+    """Start the script; its output goes to a file (a pipe could fill up and stall it): ``log_path`` if given (to
+    watch it while the run goes on), else a temporary file."""
     if nproc == 1:
         cmd = [sys.executable, SCRIPT, *args]
     else:
@@ -66,7 +67,7 @@ def start(args: list[str], *, nproc: int = 1, threads: int = 1) -> subprocess.Po
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(free_port()), SCRIPT, *args]
-    log = tempfile.TemporaryFile(mode="w+")
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(threads), stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
     return proc
