@@ -28,7 +28,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_ext.layers.chunk_memory import ChunkMemory, merge_chunks, split_chunks
 from megatron_ext.layers.norms import RMSNorm, rms_norm
-from megatron_ext.parallel.tensor import sum_gradient_over_tp
+from megatron_ext.parallel.tensor import ReplicatedLinear, kv_head_partition, sum_gradient_over_tp
 from megatron_ext.layers.specs import attention_layer_spec, dense_mlp_builder, self_attention_spec
 
 __all__ = ["ChunkEncoder", "HSAChunkMemory", "GCAChunkMemory", "encoder_config"]
@@ -98,11 +98,13 @@ class HSAChunkMemory(MegatronModule):
         self.head_dim = config.kv_channels
         self.retrieval_heads = config.hsa_heads
         self.retrieval_head_dim = config.hsa_retrieval_width // config.hsa_heads
-        tp_rank, tp_size = _tp_world(pg_collection)
-        self.kv_heads_local = config.hsa_num_kv_heads // tp_size
         tp_group = pg_collection.tp if pg_collection is not None else None
         self._grad_tp_group = tp_group
         self.encoder = ChunkEncoder(config, config.hsa_encoder_layers, pg_collection) if config.hsa_encoder_layers else None
+        # This rank's KV heads; with fewer KV heads than TP ranks, each is computed (replicated) on TP/Hk ranks.
+        self.kv_head_start, self.kv_heads_local, self.kv_replicated = kv_head_partition(
+            config.hsa_num_kv_heads, tp_group
+        )
         self.input_norm = None if self.encoder is not None else RMSNorm(config, h, eps=config.layernorm_epsilon)
         self.use_cls = bool(config.hsa_encoder_cls and self.encoder is not None)
         if self.use_cls:
@@ -112,8 +114,9 @@ class HSAChunkMemory(MegatronModule):
         linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=True, tp_group=tp_group)
         # Landmarks: every rank needs all R heads (retrieval is replicated), hence gather_output.
         self.landmark_proj = ColumnParallelLinear(h, config.hsa_retrieval_width, gather_output=True, **linear)
-        self.key_proj = ColumnParallelLinear(h, config.hsa_num_kv_heads * self.head_dim, **linear)
-        self.value_proj = ColumnParallelLinear(h, config.hsa_num_kv_heads * self.head_dim, **linear)
+        kv_linear = ReplicatedLinear if self.kv_replicated else ColumnParallelLinear
+        self.key_proj = kv_linear(h, config.hsa_num_kv_heads * self.head_dim, **linear)
+        self.value_proj = kv_linear(h, config.hsa_num_kv_heads * self.head_dim, **linear)
         self.key_norm = RMSNorm(config, self.head_dim, eps=config.layernorm_epsilon) if config.hsa_qk_norm else None
 
     def forward(self, x: torch.Tensor) -> ChunkMemory:
@@ -138,8 +141,12 @@ class HSAChunkMemory(MegatronModule):
         tokens = merge_chunks(encoded, b)  # [b, C*S, h]
         keys, _ = self.key_proj(tokens)
         values, _ = self.value_proj(tokens)
-        keys = keys.reshape(b, C * S, self.kv_heads_local, self.head_dim)
-        values = values.reshape(b, C * S, self.kv_heads_local, self.head_dim)
+        keys = keys.reshape(b, C * S, -1, self.head_dim)
+        values = values.reshape(b, C * S, -1, self.head_dim)
+        if self.kv_replicated:  # every KV head computed here; this rank serves one (its query heads' group)
+            heads = slice(self.kv_head_start, self.kv_head_start + self.kv_heads_local)
+            keys = sum_gradient_over_tp(keys, self._grad_tp_group)[:, :, heads]
+            values = sum_gradient_over_tp(values, self._grad_tp_group)[:, :, heads]
         if self.key_norm is not None:  # one norm weight for all KV heads, this rank's heads only: sum over TP
             keys = rms_norm(keys, sum_gradient_over_tp(self.key_norm.weight, self._grad_tp_group), self.key_norm.eps)
         return ChunkMemory(chunk_size=S, landmarks=landmarks, keys=keys, values=values)

@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_ext.layers.chunk_encoder import _tp_world
 from megatron_ext.layers.chunk_memory import ChunkMemory, Selection
 from megatron_ext.layers.norms import RMSNorm
-from megatron_ext.parallel.tensor import sum_gradient_over_tp
+from megatron_ext.parallel.tensor import kv_head_partition, sum_gradient_over_tp
 
 __all__ = ["HSARetrieval", "GCARetrieval"]
 
@@ -39,11 +39,10 @@ class HSARetrieval(MegatronModule):
         self.backend = config.hsa_kernel_backend
         self.retrieval_heads = config.hsa_heads
         self.retrieval_head_dim = config.hsa_retrieval_width // config.hsa_heads
-        self.tp_rank, tp_size = _tp_world(pg_collection)
-        self.kv_heads_local = config.hsa_num_kv_heads // tp_size
         tp_group = pg_collection.tp if pg_collection is not None else None
         self._grad_tp_group = tp_group
         self.norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
+        self.kv_head_start, self.kv_heads_local, _ = kv_head_partition(config.hsa_num_kv_heads, tp_group)
         self.query_proj = ColumnParallelLinear(
             h, config.hsa_retrieval_width, config=config, init_method=config.init_method, bias=False,
             gather_output=True, skip_bias_add=True, tp_group=tp_group,
@@ -81,7 +80,7 @@ class HSARetrieval(MegatronModule):
         if self.retrieval_heads == 1:  # one selection shared by every KV head
             indices, weights = indices.expand(b, s, Hl, -1), weights.expand(b, s, Hl, -1)
         else:  # this rank's KV heads
-            lo = self.tp_rank * Hl
+            lo = self.kv_head_start
             indices, weights = indices[:, :, lo : lo + Hl], weights[:, :, lo : lo + Hl]
         return Selection(indices=indices.contiguous(), weights=weights.contiguous())
 

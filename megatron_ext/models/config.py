@@ -225,9 +225,10 @@ class HSAConfig(TransformerConfig):
             if Hk < 1 or heads % Hk != 0:
                 self._fail("hsa_num_kv_heads", f"{Hk} does not divide num_attention_heads={heads}",
                            f"use a divisor; the paper's grouping is G = Hq/Hk >= 16, e.g. {max(1, heads // 16)}")
-            if Hk % tp != 0:
-                self._fail("hsa_num_kv_heads", f"{Hk} HSA KV heads cannot be split over tensor_model_parallel_size={tp}",
-                           f"use a multiple of {tp} HSA KV heads")
+            if Hk % tp != 0 and tp % Hk != 0:
+                self._fail("hsa_num_kv_heads", f"{Hk} HSA KV heads cannot be split over tensor_model_parallel_size={tp}"
+                           " (with fewer KV heads than ranks, each KV head is replicated on TP/Hk ranks)",
+                           f"use a multiple or a divisor of {tp} HSA KV heads")
             if self.hsa_heads not in (1, Hk):
                 self._fail("hsa_retrieval_heads", f"must be 1 or hsa_num_kv_heads={Hk}, got {self.hsa_heads}",
                            f"use {Hk} (per KV head) or 1 (shared)")

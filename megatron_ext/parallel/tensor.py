@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sum_gradient_over_tp", "tp_world", "local_kv_heads"]
+__all__ = ["sum_gradient_over_tp", "tp_world", "local_kv_heads", "kv_head_partition", "ReplicatedLinear"]
 
 
 def tp_world(tp_group=None) -> tuple[int, int]:
@@ -47,3 +47,43 @@ def local_kv_heads(num_kv_heads: int, tp_group=None) -> slice:
         )
     per_rank = num_kv_heads // size
     return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def kv_head_partition(num_kv_heads: int, tp_group=None) -> tuple[int, int, bool]:
+    """(first KV head, count, replicated) of this TP rank's share of the chunk memory's KV heads.
+
+    Hk >= TP: a contiguous block of Hk/TP heads (a KV group never spans ranks). Hk < TP (e.g. one HSA KV head at
+    TP=2): every KV head is replicated on TP/Hk ranks, and each of those ranks computes it and keeps it, serving its
+    own Hq/TP query heads (all of one KV group, since TP is a multiple of Hk).
+    """
+    rank, size = tp_world(tp_group)
+    if num_kv_heads >= size:
+        block = local_kv_heads(num_kv_heads, tp_group)
+        return block.start, block.stop - block.start, False
+    if size % num_kv_heads:
+        raise ValueError(
+            f"{num_kv_heads} KV heads and tensor_model_parallel_size={size}: with fewer KV heads than ranks, TP must "
+            f"be a multiple of the KV heads (each KV head is then replicated on TP/Hk ranks)"
+        )
+    return rank * num_kv_heads // size, 1, True
+
+
+class ReplicatedLinear(torch.nn.Module):
+    """y = x W^T with W replicated on every TP rank (megatron's linear call convention: returns (y, None)).
+
+    For projections that cannot be split over TP (fewer KV heads than ranks). The caller sums the output's gradient
+    over TP (:func:`sum_gradient_over_tp`) if each rank uses only part of it. The weight is initialised from the
+    default generator, which megatron seeds identically on the ranks of a TP group, like a CPU-initialised
+    ColumnParallelLinear's full weight; its checkpoint key and shape equal a ColumnParallelLinear's at TP=1.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = False, **kwargs):
+        super().__init__()
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype, device=device))
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight, self.bias), None

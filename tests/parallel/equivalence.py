@@ -199,6 +199,8 @@ RETRIEVAL_MODELS = {
     "swa_hsa": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=2, hsa_inner_swa=True,
                     hsa_rank_decay=True, hsa_landmark_norm=True),
     "swa_hsa_shared_retrieval": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=1),
+    # One KV head (the 8B-A1B's Hk=1): at TP=2 the memory K/V is replicated and the query heads are split.
+    "swa_hsa_one_kv_head": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=1, hsa_inner_swa=True),
     "gca": dict(layer_pattern="swa [gca swa gca]", hsa_encoder_layers=1),
 }
 
