@@ -26,7 +26,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_ext.layers.chunk_memory import ChunkMemory, merge_chunks, split_chunks
+from megatron_ext.layers.chunk_memory import ChunkMemory, merge_chunks, split_chunks, without_sequence_parallel
 from megatron_ext.layers.norms import RMSNorm, rms_norm
 from megatron_ext.parallel.tensor import ReplicatedLinear, kv_head_partition, sum_gradient_over_tp
 from megatron_ext.layers.specs import attention_layer_spec, dense_mlp_builder, self_attention_spec
@@ -92,6 +92,7 @@ class HSAChunkMemory(MegatronModule):
     """Chunk encoder + landmarks + shared memory K/V for HSA. forward(x [s, b, h]) -> ChunkMemory."""
 
     def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
+        config = without_sequence_parallel(config)
         super().__init__(config=config)
         h, S = config.hidden_size, config.hsa_chunk_size
         self.chunk_size = S
@@ -156,6 +157,7 @@ class GCAChunkMemory(MegatronModule):
     """DRT's chunk encoder: forward(x [s, b, h]) -> ChunkMemory(landmarks [b, C, h], encoded [b, C*S, h])."""
 
     def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
+        config = without_sequence_parallel(config)
         super().__init__(config=config)
         self.chunk_size = config.hsa_chunk_size
         self.input_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)

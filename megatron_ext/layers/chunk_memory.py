@@ -17,7 +17,23 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ChunkMemory", "Selection", "split_chunks", "merge_chunks"]
+__all__ = ["ChunkMemory", "Selection", "split_chunks", "merge_chunks", "without_sequence_parallel"]
+
+
+def without_sequence_parallel(config):
+    """A copy of ``config`` with ``sequence_parallel=False``.
+
+    The chunk memory, retrieval and HSA/GCA modules run on the whole sequence (gathered by the retrieval layer when
+    sequence parallelism is on) with plain tensor parallelism: their linears must not gather/scatter the sequence
+    again, and their norms see every token, so their weights are not sequence-parallel partial sums.
+    """
+    if not getattr(config, "sequence_parallel", False):
+        return config
+    import copy
+
+    config = copy.copy(config)
+    config.sequence_parallel = False
+    return config
 
 
 @dataclass

@@ -19,7 +19,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.layers.chunk_encoder import _tp_world
-from megatron_ext.layers.chunk_memory import ChunkMemory, Selection
+from megatron_ext.layers.chunk_memory import ChunkMemory, Selection, without_sequence_parallel
 from megatron_ext.layers.norms import RMSNorm
 from megatron_ext.parallel.tensor import kv_head_partition, sum_gradient_over_tp
 
@@ -30,6 +30,7 @@ class HSARetrieval(MegatronModule):
     """forward(x [s, b, h], memory) -> Selection(indices/weights [b, s, Hk_local, K])."""
 
     def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
+        config = without_sequence_parallel(config)
         super().__init__(config=config)
         h = config.hidden_size
         self.chunk_size = config.hsa_chunk_size
@@ -89,6 +90,7 @@ class GCARetrieval(MegatronModule):
     """forward(x [s, b, h], memory) -> Selection(indices/weights [b, C, K] per query chunk, keys/values)."""
 
     def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
+        config = without_sequence_parallel(config)
         super().__init__(config=config)
         h = config.hidden_size
         self.chunk_size = config.hsa_chunk_size

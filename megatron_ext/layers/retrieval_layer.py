@@ -12,7 +12,9 @@ Built from megatron's ``TransformerLayerSubmodules`` slots plus two of its own:
 The chunk memory arrives and leaves as megatron's ``context`` (``TransformerBlock`` threads it through the layers),
 so the hand-off from the memory layer to every retrieval layer above is one explicit object. Packed batches
 (``packed_seq_params``, see ``layers/packing.py``) put their document offsets into the memory, so every retrieval
-above stays inside the token's document.
+above stays inside the token's document. Under sequence parallelism the layer gathers the sequence for the chunk
+memory, retrieval and HSA/GCA (plain tensor-parallel modules) and scatters the HSA/GCA output back; the inner SWA
+and the MLP run sequence-parallel as in megatron's own layers.
 Retrieval and the chunk encoder read the layer's *input* x, as in the reference models (the retrieval layer and
 the chunking layer sit before the HSA layer and see the same hidden state).
 """
@@ -23,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -52,16 +55,24 @@ class RetrievalTransformerLayer(TransformerLayer):
         self.retrieval = build_module(submodules.retrieval, **common) if submodules.retrieval else None
         self.has_inner_attention = not isinstance(self.self_attention, IdentityOp)
 
+    def _gather_sequence(self, x):
+        """Sequence parallelism: the whole sequence on every rank. The modules fed with it are plain TP modules
+        whose input gradients are already complete on every rank, so the backward only keeps this rank's slice."""
+        if not self.config.sequence_parallel:
+            return x
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
+
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
                 rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
                 inference_context=None, packed_seq_params=None, sequence_len_offset=None, padding_mask=None,
                 **kwargs):
         if inference_context is not None:
             raise NotImplementedError("retrieval layers have no megatron inference path; use the kernels' *_decode")
-        x = hidden_states
+        x = hidden_states  # [s/TP, b, h] under sequence parallelism, else [s, b, h]
+        x_full = self._gather_sequence(x)
         if self.chunk_memory is not None:
-            cu = flat_cu_seqlens(packed_seq_params, x.shape[1], x.shape[0], x.device)
-            memory = dataclasses.replace(self.chunk_memory(x), cu_seqlens=cu)
+            cu = flat_cu_seqlens(packed_seq_params, x_full.shape[1], x_full.shape[0], x.device)
+            memory = dataclasses.replace(self.chunk_memory(x_full), cu_seqlens=cu)
         else:
             memory = context
         if not isinstance(memory, ChunkMemory):
@@ -70,7 +81,7 @@ class RetrievalTransformerLayer(TransformerLayer):
                 f"a retrieval layer above the first one must receive it from the layers below"
             )
         if self.retrieval is not None:
-            memory = memory.with_selection(self.retrieval(x, memory), self.group)
+            memory = memory.with_selection(self.retrieval(x_full, memory), self.group)
         elif memory.group != self.group:
             raise RuntimeError(f"layer {self.layer_number}: group {self.group} has no retrieval of its own")
 
@@ -82,9 +93,11 @@ class RetrievalTransformerLayer(TransformerLayer):
             with self.bias_dropout_add_exec_handler():
                 x = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(attn, x, self.hidden_dropout)
 
-        out, bias = self.cross_attention(self.pre_cross_attn_layernorm(x), memory)
+        out, bias = self.cross_attention(self._gather_sequence(self.pre_cross_attn_layernorm(x)), memory)
         if bias is not None:
             out = out + bias
+        if self.config.sequence_parallel:  # back to this rank's slice of the sequence
+            out = scatter_to_sequence_parallel_region(out, group=self.pg_collection.tp)
         if self.bypass_residual:  # the retrieval output reaches the residual stream only through the MLP
             residual, mlp_input = x, x + out
         else:

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.layers.chunk_encoder import _tp_world
-from megatron_ext.layers.chunk_memory import ChunkMemory
+from megatron_ext.layers.chunk_memory import ChunkMemory, without_sequence_parallel
 from megatron_ext.layers.norms import RMSNorm, rms_norm
 from megatron_ext.parallel.tensor import sum_gradient_over_tp
 
@@ -29,6 +29,7 @@ __all__ = ["HSAAttention", "GCAAttention"]
 
 class _ChunkCrossAttention(MegatronModule):
     def __init__(self, config, layer_number: int, pg_collection=None, qk_norm: bool = False):
+        config = without_sequence_parallel(config)  # runs on the gathered sequence (see RetrievalTransformerLayer)
         super().__init__(config=config)
         self.layer_number = layer_number
         self.head_dim = config.kv_channels

@@ -215,8 +215,6 @@ class HSAConfig(TransformerConfig):
         tp = self.tensor_model_parallel_size
         if self.context_parallel_size > 1:
             self._fail("context_parallel_size", "hsa/gca layers do not support context parallelism yet", "set it to 1")
-        if self.sequence_parallel:
-            self._fail("sequence_parallel", "hsa/gca layers do not support sequence parallelism yet", "set it False")
         if self.recompute_granularity == "full":
             self._fail("recompute_granularity", "'full' recomputation drops the chunk memory that the block threads "
                        "from layer to layer", "use 'selective' or None")
