@@ -72,7 +72,7 @@ class DataConfig:
         get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         return cls(
             seq_length=args.seq_length, seed=get("seed", 1234), data_path=get("data_path"),
-            split=get("split", "969,30,1"), train_data_path=get("train_data_path"),
+            split=get("split") or "969,30,1", train_data_path=get("train_data_path"),
             valid_data_path=get("valid_data_path"), test_data_path=get("test_data_path"),
             mock_data=bool(get("mock_data", False)), data_cache_path=get("data_cache_path"),
             reset_position_ids=bool(get("reset_position_ids", False)),
