@@ -22,6 +22,7 @@ memory-mapped by every rank, like megatron-core's GPTDataset indices.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -33,6 +34,9 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTLowLevel
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
+from megatron.core.utils import log_single_rank
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +94,11 @@ class ChunkAlignedPackedDataset(MegatronDataset):
         per_epoch = int(padded.sum())
         if per_epoch == 0:
             raise ValueError(f"{self.dataset_path}: the {self.index_split.name} split holds no tokens")
+        log_single_rank(
+            logger, logging.INFO,
+            f"chunk-aligned packing of {self.dataset_path} ({self.index_split.name}): "
+            f"{1 - lengths.sum() / per_epoch:.1%} of the slots are padding to chunk boundaries of {self.chunk}",
+        )
         epochs = 1 if self.num_samples is None else max(1, -(-self.num_samples * self.slots // per_epoch))
         rng = np.random.RandomState(self.config.random_seed)
         order = np.concatenate([rng.permutation(len(indices)) for _ in range(epochs)])
