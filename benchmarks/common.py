@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import shlex
 import statistics
@@ -105,7 +106,7 @@ def record(path: str, **fields) -> dict:
     """Append one JSON object (``fields`` plus the environment, fields win) as a line of ``path``."""
     row = {**environment(), **fields}
     # strict JSON: NaN / inf become null
-    row = {k: (None if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))) else v) for k, v in row.items()}
+    row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=False) + "\n")

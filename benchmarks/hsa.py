@@ -9,7 +9,7 @@ For every config and length it measures, in one process on the same inputs:
 Selections come from hsa_retrieval on random retrieval queries and landmarks: uniformly random causal chunks.
 
   python benchmarks/hsa.py                      # all configs, 8K..128K, bf16
-  python benchmarks/hsa.py --configs A --seq-lens 65536 --baselines dense
+  python benchmarks/hsa.py --configs A --seq-lens 65536 --baselines dense --variants auto,auto_split
 Results: one JSON object per (config, length, baseline) appended to --out (default benchmarks/results/hsa.jsonl).
 """
 
@@ -68,18 +68,24 @@ def flex_sliding_window(q, k, v, window):
     return _flex["fn"](q, k, v, block_mask=_flex[key])
 
 
-SWEEP = [  # TUNING overrides tried by --sweep (kernel: (num_warps, num_stages)); "*_rows" = rows per tile
-    {},
-    {"token_fwd": (1, 2), "token_bwd": (1, 2)},
-    {"token_fwd": (2, 3), "token_bwd": (2, 3)},
-    {"token_fwd": (4, 2), "token_bwd": (4, 2)},
-    {"chunk_fwd": (4, 2), "chunk_bwd": (8, 2)},
-    {"chunk_fwd_rows": 128, "chunk_fwd": (8, 1), "chunk_bwd_rows": 64, "chunk_bwd": (4, 1)},
+SWEEP = [  # (schedule, TUNING overrides) tried by --sweep; kernel: (num_warps, num_stages), "*_rows": rows per tile
+    ("auto", {}),
+    ("auto", {"token_fwd": (1, 2)}),
+    ("auto", {"token_fwd": (2, 3)}),
+    ("auto", {"token_fwd": (4, 2)}),
+    ("auto", {"bwd_token_range": 2048}),
+    ("auto", {"bwd_token_range": 8192}),
+    ("auto", {"chunk_bwd_rows": 64, "chunk_bwd": (4, 1)}),
+    ("auto", {"chunk_bwd": (8, 2)}),
+    ("token", {}),
+    ("chunk", {}),
+    ("chunk", {"chunk_fwd": (4, 2)}),
+    ("chunk", {"chunk_fwd_rows": 128, "chunk_fwd": (8, 1)}),
 ]
 
 
-def sweep(config: str, L: int, dtype: torch.dtype, schedules, rep: int):
-    """Time forward/backward of each schedule under each TUNING override; print one line each."""
+def sweep(config: str, L: int, dtype: torch.dtype, rep: int):
+    """Time forward/backward of each SWEEP entry; print one line each."""
     from megatron_ext.kernels.hsa import attention
 
     Hq, Hk, D, K = CONFIGS[config]
@@ -93,25 +99,54 @@ def sweep(config: str, L: int, dtype: torch.dtype, schedules, rep: int):
     v = torch.randn(1, C * S, Hk, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
     w = w.detach().requires_grad_()
     default = dict(attention.TUNING)
-    for schedule in schedules:
-        for override in SWEEP:
-            related = [key for key in override if key.startswith(schedule)]
-            if override and not related:
-                continue
-            attention.TUNING.update(override)
-            try:
-                f, b = fwd_bwd_ms(
-                    lambda: hsa_attention(q, k, v, w, idx, chunk_size=S, schedule=schedule), (q, k, v, w), rep=rep
-                )
-                name = override or "default"
-                print(f"sweep {config} L={L} {schedule:5s} {name}: fwd {f:.3f} ms bwd {b:.3f} ms", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"sweep {config} L={L} {schedule} {override}: failed {type(e).__name__}: {e}", flush=True)
-            attention.TUNING.clear()
-            attention.TUNING.update(default)
+    for schedule, override in SWEEP:
+        attention.TUNING.update(override)
+        try:
+            f, b = fwd_bwd_ms(
+                lambda: hsa_attention(q, k, v, w, idx, chunk_size=S, schedule=schedule), (q, k, v, w), rep=rep
+            )
+            name = override or "default"
+            print(f"sweep {config} L={L} {schedule:5s} {name}: fwd {f:.3f} ms bwd {b:.3f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"sweep {config} L={L} {schedule} {override}: failed {type(e).__name__}: {e}", flush=True)
+        attention.TUNING.clear()
+        attention.TUNING.update(default)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: int, schedule: str = "auto"):
+# Kernel variants the benchmark can time side by side: name -> (schedule, TUNING overrides).
+VARIANTS = {
+    "auto": ("auto", {}),
+    "auto_split": ("auto", {"bwd_token_range": 4096}),  # chunk backward split into 4096-token ranges
+    "token": ("token", {}),
+    "chunk": ("chunk", {}),
+}
+
+
+def time_hsa(q, k, v, w, idx, S, variant, rep):
+    """(fwd ms, bwd ms, peak GiB, peak above the inputs GiB) of one variant."""
+    from megatron_ext.kernels.hsa import attention
+
+    schedule, overrides = VARIANTS[variant]
+    saved = dict(attention.TUNING)
+    attention.TUNING.update(overrides)
+    try:
+
+        def hsa():
+            return hsa_attention(q, k, v, w, idx, chunk_size=S, schedule=schedule)
+
+        fwd, bwd = fwd_bwd_ms(hsa, (q, k, v, w), rep=rep)
+        base_mem = allocated_bytes()
+        peak = peak_memory_gib(lambda: hsa().backward(torch.ones_like(q)))
+    finally:
+        attention.TUNING.clear()
+        attention.TUNING.update(saved)
+    return fwd, bwd, peak, peak - base_mem / 2**30
+
+
+def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: int, variants=("auto",)):
+    """Measure every variant and the baselines at one (config, length); returns ({variant: row}, baselines)."""
     Hq, Hk, D, K = CONFIGS[config]
     G, S, C = Hq // Hk, CHUNK, L // CHUNK
     dev = DEVICE
@@ -122,6 +157,7 @@ def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: i
     def retrieve():
         return hsa_retrieval(q_r, lmk, chunk_size=S, topk=K)
 
+    retrieve()  # autotune outside the measurements
     base_mem = allocated_bytes()
     retrieval_peak = peak_memory_gib(retrieve) - base_mem / 2**30
     retrieval_ms = bench_ms(retrieve, rep=rep)
@@ -132,26 +168,29 @@ def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: i
     k = torch.randn(1, C * S, Hk, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
     v = torch.randn(1, C * S, Hk, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
     w = w.detach().requires_grad_()
-
-    def hsa():
-        return hsa_attention(q, k, v, w, idx, chunk_size=S, schedule=schedule)
-
-    fwd, bwd = fwd_bwd_ms(hsa, (q, k, v, w), rep=rep)
-    base_mem = allocated_bytes()
-    peak = peak_memory_gib(lambda: hsa().backward(torch.ones_like(q)))
     flop_fwd = 4.0 * n_valid * G * S * D
     gather_bytes = n_valid * 2 * S * D * q.element_size()
-    row = dict(
-        kernel="hsa_attention", config=config, seq_len=L, dtype=str(dtype).replace("torch.", ""), schedule=schedule,
-        fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=tflops(flop_fwd, fwd), bwd_tflops=tflops(2.5 * flop_fwd, bwd),
-        gather_gbps=gather_bytes / (fwd * 1e-3) / 1e9, peak_gib=peak, peak_above_inputs_gib=peak - base_mem / 2**30,
-        retrieval_ms=retrieval_ms, retrieval_peak_gib=retrieval_peak, retrieval_over_fwd=retrieval_ms / fwd,
-        valid_slot_fraction=n_valid / (L * Hk * K),
-    )
+    rows = {}
+    for variant in variants:
+        try:
+            fwd, bwd, peak, peak_above = time_hsa(q, k, v, w, idx, S, variant, rep)
+        except Exception as e:  # noqa: BLE001 - report the failure and keep measuring
+            print(f"  variant {variant} failed at {config}/{L}: {type(e).__name__}: {e}", flush=True)
+            continue
+        rows[variant] = dict(
+            kernel="hsa_attention", config=config, seq_len=L, dtype=str(dtype).replace("torch.", ""),
+            schedule=variant, fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=tflops(flop_fwd, fwd),
+            bwd_tflops=tflops(2.5 * flop_fwd, bwd), gather_gbps=gather_bytes / (fwd * 1e-3) / 1e9, peak_gib=peak,
+            peak_above_inputs_gib=peak_above, retrieval_ms=retrieval_ms, retrieval_peak_gib=retrieval_peak,
+            retrieval_over_fwd=retrieval_ms / fwd, valid_slot_fraction=n_valid / (L * Hk * K),
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     del w
     qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
     kd = k.detach().repeat_interleave(G, dim=2).transpose(1, 2).contiguous().requires_grad_()
     vd = v.detach().repeat_interleave(G, dim=2).transpose(1, 2).contiguous().requires_grad_()
+    del q, k, v
     runners = {
         "dense": ("cudnn_dense_causal", lambda: dense_causal(qd, kd, vd)),
         "flex": ("flex_sliding_window", lambda: flex_sliding_window(qd, kd, vd, K * S)),
@@ -164,19 +203,22 @@ def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: i
         except Exception as e:  # noqa: BLE001 - report the failure and keep measuring
             print(f"  {name} failed at {config}/{L}: {type(e).__name__}: {e}", flush=True)
             results[name] = None
-    for name, res in (results or {None: None}).items():
-        bf, bb = res if res is not None else (None, None)
-        record(
-            out_path, **row, baseline=name, baseline_fwd_ms=bf, baseline_bwd_ms=bb,
-            speedup_fwd_bwd=((bf + bb) / (fwd + bwd)) if res is not None else None,
-            sliding_window=K * S if name == "flex_sliding_window" else None,
-        )
+    for row in rows.values():
+        total = row["fwd_ms"] + row["bwd_ms"]
+        for name, res in (results or {None: None}).items():
+            bf, bb = res if res is not None else (None, None)
+            record(
+                out_path, **row, baseline=name, baseline_fwd_ms=bf, baseline_bwd_ms=bb,
+                speedup_fwd_bwd=((bf + bb) / total) if res is not None else None,
+                sliding_window=K * S if name == "flex_sliding_window" else None,
+            )
+    first = next(iter(rows.values()), None)
     record(
-        out_path, kernel="hsa_retrieval", config=config, seq_len=L, dtype=row["dtype"], fwd_ms=retrieval_ms,
-        bwd_ms=None, peak_gib=retrieval_peak, baseline="hsa_attention_forward", baseline_fwd_ms=fwd,
-        baseline_bwd_ms=None,
+        out_path, kernel="hsa_retrieval", config=config, seq_len=L, dtype=str(dtype).replace("torch.", ""),
+        fwd_ms=retrieval_ms, bwd_ms=None, peak_gib=retrieval_peak, baseline="hsa_attention_forward",
+        baseline_fwd_ms=None if first is None else first["fwd_ms"], baseline_bwd_ms=None,
     )
-    return row, results
+    return rows, results
 
 
 def main(argv=None):
@@ -185,8 +227,8 @@ def main(argv=None):
     p.add_argument("--seq-lens", default="8192,16384,32768,65536,131072")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--baselines", default="dense,flex", help="comma list of dense, flex (or 'none')")
-    p.add_argument("--schedule", default="auto", choices=["auto", "token", "chunk"])
-    p.add_argument("--sweep", action="store_true", help="only time the TUNING variants of both schedules")
+    p.add_argument("--variants", default="auto", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--sweep", action="store_true", help="only time the SWEEP list of schedules and launch parameters")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rep", type=int, default=100, help="timing budget per measurement, ms")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hsa.jsonl"))
@@ -197,33 +239,38 @@ def main(argv=None):
 
     dynamo.config.cache_size_limit = 64
     baselines = [b for b in args.baselines.split(",") if b and b != "none"]
+    variants = [x for x in args.variants.split(",") if x]
+    unknown = [x for x in variants if x not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     if args.sweep:
         for config in args.configs.split(","):
             for L in (int(x) for x in args.seq_lens.split(",")):
-                sweep(config, L, DTYPES[args.dtype], ("auto", "token", "chunk"), min(args.rep, 50))
+                sweep(config, L, DTYPES[args.dtype], min(args.rep, 50))
         return
     table = []
     # length-major, so that a time limit cuts the longest runs, not a whole config
     for L in (int(x) for x in args.seq_lens.split(",")):
         for config in args.configs.split(","):
             try:
-                row, res = measure(config, L, DTYPES[args.dtype], baselines, args.out, args.rep, args.schedule)
+                rows, res = measure(config, L, DTYPES[args.dtype], baselines, args.out, args.rep, variants)
             except Exception as e:  # noqa: BLE001 - one failed size must not lose the others
                 print(f"{config}/{L} failed: {type(e).__name__}: {e}", flush=True)
                 continue
             dense, flex = res.get("cudnn_dense_causal"), res.get("flex_sliding_window")
-            table.append(dict(
-                cfg=config, L=L, sched=args.schedule, fwd_ms=row["fwd_ms"], bwd_ms=row["bwd_ms"],
-                bwd_fwd=row["bwd_ms"] / row["fwd_ms"],
-                fwd_TF=row["fwd_tflops"], bwd_TF=row["bwd_tflops"], gather_GBs=row["gather_gbps"],
-                peak_GiB=row["peak_gib"], retr_ms=row["retrieval_ms"], retr_fwd=row["retrieval_over_fwd"],
-                retr_GiB=row["retrieval_peak_gib"],
-                dense_ms=None if dense is None else sum(dense),
-                x_dense=None if dense is None else sum(dense) / (row["fwd_ms"] + row["bwd_ms"]),
-                swa_ms=None if flex is None else sum(flex),
-                x_swa=None if flex is None else sum(flex) / (row["fwd_ms"] + row["bwd_ms"]),
-            ))
-            print(format_table(table[-1:], list(table[-1])), flush=True)
+            for variant, row in rows.items():
+                total = row["fwd_ms"] + row["bwd_ms"]
+                table.append(dict(
+                    cfg=config, L=L, variant=variant, fwd_ms=row["fwd_ms"], bwd_ms=row["bwd_ms"],
+                    bwd_fwd=row["bwd_ms"] / row["fwd_ms"], fwd_TF=row["fwd_tflops"], bwd_TF=row["bwd_tflops"],
+                    gather_GBs=row["gather_gbps"], peak_GiB=row["peak_gib"], retr_ms=row["retrieval_ms"],
+                    retr_fwd=row["retrieval_over_fwd"], retr_GiB=row["retrieval_peak_gib"],
+                    dense_ms=None if dense is None else sum(dense),
+                    x_dense=None if dense is None else sum(dense) / total,
+                    swa_ms=None if flex is None else sum(flex),
+                    x_swa=None if flex is None else sum(flex) / total,
+                ))
+                print(format_table(table[-1:], list(table[-1])), flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     if table:

@@ -154,6 +154,29 @@ def test_triton_matches_reference(B, L, Hq, Hk, D, S, K, dtype, schedule, off_by
     check_against_reference(q, k, v, w, idx, S=S, dtype=dtype, schedule=schedule, off_by_one=off_by_one)
 
 
+@pytest.mark.parametrize("schedule", ["chunk", "token"])
+def test_backward_split_into_token_ranges(monkeypatch, schedule):
+    """The chunk backward split into token ranges (atomic fp32 dK/dV) gives the same gradients."""
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "bwd_token_range", 32)
+    q, k, v, w, idx = make_inputs(1, 100, 4, 2, 32, 16, 3, torch.float32, seed=21, invalid_frac=0.2)
+    check_against_reference(q, k, v, w, idx, S=16, dtype=torch.float32, schedule=schedule)
+
+
+def test_reverse_index_split_by_token_range():
+    B, L, Hk, K, S, R = 1, 50, 2, 3, 8, 16
+    idx, _ = random_causal_selection(B, L, Hk, K, S, L // S, torch.Generator().manual_seed(2))
+    C, NR = L // S, -(-L // R)
+    pairs, offsets = build_reverse_index(idx, C, token_range=R)
+    for h in range(Hk):
+        for r in range(NR):
+            for c in range(C):
+                i = (h * NR + r) * C + c
+                want = [t * K + s for t in range(r * R, min(L, (r + 1) * R)) for s in range(K) if idx[0, t, h, s] == c]
+                assert pairs[offsets[i]:offsets[i + 1]].tolist() == want
+
+
 def test_both_schedules_agree_with_custom_scale():
     q, k, v, w, idx = make_inputs(1, 80, 8, 2, 32, 16, 3, torch.float32, seed=3)
     outs = [hsa_attention(q, k, v, w, idx, chunk_size=16, sm_scale=0.3, schedule=s) for s in ("token", "chunk")]
@@ -218,3 +241,13 @@ def test_fp32_gpu_is_exact():
     q, k, v, w, idx = make_inputs(1, 1024, 16, 2, 64, 64, 8, torch.float32, seed=11)
     for schedule in ("token", "chunk"):
         check_against_reference(q, k, v, w, idx, S=64, dtype=torch.float32, schedule=schedule)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hk,D", [(64, 4, 128), (16, 8, 128)])
+def test_backward_split_into_token_ranges_gpu(monkeypatch, Hq, Hk, D):
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "bwd_token_range", 1024)
+    q, k, v, w, idx = make_inputs(1, 4096, Hq, Hk, D, 64, 16, torch.bfloat16, seed=Hq)
+    check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="auto")

@@ -174,7 +174,9 @@ def test_retrieval_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("B,L,R,Dr,S,K", [(1, 8192, 4, 128, 64, 16), (2, 5000, 1, 64, 32, 64), (1, 4096, 8, 32, 128, 8)])
+@pytest.mark.parametrize(
+    "B,L,R,Dr,S,K", [(1, 8192, 4, 128, 64, 16), (2, 5000, 1, 64, 32, 64), (1, 4096, 8, 32, 128, 8)]
+)
 def test_triton_retrieval_gpu(B, L, R, Dr, S, K, dtype):
     q_r, lmk = inputs(B, L, R, Dr, S, dtype, seed=L)
     idx, w = hsa_retrieval(q_r, lmk, chunk_size=S, topk=K, backend="triton")

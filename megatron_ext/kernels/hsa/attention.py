@@ -46,6 +46,8 @@ TUNING = {
     "slot_sum": (4, 1),
     "chunk_fwd_rows": 64,
     "chunk_bwd_rows": 128,
+    # Chunk backward split into token ranges of this many tokens (0 = no split: deterministic, no atomics).
+    "bwd_token_range": 0,
 }
 
 
@@ -223,22 +225,26 @@ def _hsa_bwd_token_kernel(
 @triton.jit
 def _hsa_bwd_chunk_kernel(
     Q, K, V, W, DO, LSE, DELTA, PAIRS, OFFSETS, DK, DV, DQBUF,
-    qk_scale, sm_scale, L, NC,
+    qk_scale, sm_scale, L, NC, NR,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPUTE_DELTA: tl.constexpr, WRITE_DQ: tl.constexpr, PREC: tl.constexpr,
+    COMPUTE_DELTA: tl.constexpr, WRITE_DQ: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dK/dV of one (chunk, KV head) from the pairs that selected it; optionally Delta and per-slot dq too.
+    """dK/dV of one (chunk, token range, KV head) from the pairs that selected it; optionally Delta and per-slot dq.
 
+    Without SPLIT there is one token range (NR = 1) and dK/dV are stored; with SPLIT the programs of one token range
+    run together (their q/dO rows stay in L2) and add their partial dK/dV into fp32 DK/DV with atomics.
     Q and DO share strides; K, V, DK, DV share strides.
     """
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    r = tl.program_id(1)
+    bh = tl.program_id(2)
     b = bh // HK
     h = bh % HK
-    start = tl.load(OFFSETS + bh * NC + c)
-    end = tl.load(OFFSETS + bh * NC + c + 1)
+    seg = (bh * NR + r) * NC + c
+    start = tl.load(OFFSETS + seg)
+    end = tl.load(OFFSETS + seg + 1)
     offs_d = tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, S)
     d_mask = offs_d < D
@@ -281,22 +287,31 @@ def _hsa_bwd_chunk_kernel(
             tl.store(DQBUF + row[:, None] * D + offs_d[None, :], dq.to(DQBUF.dtype.element_ty), mask=tile_mask)
     rows = (c * S + offs_s).to(tl.int64)
     out_off = kv_off + rows[:, None] * s_kl + offs_d[None, :]
-    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_mask[None, :])
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_mask[None, :])
+    if SPLIT:
+        add_mask = d_mask[None, :] & (end > start)
+        tl.atomic_add(DK + out_off, dk * sm_scale, mask=add_mask, sem="relaxed")
+        tl.atomic_add(DV + out_off, dv, mask=add_mask, sem="relaxed")
+    else:
+        tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_mask[None, :])
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_mask[None, :])
 
 
-def build_reverse_index(indices: torch.Tensor, num_chunks: int):
-    """For every (batch, KV head, chunk), the (token, slot) pairs that selected it.
+def build_reverse_index(indices: torch.Tensor, num_chunks: int, token_range: int = 0):
+    """For every (batch, KV head, token range, chunk), the (token, slot) pairs that selected it.
 
-    indices ``[B, L, Hk, K]`` -> ``pairs`` int32 (pair = t*K + slot, grouped by (b, h, c), tokens ascending) and
-    ``offsets`` int32 ``[B*Hk*C + 1]``: the pairs of (b, h, c) are ``pairs[offsets[i]:offsets[i+1]]``,
-    i = (b*Hk + h)*C + c. Invalid slots (index < 0) are left out.
+    indices ``[B, L, Hk, K]`` -> ``pairs`` int32 (pair = t*K + slot; grouped by segment, tokens ascending) and
+    ``offsets`` int32 ``[B*Hk*NR*C + 1]``: the pairs of segment i = ((b*Hk + h)*NR + r)*C + c are
+    ``pairs[offsets[i]:offsets[i+1]]``, r = t // token_range (NR = 1 and r = 0 when ``token_range`` is 0).
+    Invalid slots (index < 0) are left out.
     """
     B, L, Hk, K = indices.shape
+    n_ranges = 1 if token_range <= 0 else -(-L // token_range)
     idx = indices.permute(0, 2, 1, 3).reshape(B * Hk, L * K).long()
-    total = B * Hk * num_chunks
-    bh = torch.arange(B * Hk, device=indices.device)[:, None]
-    key = torch.where(idx >= 0, bh * num_chunks + idx, total).reshape(-1)
+    total = B * Hk * n_ranges * num_chunks
+    segment = torch.arange(B * Hk, device=indices.device)[:, None] * n_ranges
+    if n_ranges > 1:
+        segment = segment + torch.arange(L * K, device=indices.device)[None, :] // (K * token_range)
+    key = torch.where(idx >= 0, segment * num_chunks + idx, total).reshape(-1)
     _, order = torch.sort(key, stable=True)
     counts = torch.bincount(key, minlength=total + 1)[:total]
     offsets = torch.zeros(total + 1, dtype=torch.int32, device=indices.device)
@@ -367,34 +382,45 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     BLOCK_D = max(16, next_power_of_2(D))
     prec = dot_precision(q.dtype)
     qk_scale = sm_scale * LOG2E
-    if reverse is None:
-        reverse = build_reverse_index(indices, NC)
+    token_range = TUNING["bwd_token_range"]
+    split = 0 < token_range < L
+    if reverse is None or split:
+        reverse = build_reverse_index(indices, NC, token_range if split else 0)
     pairs, offsets = reverse
+    n_ranges = -(-L // token_range) if split else 1
     delta = torch.zeros(B, L, Hk, K, G, device=q.device, dtype=torch.float32)
-    dk = empty_output(*k.shape, device=k.device, dtype=k.dtype)
-    dv = empty_output(*v.shape, device=v.device, dtype=v.dtype)
+    if split:  # fp32 accumulators for the atomic partial sums
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    else:
+        dk = empty_output(*k.shape, device=k.device, dtype=k.dtype)
+        dv = empty_output(*v.shape, device=v.device, dtype=v.dtype)
     group_pad = next_power_of_2(G)
     block_p = _pairs_per_tile(group_pad, "chunk_bwd_rows")
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    chunk_grid = (NC, n_ranges, B * Hk)
+    chunk_meta = dict(
+        HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D, SPLIT=split, PREC=prec,
+        **_launch("chunk_bwd"),
+    )
     if schedule == "token":
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         _hsa_bwd_token_kernel[(L, B * Hk)](
             q, k, v, weights, indices, do, lse, dq, delta, qk_scale, sm_scale, L, *strides,
-            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=max(16, group_pad), BLOCK_D=BLOCK_D, PREC=prec, **_launch("token_bwd"),
+            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=max(16, group_pad), BLOCK_D=BLOCK_D, PREC=prec,
+            **_launch("token_bwd"),
         )
         if NC > 0:
-            _hsa_bwd_chunk_kernel[(NC, B * Hk)](
-                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq, qk_scale, sm_scale, L, NC, *strides,
-                HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-                COMPUTE_DELTA=False, WRITE_DQ=False, PREC=prec, **_launch("chunk_bwd"),
+            _hsa_bwd_chunk_kernel[chunk_grid](
+                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq, qk_scale, sm_scale, L, NC, n_ranges,
+                *strides, COMPUTE_DELTA=False, WRITE_DQ=False, **chunk_meta,
             )
     else:
         dqbuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
         if NC > 0:
-            _hsa_bwd_chunk_kernel[(NC, B * Hk)](
-                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dqbuf, qk_scale, sm_scale, L, NC, *strides,
-                HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-                COMPUTE_DELTA=True, WRITE_DQ=True, PREC=prec, **_launch("chunk_bwd"),
+            _hsa_bwd_chunk_kernel[chunk_grid](
+                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dqbuf, qk_scale, sm_scale, L, NC, n_ranges,
+                *strides, COMPUTE_DELTA=True, WRITE_DQ=True, **chunk_meta,
             )
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         _slot_sum_kernel[(L, B * Hk)](
@@ -404,6 +430,8 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     if NC == 0:
         dk.zero_()
         dv.zero_()
+    if split:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq, dk, dv, delta.sum(-1)
 
 

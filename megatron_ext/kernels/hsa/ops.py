@@ -92,7 +92,7 @@ def hsa_attention(
     backend: str = "auto",
     schedule: str = "auto",
 ) -> torch.Tensor:
-    """Sparse chunk attention: o[t, g] = sum_k weights[t, h, k] * softmax(q[t, g] K_c^T * scale) V_c, c = indices[t, h, k].
+    """Sparse chunk attention: o[t, g] = sum_k w[t, h, k] * softmax(q[t, g] K_c^T * scale) V_c, c = indices[t, h, k].
 
     q ``[B, L, Hq, D]``, k/v ``[B, C*S, Hk, D]``, weights/indices ``[B, L, Hk, K]`` -> o ``[B, L, Hq, D]``.
     Negative indices are skipped. Gradients flow to q, k, v and weights (fp32), never to indices.

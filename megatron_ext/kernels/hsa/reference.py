@@ -119,7 +119,8 @@ def chunk_weights(
     """fp32 weights ``[..., K]`` from the selected scores (slots most recent first); 0 in invalid slots.
 
     softmax: w = softmax over the valid slots of (s_k + k*p);
-    stick_breaking: w_k = sigma(x_k) * prod_{j<k} (1 - sigma(x_j)) = exp(x_k - sum_{j<=k} softplus(x_j)), x_k = s_k + k*p.
+    stick_breaking: w_k = sigma(x_k) * prod_{j<k} (1 - sigma(x_j)) = exp(x_k - sum_{j<=k} softplus(x_j)),
+    with x_k = s_k + k*p.
     Rank decay p (a scalar, learnable) adds a recency bias by slot rank; None means p = 0.
     """
     if weight_rule not in WEIGHT_RULES:
@@ -142,7 +143,8 @@ def chunk_weights(
 def _check_retrieval_inputs(q_r, landmarks, chunk_size, topk):
     if q_r.dim() != 4 or landmarks.dim() != 4:
         raise ValueError(
-            f"q_r must be [B, L, R, Dr] and landmarks [B, C, R, Dr]; got {tuple(q_r.shape)} and {tuple(landmarks.shape)}"
+            f"q_r must be [B, L, R, Dr] and landmarks [B, C, R, Dr]; "
+            f"got {tuple(q_r.shape)} and {tuple(landmarks.shape)}"
         )
     if q_r.shape[0] != landmarks.shape[0] or q_r.shape[2:] != landmarks.shape[2:]:
         raise ValueError(
