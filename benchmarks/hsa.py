@@ -163,6 +163,7 @@ def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: i
     retrieval_ms = bench_ms(retrieve, rep=rep)
     idx, w = retrieve()
     n_valid = int((idx >= 0).sum())
+    print(f"  retrieval {config}/{L}: {retrieval_ms:.3f} ms, peak above inputs {retrieval_peak:.4f} GiB", flush=True)
     del q_r, lmk
     q = torch.randn(1, L, Hq, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
     k = torch.randn(1, C * S, Hk, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
