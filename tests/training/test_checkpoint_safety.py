@@ -1,6 +1,7 @@
-"""Checkpoints survive a process killed mid-save: ``latest`` keeps naming the previous, complete checkpoint."""
+"""Checkpoints survive preemption and a process killed mid-save: ``latest`` only ever names complete checkpoints."""
 
 import os
+import re
 import signal
 import time
 
@@ -47,13 +48,33 @@ def test_prune_keeps_newest_and_never_the_latest(tmp_path):
     assert checkpoint_iterations(str(tmp_path)) == [30, 40]
 
 
-def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    common = TINY_SWA_HSA + ["--train-iters", "8", "--save-interval", "4", "--save", ckpt]
-    finish(start(common + ["--exit-interval", "4"])).check()
-    assert read_latest_iteration(ckpt) == 4
+def _wait_for(pattern: str, log_path: str, proc, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if re.search(pattern, open(log_path).read()):
+            return
+        time.sleep(0.05)
 
-    # Resume and SIGKILL the process as soon as it starts writing the iteration-8 checkpoint.
+
+def test_preemption_then_kill_during_save(tmp_path):
+    """SIGUSR1 (SLURM's preemption warning) saves and exits 0; a later run SIGKILLed while it writes its next
+    checkpoint leaves ``latest`` on the preemption checkpoint, which loads and repeats the same iterations."""
+    ckpt, log_path = str(tmp_path / "ckpt"), str(tmp_path / "part1.log")
+    common = TINY_SWA_HSA + ["--train-iters", "12", "--save-interval", "8", "--save", ckpt]
+
+    # 1. Preempted after iteration 3: checkpoint at the iteration where training stopped, clean exit.
+    proc = start(common, log_path=log_path)
+    _wait_for(r"iteration\s+3/", log_path, proc)
+    proc.send_signal(signal.SIGUSR1)  # SIGTERM is megatron's own --exit-signal
+    preempted = finish(proc)
+    assert preempted.returncode == 0, preempted.output[-3000:]
+    assert "exiting program after receiving SIGTERM" in preempted.output
+    stop = max(preempted.losses())
+    assert 3 <= stop < 8
+    assert read_latest_iteration(ckpt) == stop
+    assert os.listdir(os.path.join(ckpt, f"iter_{stop:07d}"))
+
+    # 2. Resume, and SIGKILL the process as soon as it starts writing the iteration-8 checkpoint.
     proc = start(common + ["--load", ckpt])
     partial = os.path.join(ckpt, "iter_0000008")
     deadline = time.monotonic() + 240
@@ -62,12 +83,12 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     proc.send_signal(signal.SIGKILL)
     killed = finish(proc)
     assert killed.returncode == -signal.SIGKILL, "the process ended before it started saving iteration 8"
-    assert read_latest_iteration(ckpt) == 4, "latest must still name the last complete checkpoint"
-    assert sorted(killed.losses()) == [5, 6, 7, 8]
+    assert read_latest_iteration(ckpt) == stop, "latest must still name the last complete checkpoint"
+    assert sorted(killed.losses()) == list(range(stop + 1, 9))
 
-    # The previous checkpoint loads, and training from it repeats iterations 5-8 exactly, then saves 8.
-    again = finish(start(common + ["--load", ckpt])).check()
-    assert "at iteration 4" in again.output
+    # 3. The previous checkpoint loads, training from it repeats the same iterations exactly, then saves 8.
+    again = finish(start(common + ["--load", ckpt, "--exit-interval", "8"])).check()
+    assert f"at iteration {stop}" in again.output
     assert again.losses() == killed.losses()
     assert read_latest_iteration(ckpt) == 8
     assert os.listdir(os.path.join(ckpt, "iter_0000008")), "the re-done save must be complete"
