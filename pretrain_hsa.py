@@ -17,7 +17,6 @@ import time
 
 _PROGRAM_START = time.time()
 
-import os  # noqa: E402
 from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
@@ -26,7 +25,6 @@ from megatron_ext.training import runtime  # noqa: E402
 
 runtime.prepare_process()  # CPU shims, single-process rendezvous defaults; before megatron builds anything
 
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
 from megatron.training import get_args, get_timers, pretrain, print_rank_0  # noqa: E402
@@ -50,14 +48,17 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     return model
 
 
-def get_batch(data_iterator, vp_stage=None):
+_NO_BATCH = dict.fromkeys(("tokens", "labels", "loss_mask", "attention_mask", "position_ids", "packed_seq_params"))
+
+
+def get_batch(data_iterator):
     """This rank's micro-batch (tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_params).
 
-    Middle pipeline stages read nothing: their input arrives from the previous stage.
+    Every pipeline stage reads it: middle stages take their activations from the previous stage but still need the
+    packed documents' boundaries (``packed_seq_params``) for their attention masks.
     """
-    if not (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-            or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)):
-        return None
+    if data_iterator is None:
+        return dict(_NO_BATCH)
     return hsa_data.get_batch(data_iterator)
 
 
@@ -80,9 +81,7 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """One micro-batch through the model; returns the per-token losses and the loss function to reduce them."""
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    vp_stage = getattr(model, "vp_stage", None)
-    batch = get_batch(data_iterator, vp_stage) or dict.fromkeys(
-        ("tokens", "labels", "loss_mask", "attention_mask", "position_ids", "packed_seq_params"))
+    batch = get_batch(data_iterator)
     timers("batch-generator").stop()
     output_tensor = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
                           loss_mask=batch["loss_mask"], packed_seq_params=batch["packed_seq_params"])

@@ -35,7 +35,6 @@ def register_model_chunk(chunk: torch.nn.Module) -> None:
 
 def flop_model(args) -> FlopModel:
     if _STATE["flop_model"] is None:
-        from megatron.training import get_args  # noqa: F401  (args given explicitly)
         from megatron_ext.training.model import transformer_config_from_args
 
         config = _STATE.get("config") or transformer_config_from_args(args)
@@ -45,10 +44,6 @@ def flop_model(args) -> FlopModel:
             tied_output_layer=not args.untie_embeddings_and_output_weights,
         )
     return _STATE["flop_model"]
-
-
-def set_model_config(config) -> None:
-    _STATE["config"] = config
 
 
 def num_floating_point_operations(args, batch_size, seqlen_squared_sum_in_batch=None,
