@@ -87,3 +87,11 @@ class ReplicatedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         return torch.nn.functional.linear(x, self.weight, self.bias), None
+
+    # megatron's linears carry an (empty) extra state; so does this one, so that its checkpoint entries are the
+    # same as a ColumnParallelLinear's and a checkpoint moves between TP sizes where one or the other is used.
+    def get_extra_state(self):
+        return None
+
+    def set_extra_state(self, state):
+        pass

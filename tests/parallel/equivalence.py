@@ -202,6 +202,12 @@ RETRIEVAL_MODELS = {
     # One KV head (the 8B-A1B's Hk=1): at TP=2 the memory K/V is replicated and the query heads are split.
     "swa_hsa_one_kv_head": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=1, hsa_inner_swa=True),
     "gca": dict(layer_pattern="swa [gca swa gca]", hsa_encoder_layers=1),
+    # The 8B-A1B's shape in miniature: MoE on every layer (the project's grouped-GEMM experts, a shared expert,
+    # alltoall dispatch, aux loss) under SWA + HSA with one KV head.
+    "swa_hsa_moe": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=1, hsa_inner_swa=True,
+                        num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                        moe_shared_expert_intermediate_size=32, moe_token_dispatcher_type="alltoall",
+                        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2),
 }
 
 

@@ -45,7 +45,9 @@ LAYOUTS: dict[str, list[Layout]] = {
     # stage 1, so the chunk memory and the selection cross the boundary.
     "swa_hsa": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
     "swa_hsa_shared_retrieval": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
+    "swa_hsa_one_kv_head": [Layout("tp2", tp=2)],  # Hk=1 < TP: memory K/V replicated, query heads split
     "gca": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
+    "swa_hsa_moe": [Layout("ep2", ep=2), Layout("pp2", pp=2)],
     "moe_aux_free": [
         Layout("ep2_alltoall", ep=2),
         Layout("tp2_sp", tp=2, sp=True),
