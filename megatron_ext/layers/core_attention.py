@@ -75,8 +75,14 @@ def _window_block_mask(q_len: int, k_len: int, window: int, device_str: str):
     return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=k_len, device=device_str)
 
 
-def _document_block_mask(doc_ids: torch.Tensor, window: Optional[int], causal: bool):
+@functools.lru_cache(maxsize=16)
+def _document_block_mask(cu_key: tuple, batch: int, seq_len: int, window: Optional[int], causal: bool, device_str: str):
+    """Block mask of packed documents (+ causal / window), cached by the document offsets: every attention layer
+    of a step reuses the one built by the first (building it scans the whole L x L mask)."""
     from torch.nn.attention.flex_attention import create_block_mask
+
+    cu = torch.tensor(cu_key, device=device_str)
+    doc_ids = document_ids(cu, batch, seq_len)
 
     def document_mask(b, h, q_idx, kv_idx):
         keep = doc_ids[b, q_idx] == doc_ids[b, kv_idx]
@@ -86,8 +92,14 @@ def _document_block_mask(doc_ids: torch.Tensor, window: Optional[int], causal: b
             keep = keep & (q_idx - kv_idx <= window)
         return keep
 
-    L = doc_ids.shape[1]
-    return create_block_mask(document_mask, B=doc_ids.shape[0], H=None, Q_LEN=L, KV_LEN=L, device=str(doc_ids.device))
+    return create_block_mask(document_mask, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device_str)
+
+
+def _flex_attention(q, k, v, block_mask, scale, gqa):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex_attention() if q.is_cuda else flex_attention  # eager on the CPU (tests)
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
 def attention(
@@ -100,33 +112,35 @@ def attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     impl: str = "auto",
-    doc_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention on batch-first heads: q [B, Hq, Lq, D], k/v [B, Hk, Lk, D] (Hq % Hk == 0) -> [B, Hq, Lq, D].
 
-    window: keys j with 0 <= i - j <= window only; doc_ids: [B, L] document index per token (packed sequences,
-    Lq == Lk): keys of other documents are masked. impl: 'auto' (FlexAttention for windows and documents on CUDA,
+    window: keys j with 0 <= i - j <= window only; cu_seqlens: packed documents as offsets over the flattened B*L
+    tokens, sample starts included (``packing.flat_cu_seqlens``; Lq == Lk): keys of other documents are masked. impl: 'auto' (FlexAttention for windows and documents on CUDA,
     else SDPA), 'sdpa' or 'flex'.
     """
     gqa = q.shape[1] != k.shape[1]
     Lq, Lk = q.shape[2], k.shape[2]
     if window is not None and window + 1 >= Lk:
         window = None  # the window covers everything: plain causal
-    if doc_ids is not None and doc_ids.shape != (q.shape[0], Lq):
-        raise ValueError(f"doc_ids must be [B, L] = {(q.shape[0], Lq)}, got {tuple(doc_ids.shape)}")
-    needs_mask = window is not None or doc_ids is not None
+    if cu_seqlens is not None and Lq != Lk:
+        raise ValueError("packed sequences need as many keys as queries (no KV cache)")
+    needs_mask = window is not None or cu_seqlens is not None
     use_flex = needs_mask and (impl == "flex" or (impl == "auto" and q.is_cuda))
     if use_flex:
         if dropout_p > 0:
             raise ValueError("FlexAttention has no attention dropout: set attention_dropout=0 or attention_impl='sdpa'")
-        if doc_ids is not None:
-            block_mask = _document_block_mask(doc_ids, window, causal)
+        if cu_seqlens is not None:
+            key = tuple(int(c) for c in cu_seqlens.tolist())
+            block_mask = _document_block_mask(key, q.shape[0], Lq, window, causal, str(q.device))
         else:
             block_mask = _window_block_mask(Lq, Lk, int(window), str(q.device))
-        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        return _flex_attention(q, k, v, block_mask, scale, gqa)
     if needs_mask or (causal and Lq != Lk):
         mask = band_mask(Lq, Lk, window, causal, q.device)
-        if doc_ids is not None:
+        if cu_seqlens is not None:
+            doc_ids = document_ids(cu_seqlens, q.shape[0], Lq)
             mask = mask[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
@@ -177,18 +191,13 @@ class LocalCoreAttention(MegatronModule):
         if packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "sbhd") != "sbhd":
             flat_cu_seqlens(packed_seq_params, 1, 1, query.device)  # raises, naming the supported layout
         sq, b, hq, d = query.shape
-        doc_ids = None
         cu = flat_cu_seqlens(packed_seq_params, b, sq, query.device)
-        if cu is not None:
-            if key.shape[0] != sq:
-                raise ValueError("packed sequences need as many keys as queries (no KV cache)")
-            doc_ids = document_ids(cu, b, sq)
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         out = attention(
             q, k, v, causal=self.causal, window=self.window_size, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0, impl=self.impl, doc_ids=doc_ids,
+            dropout_p=self.dropout if self.training else 0.0, impl=self.impl, cu_seqlens=cu,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
 

@@ -75,3 +75,24 @@ def test_flex_and_sdpa_paths_match_on_gpu(window):
     fast = attention(q, k, v, causal=True, window=window, impl="auto")
     ref = attention(q.float(), k.float(), v.float(), causal=True, window=window, impl="sdpa")
     torch.testing.assert_close(fast.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_flex_document_and_window_masks_match_sdpa(window):
+    """The FlexAttention path (eager on the CPU) equals SDPA with the dense document/band mask."""
+    gen = torch.Generator().manual_seed(2)
+    B, L = 2, 128
+    q = torch.randn(B, 4, L, 16, generator=gen)
+    k = torch.randn(B, 2, L, 16, generator=gen)
+    v = torch.randn(B, 2, L, 16, generator=gen)
+    cu = torch.tensor([0, 48, 128, 160, 256])  # flat over B * L, sample starts included
+    flex = attention(q, k, v, causal=True, window=window, impl="flex", cu_seqlens=cu)
+    sdpa = attention(q, k, v, causal=True, window=window, impl="sdpa", cu_seqlens=cu)
+    torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
+    # and the second document of sample 0 equals that document alone
+    alone = attention(q[:1, :, 48:], k[:1, :, 48:], v[:1, :, 48:], causal=True, window=window, impl="sdpa")
+    torch.testing.assert_close(flex[:1, :, 48:], alone, rtol=1e-5, atol=1e-5)
+    if window is not None:
+        plain = attention(q, k, v, causal=True, window=window, impl="flex")
+        torch.testing.assert_close(plain, attention(q, k, v, causal=True, window=window, impl="sdpa"),
+                                   rtol=1e-5, atol=1e-5)
