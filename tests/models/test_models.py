@@ -44,7 +44,7 @@ def test_forward_backward_and_a_few_steps_reduce_the_loss(megatron_world, family
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-@pytest.mark.parametrize("family", ["gpt_swa", "swa_hsa", "swa_hsa_moe", "drt_gca"])
+@pytest.mark.parametrize("family", ["gpt_swa", "swa_hsa", "swa_hsa_moe", "swa_hsa_options", "drt_gca"])
 def test_future_tokens_never_change_the_past(megatron_world, family):
     # Retrieval on, Gumbel noise off (eval mode); MoE with dropless routing is per-token too.
     model = _model(family, hsa_topk=3)
@@ -100,3 +100,15 @@ def test_chunk_memory_is_handed_to_every_retrieval_layer(megatron_world):
     assert [m.group for m in memories] == [0, 0, 1, 1]
     assert memories[0].selection is memories[1].selection and memories[2].selection is not memories[0].selection
     assert memories[0].keys.shape == (1, SEQ, 1, 16) and memories[0].landmarks.shape == (1, SEQ // CHUNK, 1, 64)
+
+
+def test_gumbel_noise_only_in_training(megatron_world):
+    model = _model("swa_hsa", hsa_topk=2)
+    retrieval = model.decoder.layers[2].retrieval
+    x = torch.randn(SEQ, 1, 64, generator=torch.Generator().manual_seed(0))
+    memory = model.decoder.layers[2].chunk_memory(x)
+    retrieval.eval()
+    assert torch.equal(retrieval(x, memory).indices, retrieval(x, memory).indices)
+    retrieval.train()
+    draws = {tuple(retrieval(x, memory).indices.flatten().tolist()) for _ in range(4)}
+    assert len(draws) > 1, "Gumbel noise should change the training-time selection"

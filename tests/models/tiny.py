@@ -48,5 +48,11 @@ FAMILIES = {
                         moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=32, hsa_inner_swa=True,
                         num_attention_heads=8, num_query_groups=2, hsa_num_kv_heads=2, hsa_retrieval_heads=2,
                         moe_experts_impl="sequential", moe_token_dispatcher_type="allgather"),
+    # The other HSA options: stick-breaking weights, off-by-one softmax, no chunk encoder (mean-pool landmarks),
+    # plain residual, no QK-norm, one retrieval head shared by 2 KV heads.
+    "swa_hsa_options": dict(pattern="swa [hsa] swa [hsa]", hsa_weight_rule="stick_breaking",
+                            hsa_softmax_off_by_one=True, hsa_encoder_layers=0, hsa_encoder_cls=False,
+                            hsa_bypass_residual=False, hsa_qk_norm=False, hsa_num_kv_heads=2, hsa_retrieval_heads=1,
+                            hsa_retrieval_dim=32),
     "drt_gca": dict(pattern="swa*2 [gca*2]", hsa_encoder_layers=2, num_query_groups=4, hsa_gumbel_noise=True),
 }
