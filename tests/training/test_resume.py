@@ -5,12 +5,13 @@ step count), the RNG (dropout is on), the LR schedule and the data position; fp3
 ``lm loss`` and grad norm must agree to the printed digits.
 """
 
+from megatron_ext.training.checkpointing import checkpoint_iterations
 from tests.training.runner import TINY_SWA_HSA, finish, start
 
 
 def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
     iters = ["--train-iters", "6", "--save-interval", "3"]
-    straight = start(TINY_SWA_HSA + iters + ["--save", str(tmp_path / "straight")])
+    straight = start(TINY_SWA_HSA + iters + ["--save", str(tmp_path / "straight"), "--keep-last-checkpoints", "1"])
     first = finish(start(TINY_SWA_HSA + iters + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])).check()
     second = start(TINY_SWA_HSA + iters + ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")])
     straight, second = finish(straight).check(), finish(second).check()
@@ -21,3 +22,6 @@ def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
     resumed = {**first.losses(), **second.losses()}
     assert resumed == straight.losses()
     assert {**first.grad_norms(), **second.grad_norms()} == straight.grad_norms()
+    # --keep-last-checkpoints 1: the iteration-3 checkpoint went once iteration 6 was complete.
+    assert checkpoint_iterations(str(tmp_path / "straight")) == [6]
+    assert checkpoint_iterations(str(tmp_path / "ckpt")) == [3, 6]
