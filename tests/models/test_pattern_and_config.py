@@ -69,3 +69,17 @@ def test_defaults_are_the_papers():
     assert config.hsa_bypass_residual and config.hsa_weight_rule == "softmax" and not config.hsa_softmax_off_by_one
     assert config.hsa_heads == config.hsa_num_kv_heads and config.hsa_retrieval_width == config.hidden_size
     assert config.encoder_ffn_size == 128  # floor(8/3 * 64 / 64) * 64
+
+
+def test_moe_per_layer_from_pattern_or_moe_layer_freq():
+    from megatron_ext.models import layer_is_moe
+
+    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
+    every_other = tiny_config("swa*3 [hsa swa]", moe_layer_freq=2, **moe)
+    assert [layer_is_moe(every_other, p) for p in every_other.layer_plans] == [True, False, True, False, True]
+    listed = tiny_config("swa*3 [hsa swa]", moe_layer_freq=[0, 0, 1, 1, 0], **moe)
+    assert [layer_is_moe(listed, p) for p in listed.layer_plans] == [False, False, True, True, False]
+    suffix = tiny_config("swa:dense swa*2 [hsa:dense swa]", **moe)  # the suffix wins over moe_layer_freq=1
+    assert [layer_is_moe(suffix, p) for p in suffix.layer_plans] == [False, True, True, False, True]
+    dense = tiny_config("swa*3 [hsa swa]")
+    assert not any(layer_is_moe(dense, p) for p in dense.layer_plans)
