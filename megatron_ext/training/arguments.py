@@ -113,7 +113,8 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="K",
                        help="After each complete save keep only the newest K iter_* checkpoints in --save.")
     group.add_argument("--peak-tflops", type=float, default=None,
-                       help="Peak dense TFLOP/s per device for MFU (default: 989, the H100 bf16 peak, on CUDA).")
+                       help="Peak dense TFLOP/s per device for MFU (default: 989, the H100/H200 bf16 peak; "
+                            "no MFU on other devices).")
 
     defaults = environment_defaults()
     # The attention layers mask causally (and by document, from cu_seqlens) themselves: no dense [s, s] masks,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100 SXM
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100 SXM (the H200 has the same compute)
 
 
 def window_attention_flops(seq_len: int, window: int, heads: int, head_dim: int) -> float:
@@ -159,9 +159,9 @@ class FlopModel:
 
 
 def peak_tflops(override: float | None = None) -> float | None:
-    """Peak dense TFLOP/s per device for MFU: the override, an H100's bf16 peak on CUDA, else None (CPU)."""
+    """Peak dense TFLOP/s per device for MFU: the override, the bf16 peak of an H100/H200, else None (unknown)."""
     if override:
         return float(override)
-    if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name():
+    if torch.cuda.is_available() and any(n in torch.cuda.get_device_name() for n in ("H100", "H200")):
         return H100_BF16_PEAK_TFLOPS
     return None
