@@ -69,6 +69,25 @@ def _hsa_config_fields():
     return [f for f in dataclasses.fields(HSAConfig) if f.name not in base]
 
 
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring written under each dataclass field (``x: int = 1`` then ``\"\"\"what x is\"\"\"``)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError, IndexError):
+        return {}
+    docs = {}
+    for stmt, following in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[stmt.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
                 "Optional[str]": str}
 
@@ -76,26 +95,28 @@ _FIELD_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "O
 def _add_hsa_config_flags(group, parser: argparse.ArgumentParser) -> None:
     """One flag per HSAConfig field not already a Megatron-LM flag: ``hsa_topk`` -> ``--hsa-topk``;
     a boolean field that defaults to True gets ``--no-<name>`` (Megatron-LM's convention)."""
+    from megatron_ext.models import HSAConfig
+
     existing = set(parser._option_string_actions)  # noqa: SLF001 - argparse has no public lookup
+    docs = _field_docs(HSAConfig)
     for field in _hsa_config_fields():
         flag = "--" + field.name.replace("_", "-")
         if flag in existing or field.name in ("vocab_size",):
             continue  # a Megatron-LM flag already sets this field (seq_length, rotary_base, ...)
-        doc = (field.metadata or {}).get("help", "") or f"HSAConfig.{field.name}"
+        doc = docs.get(field.name, f"HSAConfig.{field.name}.")
         default = field.default
         if field.type in ("bool", bool):
             if default:
                 group.add_argument("--no-" + flag[2:], dest=field.name, action="store_false",
-                                   help=f"Turn off HSAConfig.{field.name}.")
+                                   help=f"Turn off: {doc}")
             else:
-                group.add_argument(flag, dest=field.name, action="store_true", help=f"HSAConfig.{field.name}.")
+                group.add_argument(flag, dest=field.name, action="store_true", help=doc)
             continue
         kind = _FIELD_TYPES.get(str(field.type))
         if kind is None:
             continue  # structured fields are set through --config only
         names = [flag] + (["--attention-pattern"] if field.name == "layer_pattern" else [])
-        group.add_argument(*names, dest=field.name, type=kind, default=default,
-                           help=f"HSAConfig.{field.name} (default: {default}).")
+        group.add_argument(*names, dest=field.name, type=kind, default=default, help=f"{doc} (default: {default})")
 
 
 def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -116,6 +137,7 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="Peak dense TFLOP/s per device for MFU (default: 989, the H100/H200 bf16 peak; "
                             "no MFU on other devices).")
 
+    _escape_bare_percent_signs(parser)
     defaults = environment_defaults()
     # The attention layers mask causally (and by document, from cu_seqlens) themselves: no dense [s, s] masks,
     # which are unaffordable at long context (Megatron-LM's default builds one per sample).
@@ -127,6 +149,16 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         defaults.update(load_yaml_config(config_path, parser))
     parser.set_defaults(**defaults)
     return parser
+
+
+def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:
+    """Make ``--help`` work: argparse %-formats help strings, and megatron-core 0.19.2 has one with a bare '%'
+    (``--moe-paged-stash-buffer-size-factor-cuda``: "10%)"), which makes ``--help`` crash."""
+    import re
+
+    for action in parser._actions:  # noqa: SLF001
+        if action.help and "%" in action.help:
+            action.help = re.sub(r"%%|%(?!\()", "%%", action.help)  # keep '%%' and '%(name)s', double the rest
 
 
 def _config_path_from_argv(argv: list[str]) -> str | None:

@@ -60,3 +60,11 @@ def test_bad_yaml_is_named(monkeypatch, tmp_path, text, message):
     cfg.write_text(text)
     with pytest.raises(ValueError, match=message):
         _parse(monkeypatch, ["--config", str(cfg)])
+
+
+def test_help_lists_the_hsa_group(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(monkeypatch, ["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "HSA / GCA / SWA" in text and "--hsa-topk" in text and "--no-hsa-bypass-residual" in text
