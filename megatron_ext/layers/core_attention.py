@@ -30,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.layers.packing import document_ids, flat_cu_seqlens
 
-__all__ = ["LocalCoreAttention", "core_attention_builder", "attention", "te_available"]
+__all__ = ["LocalCoreAttention", "core_attention_builder", "attention", "alibi_slopes", "te_available"]
 
 
 def te_available() -> bool:
@@ -63,14 +63,14 @@ def _compiled_flex_attention():
 
 
 @functools.lru_cache(maxsize=32)
-def _window_block_mask(q_len: int, k_len: int, window: int, device_str: str):
+def _window_block_mask(q_len: int, k_len: int, window: Optional[int], device_str: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = k_len - q_len
 
     def sliding_window_causal(b, h, q_idx, kv_idx):
         diff = q_idx + offset - kv_idx
-        return (diff >= 0) & (diff <= window)
+        return (diff >= 0) if window is None else (diff >= 0) & (diff <= window)
 
     return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=k_len, device=device_str)
 
@@ -95,11 +95,32 @@ def _document_block_mask(cu_key: tuple, batch: int, seq_len: int, window: Option
     return create_block_mask(document_mask, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device_str)
 
 
-def _flex_attention(q, k, v, block_mask, scale, gqa):
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.): 2^(-8i/n) for n a power of two; otherwise those of the nearest lower power
+    of two followed by every other slope of the next one. fp32 [num_heads]."""
+
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    base = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(base)
+    if base != num_heads:
+        slopes += power_of_two(2 * base)[0::2][: num_heads - base]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _flex_attention(q, k, v, block_mask, scale, gqa, slopes=None):
     from torch.nn.attention.flex_attention import flex_attention
 
+    score_mod = None
+    if slopes is not None:
+        offset = k.shape[2] - q.shape[2]
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # ALiBi: slope_h * (j - i) <= 0 for past keys
+            return score + slopes[h] * (kv_idx - q_idx - offset)
+
     fn = _compiled_flex_attention() if q.is_cuda else flex_attention  # eager on the CPU (tests)
-    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
 def attention(
@@ -113,12 +134,14 @@ def attention(
     dropout_p: float = 0.0,
     impl: str = "auto",
     cu_seqlens: Optional[torch.Tensor] = None,
+    alibi: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention on batch-first heads: q [B, Hq, Lq, D], k/v [B, Hk, Lk, D] (Hq % Hk == 0) -> [B, Hq, Lq, D].
 
     window: keys j with 0 <= i - j <= window only; cu_seqlens: packed documents as offsets over the flattened B*L
-    tokens, sample starts included (``packing.flat_cu_seqlens``; Lq == Lk): keys of other documents are masked. impl: 'auto' (FlexAttention for windows and documents on CUDA,
-    else SDPA), 'sdpa' or 'flex'.
+    tokens, sample starts included (``packing.flat_cu_seqlens``; Lq == Lk): keys of other documents are masked;
+    alibi: fp32 [Hq] slopes, adds slope_h * (j - i) to the logits (DRT's lower layers). impl: 'auto' (FlexAttention
+    for windows, documents and ALiBi on CUDA, else SDPA), 'sdpa' or 'flex'.
     """
     gqa = q.shape[1] != k.shape[1]
     Lq, Lk = q.shape[2], k.shape[2]
@@ -126,7 +149,7 @@ def attention(
         window = None  # the window covers everything: plain causal
     if cu_seqlens is not None and Lq != Lk:
         raise ValueError("packed sequences need as many keys as queries (no KV cache)")
-    needs_mask = window is not None or cu_seqlens is not None
+    needs_mask = window is not None or cu_seqlens is not None or alibi is not None
     use_flex = needs_mask and (impl == "flex" or (impl == "auto" and q.is_cuda))
     if use_flex:
         if dropout_p > 0:
@@ -134,14 +157,21 @@ def attention(
         if cu_seqlens is not None:
             key = tuple(int(c) for c in cu_seqlens.tolist())
             block_mask = _document_block_mask(key, q.shape[0], Lq, window, causal, str(q.device))
+        elif causal:
+            block_mask = _window_block_mask(Lq, Lk, window, str(q.device))
         else:
-            block_mask = _window_block_mask(Lq, Lk, int(window), str(q.device))
-        return _flex_attention(q, k, v, block_mask, scale, gqa)
+            block_mask = None
+        return _flex_attention(q, k, v, block_mask, scale, gqa, alibi)
     if needs_mask or (causal and Lq != Lk):
         mask = band_mask(Lq, Lk, window, causal, q.device)
         if cu_seqlens is not None:
             doc_ids = document_ids(cu_seqlens, q.shape[0], Lq)
             mask = mask[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        if alibi is not None:  # float mask: the ALiBi bias where attending, -inf elsewhere
+            i = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+            j = torch.arange(Lk, device=q.device)[None, :]
+            bias = alibi.to(q.device)[:, None, None] * (j - i).float()  # [Hq, Lq, Lk]
+            mask = torch.where(mask, bias.to(q.dtype), torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
@@ -183,6 +213,23 @@ class LocalCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         impl = impl or getattr(config, "attention_impl", "auto")
         self.impl = "auto" if impl == "te" else impl
+        slopes = None
+        if getattr(config, "swa_alibi", False) and self.causal:  # this rank's heads' slopes (the encoder keeps RoPE)
+            start, count = self._local_heads(config, pg_collection)
+            slopes = alibi_slopes(config.num_attention_heads)[start : start + count]
+        self.register_buffer("alibi", slopes, persistent=False)
+
+    @staticmethod
+    def _local_heads(config, pg_collection):
+        if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
+            rank, size = pg_collection.tp.rank(), pg_collection.tp.size()
+        else:
+            from megatron.core import parallel_state
+
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            size = parallel_state.get_tensor_model_parallel_world_size()
+        count = config.num_attention_heads // size
+        return rank * count, count
 
     def forward(self, query, key, value, attention_mask=None, /, *, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
@@ -197,7 +244,7 @@ class LocalCoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)
         out = attention(
             q, k, v, causal=self.causal, window=self.window_size, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0, impl=self.impl, cu_seqlens=cu,
+            dropout_p=self.dropout if self.training else 0.0, impl=self.impl, cu_seqlens=cu, alibi=self.alibi,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
 
@@ -217,7 +264,11 @@ def _te_core_attention(*, config, window_size=None, **kwargs):
 def core_attention_builder(config, window_size: Optional[int] = None):
     """The ``core_attention`` builder for an SWA/full/encoder layer: TE when asked for or importable, else ours."""
     impl = getattr(config, "attention_impl", "auto")
-    if impl == "te" or (impl == "auto" and te_available()):
+    alibi = getattr(config, "swa_alibi", False)
+    if alibi and impl == "te":
+        raise ValueError("swa_alibi is implemented by our core attention (Flex score_mod / SDPA bias), not TE's: "
+                         "use attention_impl='auto'")
+    if impl == "te" or (impl == "auto" and te_available() and not alibi):
         if not te_available():
             raise ValueError("attention_impl='te' but transformer_engine is not importable; use 'auto'")
         return functools.partial(_te_core_attention, window_size=window_size)

@@ -52,6 +52,10 @@ class HSAConfig(TransformerConfig):
     swa_window_size: int = 512
     """Sliding window: token i sees keys j with 0 <= i - j <= W (flash-attn's window=(W, 0))."""
 
+    swa_alibi: bool = False
+    """ALiBi biases in the causal swa/full attention (DRT's lower layers) instead of RoPE; needs
+    position_embedding_type 'none' (the chunk encoder keeps its local RoPE)."""
+
     attention_impl: str = "auto"
     """Core attention for swa/full layers: 'auto' (TE if importable, else SDPA for full and FlexAttention on CUDA /
     SDPA with a band mask on CPU for the window), 'te', 'sdpa' or 'flex'."""
@@ -189,6 +193,9 @@ class HSAConfig(TransformerConfig):
             self._fail("swa_window_size", f"must be >= 1, got {self.swa_window_size}", "use e.g. 512")
         if self.attention_impl not in ATTENTION_IMPLS:
             self._fail("attention_impl", f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}", "use 'auto'")
+        if self.swa_alibi and self.position_embedding_type != "none":
+            self._fail("swa_alibi", f"ALiBi replaces the decoder's position embedding, but position_embedding_type="
+                       f"{self.position_embedding_type!r}", "set position_embedding_type: none")
         if self.position_embedding_type not in ("rope", "none", "learned_absolute"):
             self._fail("position_embedding_type", f"{self.position_embedding_type!r} is not supported here",
                        "use 'rope' (SWA/full layers rotate, HSA is NoPE regardless)")

@@ -96,3 +96,32 @@ def test_flex_document_and_window_masks_match_sdpa(window):
         plain = attention(q, k, v, causal=True, window=window, impl="flex")
         torch.testing.assert_close(plain, attention(q, k, v, causal=True, window=window, impl="sdpa"),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_alibi_slopes_closed_form():
+    from megatron_ext.layers.core_attention import alibi_slopes
+
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    twelve = alibi_slopes(12)  # 8 slopes of 2^(-i), then every other one of the 16-head series
+    torch.testing.assert_close(twelve[8:], torch.tensor([2.0 ** (-0.5 * (2 * i + 1)) for i in range(4)]))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+@pytest.mark.parametrize("window", [None, 9])
+def test_alibi_matches_naive(impl, window):
+    from megatron_ext.layers.core_attention import alibi_slopes
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 40, 16, generator=gen)
+    k = torch.randn(1, 2, 40, 16, generator=gen)
+    v = torch.randn(1, 2, 40, 16, generator=gen)
+    slopes = alibi_slopes(4)
+    out = attention(q, k, v, causal=True, window=window, impl=impl, alibi=slopes)
+    # naive: softmax(q k^T / sqrt(d) + slope_h * (j - i)) over the allowed keys
+    logits = torch.einsum("bhid,bhjd->bhij", q.double(), k.double().repeat_interleave(2, dim=1)) / 4.0
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    logits = logits + slopes.double()[None, :, None, None] * (j - i)
+    allowed = (j <= i) & ((i - j) <= window if window is not None else True)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    ref = probs @ v.double().repeat_interleave(2, dim=1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

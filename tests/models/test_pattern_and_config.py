@@ -49,6 +49,7 @@ def test_bad_patterns(bad, needle):
     (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
      "recompute_granularity", "selective"),
     (dict(swa_window_size=0), "swa_window_size", "512"),
+    (dict(swa_alibi=True), "swa_alibi", "position_embedding_type: none"),
     (dict(layer_pattern="swa [hsa:moe swa]"), "layer_pattern", "num_moe_experts"),
 ])
 def test_invalid_configs_name_the_field_and_a_fix(overrides, field, fix):

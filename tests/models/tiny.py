@@ -54,5 +54,6 @@ FAMILIES = {
                             hsa_softmax_off_by_one=True, hsa_encoder_layers=0, hsa_encoder_cls=False,
                             hsa_bypass_residual=False, hsa_qk_norm=False, hsa_num_kv_heads=2, hsa_retrieval_heads=1,
                             hsa_retrieval_dim=32),
-    "drt_gca": dict(pattern="swa*2 [gca*2]", hsa_encoder_layers=2, num_query_groups=4, hsa_gumbel_noise=True),
+    "drt_gca": dict(pattern="swa*2 [gca*2]", hsa_encoder_layers=2, num_query_groups=4, hsa_gumbel_noise=True,
+                    swa_alibi=True, position_embedding_type="none"),
 }
