@@ -64,7 +64,8 @@ def flex_sliding_window(q, k, v, window):
         def sliding(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
-        _flex[key] = create_block_mask(sliding, None, None, L, L, device=q.device)
+        # _compile=True builds the block mask block by block (the eager path materialises L x L: OOM at 128K)
+        _flex[key] = create_block_mask(sliding, None, None, L, L, device=q.device, _compile=True)
     return _flex["fn"](q, k, v, block_mask=_flex[key])
 
 
