@@ -25,16 +25,6 @@ ATTENTION_SCHEDULES = ("auto", "token", "chunk")
 TOKEN_SCHEDULE_MIN_GROUP = 16
 
 
-def _triton_ready(module: str) -> bool:
-    import importlib
-
-    try:
-        importlib.import_module(f"megatron_ext.kernels.hsa.{module}")
-    except ImportError:
-        return False
-    return True
-
-
 def hsa_retrieval(
     q_r: torch.Tensor,
     landmarks: torch.Tensor,
@@ -63,7 +53,7 @@ def hsa_retrieval(
         raise TypeError(f"q_r ({q_r.dtype}) and landmarks ({landmarks.dtype}) must share a dtype")
     if cu_seqlens is not None and q_r.shape[0] != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {q_r.shape[0]}")
-    if resolve_backend(backend, q_r, landmarks) == "reference" or not _triton_ready("retrieval"):
+    if resolve_backend(backend, q_r, landmarks) == "reference":
         gen = None
         if gumbel and seed is not None:
             gen = torch.Generator(device=q_r.device).manual_seed(seed)
@@ -108,7 +98,7 @@ def hsa_attention(
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
     if schedule not in ATTENTION_SCHEDULES:
         raise ValueError(f"schedule must be one of {ATTENTION_SCHEDULES}, got {schedule!r}")
-    if resolve_backend(backend, q, k, v) == "reference" or not _triton_ready("attention"):
+    if resolve_backend(backend, q, k, v) == "reference":
         return ref.hsa_attention_reference(
             q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=sm_scale,
             softmax_off_by_one=softmax_off_by_one,
@@ -153,7 +143,7 @@ def hsa_decode(
         raise ValueError(f"q must be [B, Hq, D] and q_r [B, R, Dr]; got {tuple(q.shape)} and {tuple(q_r.shape)}")
     if positions.shape != (q.shape[0],):
         raise ValueError(f"positions must be [B={q.shape[0]}], got {tuple(positions.shape)}")
-    if resolve_backend(backend, q, k_cache, v_cache) == "reference" or not _triton_ready("decode"):
+    if resolve_backend(backend, q, k_cache, v_cache) == "reference":
         return ref.hsa_decode_reference(
             q, q_r, k_cache, v_cache, landmarks, positions, chunk_size=chunk_size, topk=topk,
             weight_rule=weight_rule, rank_decay=rank_decay, sm_scale=sm_scale, softmax_off_by_one=softmax_off_by_one,
