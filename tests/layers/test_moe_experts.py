@@ -19,16 +19,6 @@ HIDDEN = 32
 FFN = 16
 
 
-@pytest.fixture(autouse=True)
-def _reset_aux_loss_scale():
-    """megatron-core keeps the aux-loss gradient scale in a class attribute; a stand-alone MoE backward leaves a
-    scalar there that megatron's schedules (which set a [1] tensor) cannot overwrite. Leave it as found: unset."""
-    yield
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-
-
 def moe_config(**overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
