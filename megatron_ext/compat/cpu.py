@@ -97,6 +97,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if kwargs.get("device") is not None:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            # ``models/common/embeddings/rope_utils.get_pos_emb_on_this_cp_rank`` (RoPE under context parallelism)
+            # builds its index with ``pin_memory=True``, which needs a CUDA driver.
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, torch.device, int)):
             args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
         return func(*args, **kwargs)

@@ -28,6 +28,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_ext.layers.chunk_memory import ChunkMemory, merge_chunks, split_chunks, without_sequence_parallel
 from megatron_ext.layers.norms import RMSNorm, rms_norm
+from megatron_ext.parallel.context import gather_sequence
 from megatron_ext.parallel.tensor import ReplicatedLinear, kv_head_partition, sum_gradient_over_tp
 from megatron_ext.layers.specs import attention_layer_spec, dense_mlp_builder, self_attention_spec
 
@@ -73,6 +74,7 @@ class ChunkEncoder(MegatronModule):
             kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=config.rotary_base,
             use_cpu_initialization=True,
         )
+        self.rotary.cp_group = None  # positions are local to a chunk: never split them over context parallelism
 
     def forward(self, chunks: torch.Tensor) -> torch.Tensor:
         rope = self.rotary(chunks.shape[0]).to(chunks.device)  # local positions 0..S'-1
@@ -101,11 +103,11 @@ class HSAChunkMemory(MegatronModule):
         self.retrieval_head_dim = config.hsa_retrieval_width // config.hsa_heads
         tp_group = pg_collection.tp if pg_collection is not None else None
         self._grad_tp_group = tp_group
-        self.encoder = ChunkEncoder(config, config.hsa_encoder_layers, pg_collection) if config.hsa_encoder_layers else None
         # This rank's KV heads; with fewer KV heads than TP ranks, each is computed (replicated) on TP/Hk ranks.
         self.kv_head_start, self.kv_heads_local, self.kv_replicated = kv_head_partition(
             config.hsa_num_kv_heads, tp_group
         )
+        self.encoder = ChunkEncoder(config, config.hsa_encoder_layers, pg_collection) if config.hsa_encoder_layers else None
         self.input_norm = None if self.encoder is not None else RMSNorm(config, h, eps=config.layernorm_epsilon)
         self.use_cls = bool(config.hsa_encoder_cls and self.encoder is not None)
         if self.use_cls:
@@ -150,6 +152,8 @@ class HSAChunkMemory(MegatronModule):
             values = sum_gradient_over_tp(values, self._grad_tp_group)[:, :, heads]
         if self.key_norm is not None:  # one norm weight for all KV heads, this rank's heads only: sum over TP
             keys = rms_norm(keys, sum_gradient_over_tp(self.key_norm.weight, self._grad_tp_group), self.key_norm.eps)
+        # Context parallelism: this rank encoded its own chunks; every rank's queries read all of them.
+        landmarks, keys, values = (gather_sequence(t, dim=1) for t in (landmarks, keys, values))
         return ChunkMemory(chunk_size=S, landmarks=landmarks, keys=keys, values=values)
 
 
@@ -168,4 +172,6 @@ class GCAChunkMemory(MegatronModule):
         encoded = self.encoder(split_chunks(self.input_norm(x), self.chunk_size))  # [S, b*C, h]
         C = encoded.shape[1] // b
         landmarks = encoded[-1].reshape(b, C, h)  # the landmark token closes every chunk
-        return ChunkMemory(chunk_size=self.chunk_size, landmarks=landmarks, encoded=merge_chunks(encoded, b))
+        # Context parallelism: this rank encoded its own chunks; every rank's queries read all of them.
+        landmarks, encoded = gather_sequence(landmarks, dim=1), gather_sequence(merge_chunks(encoded, b), dim=1)
+        return ChunkMemory(chunk_size=self.chunk_size, landmarks=landmarks, encoded=encoded)

@@ -201,8 +201,6 @@ class LocalCoreAttention(MegatronModule):
         impl: Optional[str] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("LocalCoreAttention has no context parallelism: use attention_impl='te' with TE")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise ValueError(f"LocalCoreAttention supports causal and no_mask attention, got {attn_mask_type}")
         self.layer_number = layer_number
@@ -238,6 +236,8 @@ class LocalCoreAttention(MegatronModule):
         if packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "sbhd") != "sbhd":
             flat_cu_seqlens(packed_seq_params, 1, 1, query.device)  # raises, naming the supported layout
         sq, b, hq, d = query.shape
+        if self.causal and self.config.context_parallel_size > 1:
+            return self._context_parallel_forward(query, key, value, packed_seq_params)
         cu = flat_cu_seqlens(packed_seq_params, b, sq, query.device)
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
@@ -245,6 +245,34 @@ class LocalCoreAttention(MegatronModule):
         out = attention(
             q, k, v, causal=self.causal, window=self.window_size, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0, impl=self.impl, cu_seqlens=cu, alibi=self.alibi,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
+
+    def _context_parallel_forward(self, query, key, value, packed_seq_params):
+        """Causal (windowed) attention of this CP rank's queries over the whole sequence's keys.
+
+        The keys/values of every rank are gathered (megatron's CP layout, see megatron_ext.parallel.context) and the
+        mask is built from the queries' global positions. Memory is O(s_local * s): a correct path for CPU tests and
+        moderate lengths; Transformer Engine's ring attention is the fast one.
+        """
+        from megatron_ext.parallel.context import cp_world, gather_sequence, global_positions
+
+        if packed_seq_params is not None or self.alibi is not None:
+            raise ValueError("LocalCoreAttention under context parallelism supports neither packed sequences nor "
+                             "ALiBi: set context_parallel_size=1 or use Transformer Engine attention")
+        sq, b, hq, d = query.shape
+        key, value = gather_sequence(key, dim=0), gather_sequence(value, dim=0)
+        sk = key.shape[0]
+        rank, size = cp_world()
+        pos = global_positions(sk, rank, size, device=query.device)[:, None]
+        j = torch.arange(sk, device=query.device)[None, :]
+        keep = j <= pos
+        if self.window_size is not None:
+            keep &= (pos - j) <= self.window_size
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
 

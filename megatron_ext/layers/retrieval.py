@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_ext.layers.chunk_encoder import _tp_world
 from megatron_ext.layers.chunk_memory import ChunkMemory, Selection, without_sequence_parallel
 from megatron_ext.layers.norms import RMSNorm
+from megatron_ext.parallel.context import gather_sequence, local_rows
 from megatron_ext.parallel.tensor import kv_head_partition, sum_gradient_over_tp
 
 __all__ = ["HSARetrieval", "GCARetrieval"]
@@ -42,8 +43,8 @@ class HSARetrieval(MegatronModule):
         self.retrieval_head_dim = config.hsa_retrieval_width // config.hsa_heads
         tp_group = pg_collection.tp if pg_collection is not None else None
         self._grad_tp_group = tp_group
-        self.norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
         self.kv_head_start, self.kv_heads_local, _ = kv_head_partition(config.hsa_num_kv_heads, tp_group)
+        self.norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
         self.query_proj = ColumnParallelLinear(
             h, config.hsa_retrieval_width, config=config, init_method=config.init_method, bias=False,
             gather_output=True, skip_bias_add=True, tp_group=tp_group,
@@ -66,6 +67,8 @@ class HSARetrieval(MegatronModule):
         if self.query_norm is not None:
             q_r, landmarks = self.query_norm(q_r), self.landmark_norm(landmarks)
         landmarks = landmarks.to(q_r.dtype)
+        q_r = gather_sequence(q_r, dim=1)  # CP: retrieve at global positions (every rank, all tokens) ...
+        s = q_r.shape[1]
         if memory.cu_seqlens is not None:  # packed: the kernels take one flat sequence (chunk ids become b*C + c)
             q_r, landmarks = q_r.reshape(1, b * s, *q_r.shape[2:]), landmarks.reshape(1, -1, *landmarks.shape[2:])
         indices, weights = hsa_retrieval(
@@ -75,6 +78,8 @@ class HSARetrieval(MegatronModule):
             backend=self.backend,
         )
         indices, weights = indices.reshape(b, s, *indices.shape[2:]), weights.reshape(b, s, *weights.shape[2:])
+        indices, weights = local_rows(indices, dim=1), local_rows(weights, dim=1)  # ... and keep this rank's tokens
+        s = indices.shape[1]
         # Replicated retrieval, used by this rank's KV heads only: sum the weights' gradient over TP.
         weights = sum_gradient_over_tp(weights, self._grad_tp_group)
         Hl = self.kv_heads_local
@@ -114,7 +119,8 @@ class GCARetrieval(MegatronModule):
         S = self.chunk_size
         C = s // S
         landmark_rows = x.reshape(C, S, b, h)[:, -1].transpose(0, 1)  # [b, C, h]: chunk c's landmark token
-        query = self.landmark_query_norm(landmark_rows)
+        query = gather_sequence(self.landmark_query_norm(landmark_rows), dim=1)  # CP: all query chunks ...
+        C = query.shape[1]
         landmarks = memory.landmarks.to(query.dtype)
         cu = memory.cu_seqlens
         if cu is not None:  # packed: one flat sequence for the kernels (chunk ids become b*C + c)
@@ -124,6 +130,7 @@ class GCARetrieval(MegatronModule):
             backend=self.backend,
         )
         indices, weights = selection_for_query_chunks(made_by, weights_made_by, chunk_size=S, cu_seqlens=cu)
+        indices, weights = local_rows(indices, dim=1), local_rows(weights, dim=1)  # ... this rank's query chunks
         weights = sum_gradient_over_tp(weights, self._grad_tp_group)  # replicated, used by this rank's heads only
         keys, _ = self.key_proj(memory.encoded)
         values, _ = self.value_proj(memory.encoded)

@@ -220,8 +220,11 @@ class HSAConfig(TransformerConfig):
                        f"{self.encoder_query_groups} does not divide num_attention_heads={heads}",
                        "pick a divisor of num_attention_heads")
         tp = self.tensor_model_parallel_size
-        if self.context_parallel_size > 1:
-            self._fail("context_parallel_size", "hsa/gca layers do not support context parallelism yet", "set it to 1")
+        cp = self.context_parallel_size
+        if cp > 1 and self.seq_length % (2 * cp * S) != 0:
+            self._fail("seq_length", f"{self.seq_length} cannot be split in 2*CP={2 * cp} pieces of whole "
+                       f"{S}-token chunks (context parallelism never splits a chunk)",
+                       f"use a multiple of {2 * cp * S}")
         if self.recompute_granularity == "full":
             self._fail("recompute_granularity", "'full' recomputation drops the chunk memory that the block threads "
                        "from layer to layer", "use 'selective' or None")

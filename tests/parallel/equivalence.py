@@ -283,8 +283,20 @@ def _this_rank_microbatches(step_batches: list[dict]) -> list[dict]:
 
 
 def _forward_step(model_inputs_fn, data_iterator, model):
+    from megatron.core import parallel_state
+
+    from megatron_ext.parallel.context import split_for_context_parallel
+
     batch = next(data_iterator)
     tokens, labels, position_ids, attention_mask = model_inputs_fn(batch)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size > 1:  # megatron's CP layout: this rank's two pieces of the sequence
+        if attention_mask is not None:
+            raise ValueError("context parallelism here needs a model that takes no explicit mask")
+        cp_rank = parallel_state.get_context_parallel_rank()
+        tokens, labels, position_ids = (
+            split_for_context_parallel(t, 1, cp_rank, cp_size) for t in (tokens, labels, position_ids)
+        )
     per_token_loss = model(tokens, position_ids, attention_mask, labels=labels)
 
     def loss_func(output):

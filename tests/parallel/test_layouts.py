@@ -43,11 +43,14 @@ LAYOUTS: dict[str, list[Layout]] = {
     # SWA+HSA (per-KV-head retrieval, rank decay, landmark norms), HSA with one shared retrieval head, DRT's GCA.
     # TP shards by KV-head groups; PP=2 puts the memory-building layer in stage 0 and the group's last HSA layer in
     # stage 1, so the chunk memory and the selection cross the boundary.
-    "swa_hsa": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
+    # CP=2 splits the 32 tokens in megatron's 4 pieces (ranks hold pieces 0+3 and 1+2), 2 chunks each; the SWA
+    # window and the retrieval reach across pieces.
+    "swa_hsa": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
     "swa_hsa_shared_retrieval": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
-    "swa_hsa_one_kv_head": [Layout("tp2", tp=2)],  # Hk=1 < TP: memory K/V replicated, query heads split
-    "gca": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
-    "swa_hsa_moe": [Layout("ep2", ep=2), Layout("pp2", pp=2)],
+    # Hk=1 < TP: memory K/V replicated, query heads split.
+    "swa_hsa_one_kv_head": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("cp2", cp=2)],
+    "gca": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
+    "swa_hsa_moe": [Layout("ep2", ep=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
     "moe_aux_free": [
         Layout("ep2_alltoall", ep=2),
         Layout("tp2_sp", tp=2, sp=True),
