@@ -198,6 +198,10 @@ RETRIEVAL_CHUNK = 4
 RETRIEVAL_MODELS = {
     "swa_hsa": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=2, hsa_inner_swa=True,
                     hsa_rank_decay=True, hsa_landmark_norm=True),
+    # Gumbel-perturbed top-k in training (the 8B-A1B's setting): replicated retrieval must draw the same noise on
+    # every TP/CP rank, else the ranks' selections (and gradients of the replicated weights) disagree.
+    "swa_hsa_gumbel": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=2,
+                           hsa_gumbel_noise=True),
     "swa_hsa_shared_retrieval": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=1),
     # One KV head (the 8B-A1B's Hk=1): at TP=2 the memory K/V is replicated and the query heads are split.
     "swa_hsa_one_kv_head": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=1, hsa_inner_swa=True),
@@ -526,6 +530,18 @@ def run_layouts(jobs: list[tuple[str, Layout, str]]) -> dict:
         result["step2_dir"] = save_dir
         result["seconds"] = time.perf_counter() - start
         results[(model_name, layout.name)] = result
+    # Layout -> layout: each layout's step-2 checkpoint evaluated at the model's next layout (cyclically), e.g.
+    # TP2 -> PP2 -> CP2 -> TP2. Compare with the saving layout's own step-3 loss.
+    by_model: dict[str, list[Layout]] = {}
+    for model_name, layout, _ in jobs:
+        by_model.setdefault(model_name, []).append(layout)
+    for model_name, layouts in by_model.items():
+        if len(layouts) < 2:
+            continue
+        for i, source in enumerate(layouts):
+            target = layouts[(i + 1) % len(layouts)]
+            loss = evaluate_checkpoint(model_name, target, results[(model_name, source.name)]["step2_dir"])
+            results[(model_name, source.name)]["loaded_at_next_layout"] = (target.name, loss)
     return results
 
 
