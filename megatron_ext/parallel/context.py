@@ -25,6 +25,7 @@ __all__ = [
     "split_for_context_parallel",
     "gather_sequence",
     "local_rows",
+    "batch_for_this_cp_rank",
 ]
 
 
@@ -34,6 +35,8 @@ def cp_world(cp_group=None) -> tuple[int, int]:
         return cp_group.rank(), cp_group.size()
     from megatron.core import parallel_state
 
+    if not parallel_state.model_parallel_is_initialized():  # plain single-process use (tools, unit tests)
+        return 0, 1
     return parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
 
 
@@ -113,3 +116,22 @@ def local_rows(x: torch.Tensor, dim: int, cp_group=None, chunk_size: int = 1) ->
     """This rank's rows of a full-sequence tensor computed identically on every CP rank (no communication)."""
     rank, size = cp_world(cp_group)
     return split_for_context_parallel(x, dim, rank, size, chunk_size)
+
+
+def batch_for_this_cp_rank(batch: dict, cp_group=None) -> dict:
+    """A training micro-batch cut to this CP rank's two pieces (megatron's layout, as its RoPE expects).
+
+    batch: tokens/labels/loss_mask/position_ids [b, s] (sliced along s), attention_mask None, packed_seq_params None
+    (packed documents under CP are not supported: a clear error). Identity without CP.
+    """
+    rank, size = cp_world(cp_group)
+    if size == 1:
+        return batch
+    if batch.get("packed_seq_params") is not None or batch.get("attention_mask") is not None:
+        raise ValueError("context parallelism takes unpacked samples without dense attention masks here: drop "
+                         "packing (or the attention mask) or set context_parallel_size=1")
+    out = dict(batch)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        if out.get(key) is not None:
+            out[key] = split_for_context_parallel(out[key], 1, rank, size)
+    return out

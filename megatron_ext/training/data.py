@@ -45,7 +45,9 @@ def get_batch(data_iterator):
     }
     if batch.get("attention_mask") is not None:
         out["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
-    return out
+    from megatron_ext.parallel.context import batch_for_this_cp_rank
+
+    return batch_for_this_cp_rank(out)  # context parallelism: this rank's two pieces of every sequence
 
 
 def build_datasets(args, train_val_test_num_samples):
