@@ -63,6 +63,12 @@ class ChunkEncoder(MegatronModule):
         super().__init__(config=config)
         enc = encoder_config(config)
         spec = attention_layer_spec(enc, self_attention_spec(enc, causal=False), dense_mlp_builder())
+        if enc.qk_layernorm and not config.qk_layernorm:
+            # finalize_model_grads sums QK-norm grads over TP only when the model itself has QK-norm.
+            from megatron_ext.parallel.tensor import TPSummedRMSNorm
+
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = TPSummedRMSNorm
         self.layers = torch.nn.ModuleList(
             [
                 build_module(spec, config=enc, layer_number=i + 1, pg_collection=pg_collection, add_layer_offset=False)

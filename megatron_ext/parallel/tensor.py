@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sum_gradient_over_tp", "tp_world", "local_kv_heads", "kv_head_partition", "ReplicatedLinear"]
+from megatron_ext.layers.norms import RMSNorm, rms_norm
+
+__all__ = ["sum_gradient_over_tp", "tp_world", "local_kv_heads", "kv_head_partition", "ReplicatedLinear",
+           "TPSummedRMSNorm"]
 
 
 def tp_world(tp_group=None) -> tuple[int, int]:
@@ -95,3 +98,15 @@ class ReplicatedLinear(torch.nn.Module):
 
     def set_extra_state(self, state):
         pass
+
+
+class TPSummedRMSNorm(RMSNorm):
+    """A per-head RMSNorm over this rank's heads whose weight gradient is summed over TP in the graph.
+
+    For QK-norms that megatron's ``finalize_model_grads`` does not sum: it sums parameters named
+    ``q_layernorm``/``k_layernorm`` only when the *model's* config has ``qk_layernorm``, so the chunk encoder's QK-norm
+    (``hsa_qk_norm``) of a model without decoder QK-norm needs this instead.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, sum_gradient_over_tp(self.weight), self.eps)

@@ -202,6 +202,8 @@ RETRIEVAL_MODELS = {
     # every TP/CP rank, else the ranks' selections (and gradients of the replicated weights) disagree.
     "swa_hsa_gumbel": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=2,
                            hsa_gumbel_noise=True),
+    "swa_hsa_no_decoder_qk_norm": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, qk_layernorm=False,
+                                       hsa_qk_norm=True),
     "swa_hsa_shared_retrieval": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_retrieval_heads=1),
     # One KV head (the 8B-A1B's Hk=1): at TP=2 the memory K/V is replicated and the query heads are split.
     "swa_hsa_one_kv_head": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=1, hsa_inner_swa=True),
