@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import signal
 import time
 import traceback
 from typing import Any, Callable
@@ -46,6 +47,9 @@ def teardown_megatron_parallel() -> None:
 
 
 def _rank_main(rank, world_size, port, fn, args, kwargs, parallel_sizes, seed, results):
+    # Lead a process group of its own, so that the parent can end this rank together with anything it started
+    # (checkpoint writers, data workers) in one signal.
+    os.setpgrp()
     try:
         torch.set_num_threads(1)
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
@@ -67,6 +71,13 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, parallel_sizes, seed, r
                 torch.distributed.destroy_process_group()
         except Exception:
             pass
+
+
+def _kill_process_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def run_on_ranks(
@@ -125,6 +136,7 @@ def run_on_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
+            _kill_process_group(p.pid)  # a rank's own children outlive it otherwise
         results.close()
     if failure is not None:
         raise RankFailed(failure)

@@ -33,3 +33,36 @@ def test_failing_rank_is_reported_and_no_process_or_port_leaks():
     with pytest.raises(RankFailed, match="rank 1 broke on purpose"):
         run_on_ranks(_rank1_fails_while_rank0_waits, 2, timeout_s=120)
     assert multiprocessing.active_children() == []
+
+
+def _rank1_starts_a_child_then_fails():
+    import subprocess
+    import sys
+
+    if torch.distributed.get_rank() == 1:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(_CHILD_PID_FILE, "w") as f:
+            f.write(str(child.pid))
+        raise ValueError("rank 1 broke after starting a child")
+    torch.distributed.barrier()
+
+
+_CHILD_PID_FILE = "/tmp/megatron_ext_harness_child.pid"
+
+
+def test_processes_started_by_a_failing_rank_are_ended_too():
+    import os
+    import time
+
+    with pytest.raises(RankFailed, match="broke after starting a child"):
+        run_on_ranks(_rank1_starts_a_child_then_fails, 2, timeout_s=120)
+    pid = int(open(_CHILD_PID_FILE).read())
+    os.remove(_CHILD_PID_FILE)
+    for _ in range(50):  # reaped by init shortly after the SIGKILL
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child {pid} of the failed rank is still running")
