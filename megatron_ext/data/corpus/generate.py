@@ -11,6 +11,7 @@ Regenerate the committed files (corpus, then the SentencePiece tokenizer trained
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -121,13 +122,15 @@ def train_tokenizer(corpus: str = CORPUS_FILE, prefix: str = TOKENIZER_PREFIX, v
 
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
+    model = io.BytesIO()  # written through a buffer so that no local path is recorded in the model's trainer spec
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, character_coverage=1.0,
         num_threads=1, minloglevel=2, normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True,
     )
-    os.remove(prefix + ".vocab")  # the .model holds everything
+    with open(prefix + ".model", "wb") as f:
+        f.write(model.getvalue())
 
 
 if __name__ == "__main__":
