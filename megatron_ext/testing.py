@@ -40,10 +40,21 @@ def initialize_megatron_parallel(seed: int = 1234, **parallel_sizes) -> None:
 
 
 def teardown_megatron_parallel() -> None:
+    """Destroy megatron's parallel state *and* the process groups it created.
+
+    ``destroy_model_parallel`` only forgets its groups; each gloo group keeps its threads, so a process that
+    re-initialises parallel state many times (the test-suite, layout sweeps) would pile up thousands of threads.
+    """
     from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        world = distributed_c10d.GroupMember.WORLD
+        for group in list(distributed_c10d._world.pg_map):
+            if group is not world and group is not None:
+                torch.distributed.destroy_process_group(group)
 
 
 def _rank_main(rank, world_size, port, fn, args, kwargs, parallel_sizes, seed, results):
