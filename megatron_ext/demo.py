@@ -32,7 +32,7 @@ TINY_SWA_HSA = [
     "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
     "--lr-decay-style", "cosine", "--lr-warmup-iters", "4", "--weight-decay", "0.01", "--clip-grad", "1.0",
     "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--use-distributed-optimizer", "--seed", "1234",
-    "--log-interval", "5", "--eval-interval", "20", "--eval-iters", "2",
+    "--log-interval", "1", "--eval-interval", "20", "--eval-iters", "2",
 ]
 
 _LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?lm loss: ([0-9.E+-]+)")
