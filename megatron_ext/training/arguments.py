@@ -133,6 +133,10 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     add_data_args(parser)  # --data-pack-chunk-size (HSA packing), --data-landmark-chunk-size (GCA), ...
     group.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="K",
                        help="After each complete save keep only the newest K iter_* checkpoints in --save.")
+    group.add_argument("--no-torch-fused-adam", dest="torch_fused_adam", action="store_false",
+                       help="Keep megatron's torch AdamW fallback (foreach) when neither apex nor Transformer Engine "
+                            "is installed; by default it is switched to torch's fused AdamW on GPUs (same update, "
+                            "one pass over the optimizer state).")
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="Peak dense TFLOP/s per device for MFU (default: 989, the H100/H200 bf16 peak; "
                             "no MFU on other devices).")

@@ -6,6 +6,8 @@ CUDA) and, for a plain ``python pretrain_hsa.py`` without a launcher, a world of
 ``install_training_hooks(args)`` wires our pieces into megatron's own loop, each in its one module:
 
 * ``optimizer_resume``: the distributed-optimizer resume workaround (megatron-core 0.19.2 without apex/TE);
+* ``fused_adam``: torch's fused AdamW in place of megatron's foreach torch-AdamW fallback (``--no-torch-fused-adam``
+  keeps the latter);
 * ``checkpointing``: atomic ``latest`` marker, keep-last-K, crash-safe saves;
 * ``logging``: tokens/s and MFU per log line from our FLOP model (``flops``), MoE aux losses.
 """
@@ -52,9 +54,11 @@ def _skip_dataset_helper_compilation() -> None:
 
 def install_training_hooks(args) -> None:
     """Install the workarounds and additions to ``megatron.training`` that ``args`` asks for."""
-    from megatron_ext.training import checkpointing, logging as hsa_logging, optimizer_resume
+    from megatron_ext.training import checkpointing, fused_adam, logging as hsa_logging, optimizer_resume
 
     optimizer_resume.install()
+    if args.torch_fused_adam:
+        fused_adam.install()
     checkpointing.install(keep_last=args.keep_last_checkpoints, async_save=args.async_save)
     hsa_logging.install(args)
     listen_for_preemption(args)
