@@ -3,7 +3,8 @@
 The model is a 2-layer slice of an 8B-A1B-like MoE (performance.md section 6): hidden 2048, 16 query / 4 KV heads
 (head dim 128), RMSNorm, RoPE, SwiGLU experts, 64 experts top-8 of FFN 1024 plus a 2048 shared expert, vocab 128256,
 alltoall dispatcher, aux-loss balancing. It trains with megatron-core's own machinery (bf16 ``Float16Module``, DDP,
-distributed optimizer, ``forward_backward_no_pipelining`` over 4 micro-batches) with a torch-SDPA core attention
+distributed optimizer with torch's fused AdamW as in ``pretrain_hsa.py`` (``--no-fused-adam``: megatron's foreach
+fallback), ``forward_backward_no_pipelining`` over 4 micro-batches) with a torch-SDPA core attention
 (megatron's local ``DotProductAttention`` materialises s x s scores). Both expert modules run in this one process
 on the same shapes and data; only the spec's experts slot differs.
 
@@ -385,6 +386,10 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
                         use_distributed_optimizer=True, clip_grad=1.0),
         [model],
     )
+    if args.fused_adam:
+        from megatron_ext.training.fused_adam import use_fused_adam
+
+        use_fused_adam(optimizer)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
     forward_backward = get_forward_backward_func()
@@ -406,7 +411,7 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
 
         return loss, loss_func
 
-    step_times, losses = [], []
+    step_times, optimizer_times, losses = [], [], []
     for step in range(args.warmup_steps + args.steps):
         sync()
         t0 = time.perf_counter()
@@ -415,10 +420,15 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
         reduced = forward_backward(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
                                    num_microbatches=args.micro_batches, seq_length=seq_len,
                                    micro_batch_size=args.micro_batch_size, forward_only=False)
+        if args.phase_times:
+            sync()
+            t_opt = time.perf_counter()
         optimizer.step()
         sync()
         if step >= args.warmup_steps:
             step_times.append(time.perf_counter() - t0)
+            if args.phase_times:
+                optimizer_times.append(time.perf_counter() - t_opt)
         stats = torch.stack([r["lm loss"] for r in reduced]).sum(0)
         losses.append(float(stats[0] / stats[1]))
 
@@ -443,8 +453,10 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
         attn_tflops=attention_flops_per_token(shape, args.layers, seq_len) * tokens_per_step / step_s / 1e12,
         peak_gib=memory_gib(), peak_above_start_gib=memory_gib() - base_gib,
         active_params_per_token=active_params_per_token(shape, args.layers),
-        first_loss=losses[0], last_loss=losses[-1],
+        first_loss=losses[0], last_loss=losses[-1], fused_adam=args.fused_adam,
     )
+    if optimizer_times:
+        row["optimizer_ms"] = statistics.median(optimizer_times) * 1e3
     if torch.cuda.is_available():
         row["mfu_vs_989"] = row["tflops"] / 989.0
     del model, optimizer, batches
@@ -509,6 +521,9 @@ def train_variant_isolated(args, variant: str, seq_len: int) -> dict:
         command += ["--profile", args.profile]
     if not args.cross_entropy_fusion:
         command.append("--no-cross-entropy-fusion")
+    command.append("--fused-adam" if args.fused_adam else "--no-fused-adam")
+    if args.phase_times:
+        command.append("--phase-times")
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.worker_timeout_s)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
@@ -519,7 +534,7 @@ def train_variant_isolated(args, variant: str, seq_len: int) -> dict:
 
 RESULT_PREFIX = "MOE_BENCH_RESULT "
 
-TRAIN_COLUMNS = ["variant", "seq_len", "step_ms", "tokens_per_s", "tflops", "attn_tflops",
+TRAIN_COLUMNS = ["variant", "seq_len", "fused_adam", "step_ms", "optimizer_ms", "tokens_per_s", "tflops", "attn_tflops",
                  "peak_gib", "first_loss", "last_loss", "error"]
 
 
@@ -556,6 +571,11 @@ def main(argv=None):
                         help="use megatron's unfused vocab-parallel cross entropy")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one extra training step per variant; kernel tables are written to DIR")
+    parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch's fused AdamW inside megatron's optimizer, as pretrain_hsa.py uses by default "
+                             "(megatron_ext.training.fused_adam); --no-fused-adam keeps megatron's foreach fallback")
+    parser.add_argument("--phase-times", action="store_true",
+                        help="synchronize before the optimizer step and report its time apart (optimizer_ms)")
     parser.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "moe.jsonl"))
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
