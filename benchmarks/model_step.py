@@ -96,7 +96,7 @@ def build(name: str, device, **extra):
     return config, model, batch, seq
 
 
-def time_steps(model, config, batch, seq, steps, warmup, device, doc_len=None):
+def time_steps(model, config, batch, seq, steps, warmup, device, doc_len=None, fused_adam=False, profile=None):
     from megatron_ext.layers.packing import packed_seq_params
 
     packed = None
@@ -107,23 +107,54 @@ def time_steps(model, config, batch, seq, steps, warmup, device, doc_len=None):
     tokens = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
     labels = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
     positions = torch.arange(seq, device=device).expand(batch, seq)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-3)
-    losses, times = [], []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-3,
+                            fused=fused_adam or None)
+
+    def step():
         opt.zero_grad(set_to_none=True)
         loss = model(tokens, positions, None, labels=labels, packed_seq_params=packed).float().mean()
         loss.backward()
+        torch.cuda.synchronize()
+        t_opt = time.perf_counter()
         opt.step()
         torch.cuda.synchronize()
+        return loss, time.perf_counter() - t_opt
+
+    losses, times, opt_times = [], [], []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, opt_s = step()
         dt = time.perf_counter() - t0
         losses.append(loss.item())
         if i >= warmup:
             times.append(dt)
+            opt_times.append(opt_s)
         else:
             print(f"    warm-up step {i}: {dt * 1e3:.0f} ms, loss {losses[-1]:.4f}", flush=True)
-    return statistics.median(times), losses
+    if profile:
+        profile_one_step(step, profile)
+    return statistics.median(times), statistics.median(opt_times), losses
+
+
+def profile_one_step(step, path: str, rows: int = 45) -> None:
+    """One more step under torch.profiler: the kernels by GPU time, and GPU busy time against the step's wall time
+    (their difference is time the GPU waited for the host: launch-bound code)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    table = events.table(sort_by="self_device_time_total", row_limit=rows)
+    summary = f"profiled step: wall {wall_ms:.1f} ms (under the profiler), GPU busy {gpu_ms:.1f} ms\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(summary + table)
+    print(summary + table, flush=True)
 
 
 def main(argv=None) -> int:
@@ -132,6 +163,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: the model's)")
+    parser.add_argument("--fused-adam", action="store_true", help="torch's fused AdamW instead of its foreach one")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="profile one more step per model; kernel tables go to DIR/profile_<model>.txt")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("model_step.py needs a CUDA GPU")
@@ -155,15 +190,19 @@ def main(argv=None) -> int:
         try:
             torch.cuda.reset_peak_memory_stats()
             config, model, batch, seq = build(name, device, **extra)
+            batch = args.micro_batch or batch
             total, active = count_parameters(model, config)
             doc_len = MODELS[name][4] if len(MODELS[name]) > 4 else None
-            step_s, losses = time_steps(model, config, batch, seq, args.steps, args.warmup, device, doc_len)
+            profile = os.path.join(args.profile, f"profile_{label}.txt") if args.profile else None
+            step_s, opt_s, losses = time_steps(model, config, batch, seq, args.steps, args.warmup, device, doc_len,
+                                               fused_adam=args.fused_adam, profile=profile)
             tokens = batch * seq
             flop = 6 * tokens * active + 3.5 * batch * attention_flops_forward(config, seq, doc_len)
             row.update(
                 pattern=config.layer_pattern, micro_batch=batch, seq_length=seq, tokens_per_step=tokens,
                 packed_doc_len=doc_len,
-                params_total=total, params_active=active, step_ms=step_s * 1e3, tokens_per_s=tokens / step_s,
+                params_total=total, params_active=active, step_ms=step_s * 1e3, optimizer_ms=opt_s * 1e3,
+                fused_adam=args.fused_adam, tokens_per_s=tokens / step_s,
                 model_tflops=flop / step_s / 1e12, mfu=flop / step_s / 1e12 / H100_BF16_PEAK,
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, first_loss=losses[0], last_loss=losses[-1],
                 status="ok",
@@ -180,7 +219,8 @@ def main(argv=None) -> int:
         print(format_table([rows[-1]], ["model", "tokens_per_step", "step_ms", "tokens_per_s", "model_tflops",
                                         "mfu", "peak_mem_gib", "status"]), flush=True)
     print()
-    print(format_table(rows, ["model", "params_total", "params_active", "tokens_per_step", "step_ms", "tokens_per_s",
+    print(format_table(rows, ["model", "params_total", "params_active", "tokens_per_step", "step_ms", "optimizer_ms",
+                              "tokens_per_s",
                               "model_tflops", "mfu", "peak_mem_gib", "status"]))
     return 0
 

@@ -2,7 +2,8 @@
 
 Each model trains ``--train-iters`` iterations (default 50) through the full production path: megatron's training
 loop, bf16 (Float16Module), Megatron DDP + distributed optimizer, warm-up + cosine LR, mock data at 8K tokens,
-micro-batch 1 with gradient accumulation to ``--global-batch-size``. The three models run one after another in this
+``--micro-batch-size`` (default 1) with gradient accumulation to ``--global-batch-size``; ``--extra`` appends
+arguments for all three models (e.g. ``--extra="--cross-entropy-loss-fusion"``). The three models run one after another in this
 one invocation (same GPU, same software), each in its own process. Throughput is the median over the log
 intervals after ``--skip-iters`` (compilation and warm-up excluded) of pretrain_hsa's ``[perf]`` line: tokens/s,
 TFLOP/s per GPU from ``megatron_ext.training.flops`` (SWA, HSA and MoE counted as built) and MFU against the H100's
@@ -43,7 +44,7 @@ _LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(
 
 
 def train_args(config: str, args) -> list[str]:
-    cmd = ["--config", config, "--train-iters", str(args.train_iters), "--micro-batch-size", "1",
+    cmd = ["--config", config, "--train-iters", str(args.train_iters), "--micro-batch-size", str(args.micro_batch_size),
            "--global-batch-size", str(args.global_batch_size), "--lr", "2e-3", "--min-lr", "2e-4",
            "--lr-decay-style", "cosine", "--lr-warmup-iters", str(max(1, min(5, args.train_iters // 4))), "--weight-decay", "1e-3", "--clip-grad", "1.0",
            "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--use-distributed-optimizer", "--mock-data",
@@ -51,6 +52,7 @@ def train_args(config: str, args) -> list[str]:
            "--eval-iters", "0", "--eval-interval", "1000000", "--seed", "1234",
            # the papers' recipe has no dropout (and FlexAttention, the SWA path on GPUs, has no attention dropout)
            "--attention-dropout", "0.0", "--hidden-dropout", "0.0"]
+    cmd += args.extra.split()
     if args.smoke:
         cmd += SMOKE_OVERRIDES
     else:
@@ -106,7 +108,8 @@ def markdown(rows: list[dict], env: dict, args) -> str:
     lines = [f"## {env['date'][:10]}, {env['device']}, torch {env['torch']}, Triton {env.get('triton', '-')}", "",
              f"Command: `{env['bench_command']}`", "",
              f"{args.train_iters} iterations, {args.seq_length} tokens x global batch {args.global_batch_size} "
-             f"(micro-batch 1), bf16, distributed optimizer; medians over iterations > {args.skip_iters}.", "",
+             f"(micro-batch {args.micro_batch_size}), bf16, distributed optimizer; medians over iterations > "
+             f"{args.skip_iters}.", "",
              "| model | iterations | iteration ms | tokens/s | TFLOP/s/GPU | MFU | max GiB | loss first -> last |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -134,6 +137,8 @@ def main() -> None:
     parser.add_argument("--train-iters", type=int, default=50)
     parser.add_argument("--seq-length", type=int, default=8192)
     parser.add_argument("--global-batch-size", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--extra", default="", help="more pretrain_hsa.py arguments for every model (one string)")
     parser.add_argument("--log-interval", type=int, default=5)
     parser.add_argument("--skip-iters", type=int, default=10, help="iterations left out of the medians")
     parser.add_argument("--timeout-per-model", type=float, default=600)
@@ -167,7 +172,7 @@ def main() -> None:
             for row in rows:
                 f.write(json.dumps({**env, "bench": "train", "train_iters": args.train_iters,
                                     "seq_length": args.seq_length, "global_batch_size": args.global_batch_size,
-                                    "micro_batch_size": 1, **{k: v for k, v in row.items() if k != 'error'},
+                                    "micro_batch_size": args.micro_batch_size, **{k: v for k, v in row.items() if k != 'error'},
                                     "failed": "error" in row}) + "\n")
     if args.markdown:
         with open(args.markdown, "a") as f:
