@@ -164,6 +164,17 @@ def test_backward_split_into_token_ranges(monkeypatch, schedule):
     check_against_reference(q, k, v, w, idx, S=16, dtype=torch.float32, schedule=schedule)
 
 
+@pytest.mark.parametrize("G,off_by_one,dtype", [(2, False, torch.float32), (16, True, torch.float16)])
+def test_forward_by_token_ranges_with_atomics(monkeypatch, G, off_by_one, dtype):
+    """The chunk forward by token ranges (atomic fp32 output, no per-slot buffer) gives the reference's output,
+    log-sum-exp (through the backward) and gradients; 100 tokens in ranges of 32 leave a partial last range."""
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "fwd_token_range", 32)
+    q, k, v, w, idx = make_inputs(1, 100, 2 * G, 2, 32, 16, 3, dtype, seed=23 + G, invalid_frac=0.2)
+    check_against_reference(q, k, v, w, idx, S=16, dtype=dtype, schedule="chunk", off_by_one=off_by_one)
+
+
 def test_reverse_index_split_by_token_range():
     B, L, Hk, K, S, R = 1, 50, 2, 3, 8, 16
     idx, _ = random_causal_selection(B, L, Hk, K, S, L // S, torch.Generator().manual_seed(2))
@@ -234,6 +245,31 @@ def test_triton_matches_reference_gpu(B, L, Hq, Hk, D, S, K, schedule, dtype):
 def test_every_group_size_gpu(G):
     q, k, v, w, idx = make_inputs(1, 1024, G * 2, 2, 64, 64, 8, torch.bfloat16, seed=G)
     check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hk,D", [(64, 4, 128), (16, 1, 64), (16, 8, 128)])
+def test_forward_by_token_ranges_gpu(monkeypatch, Hq, Hk, D):
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "fwd_token_range", 1024)
+    q, k, v, w, idx = make_inputs(1, 4096, Hq, Hk, D, 64, 16, torch.bfloat16, seed=Hq + D)
+    check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="chunk")
+
+
+@pytest.mark.gpu
+def test_chunks_below_16_tokens_on_gpu_run_on_the_reference_or_are_refused():
+    """GPU dots contract over >= 16 elements: chunk size 8 runs on the reference under "auto" and is a clear error
+    under "triton" (before this, Triton failed to compile inside a training step)."""
+    from megatron_ext.kernels.hsa import hsa_attention
+    from megatron_ext.kernels.hsa.reference import hsa_attention_reference
+
+    q, k, v, w, idx = make_inputs(1, 64, 4, 1, 32, 8, 2, torch.float32, seed=5)
+    q, k, v, w, idx = (t.cuda() for t in (q, k, v, w, idx))
+    out = hsa_attention(q, k, v, w, idx, chunk_size=8)
+    torch.testing.assert_close(out, hsa_attention_reference(q, k, v, w, idx, chunk_size=8))
+    with pytest.raises(ValueError, match="chunk_size >= 16"):
+        hsa_attention(q, k, v, w, idx, chunk_size=8, backend="triton")
 
 
 @pytest.mark.gpu

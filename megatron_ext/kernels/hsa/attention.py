@@ -36,18 +36,23 @@ from megatron_ext.kernels.utils import dot_precision, empty_output, next_power_o
 __all__ = ["HSAAttentionFunction", "build_reverse_index", "hsa_attention_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
-# Launch parameters per kernel: (num_warps, num_stages); "*_rows" = pairs x group heads per chunk-schedule tile.
-# Defaults from the H100 sweep in benchmarks/results/hsa.md; benchmarks may overwrite entries (hsa.py --sweep).
+# Launch parameters per kernel: (num_warps, num_stages), or {head-dim block: (num_warps, num_stages)} with the
+# "default" entry for other head dims; token-schedule warps are per 16 x 128 accumulator tile (more rows or a wider
+# head dim scale them up). "*_rows" = pairs x group heads per chunk-schedule tile.
+# Defaults from the H100 sweeps in benchmarks/results/hsa.md; benchmarks may overwrite entries (hsa.py --sweep).
 TUNING = {
-    "token_fwd": (2, 2),
+    "token_fwd": (1, 3),
     "token_bwd": (2, 2),
     "chunk_fwd": (4, 1),
-    "chunk_bwd": (8, 1),
+    "chunk_bwd": {64: (8, 3), 128: (8, 2), "default": (8, 1)},
     "slot_sum": (4, 1),
     "chunk_fwd_rows": 64,
     "chunk_bwd_rows": 128,
     # Chunk backward split into token ranges of this many tokens (0 = no split: deterministic, no atomics).
     "bwd_token_range": 0,
+    # Chunk forward by token ranges of this many tokens, adding into an fp32 output with atomics (0 = one range and
+    # a per-slot output buffer summed by a second kernel: deterministic, but K times the output's memory).
+    "fwd_token_range": 0,
 }
 
 
@@ -106,24 +111,33 @@ def _hsa_fwd_token_kernel(
 
 @triton.jit
 def _hsa_fwd_chunk_kernel(
-    Q, K, V, W, PAIRS, OFFSETS, OBUF, LSE,
-    qk_scale, L, NC,
+    Q, K, V, W, PAIRS, OFFSETS, OUT, LSE,
+    qk_scale, L, NC, NR,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    OFF_BY_ONE: tl.constexpr, PREC: tl.constexpr,
+    OFF_BY_ONE: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One (chunk, token range, KV head): the chunk's K/V are loaded once for all pairs that selected it.
+
+    Without ATOMIC (NR = 1) each pair's weighted output goes to its row of the per-slot buffer OUT
+    [B, L, Hk, K, G, D]; with ATOMIC, OUT is the fp32 output [B, L, Hq, D] (Q's strides) and the pairs add into it.
+    The programs of one token range run together, so with ATOMIC their q rows and output rows stay in L2.
+    """
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    r = tl.program_id(1)
+    bh = tl.program_id(2)
     b = bh // HK
     h = bh % HK
-    start = tl.load(OFFSETS + bh * NC + c)
-    end = tl.load(OFFSETS + bh * NC + c + 1)
+    seg = (bh * NR + r) * NC + c
+    start = tl.load(OFFSETS + seg)
+    end = tl.load(OFFSETS + seg + 1)
     offs_d = tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, S)
     d_mask = offs_d < D
-    kc = _load_chunk(K + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, d_mask, S)
-    vc = _load_chunk(V + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, d_mask, S)
+    kv_mask = d_mask & (end > start)  # chunks no pair of this range selected cost no traffic
+    kc = _load_chunk(K + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, kv_mask, S)
+    vc = _load_chunk(V + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, kv_mask, S)
     offs_r = tl.arange(0, BLOCK_P * BLOCK_G)
     r_pair = offs_r // BLOCK_G
     r_g = offs_r % BLOCK_G
@@ -148,7 +162,10 @@ def _hsa_fwd_chunk_kernel(
             l += tl.exp2(-m)
         o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC) * (w / l)[:, None]
         row = sel * G + r_g
-        tl.store(OBUF + row[:, None] * D + offs_d[None, :], o_k.to(OBUF.dtype.element_ty), mask=tile_mask)
+        if ATOMIC:
+            tl.atomic_add(OUT + q_off[:, None] + offs_d[None, :], o_k, mask=tile_mask, sem="relaxed")
+        else:
+            tl.store(OUT + row[:, None] * D + offs_d[None, :], o_k.to(OUT.dtype.element_ty), mask=tile_mask)
         tl.store(LSE + row, m + tl.log2(l), mask=r_mask)
 
 
@@ -306,11 +323,13 @@ def build_reverse_index(indices: torch.Tensor, num_chunks: int, token_range: int
     """
     B, L, Hk, K = indices.shape
     n_ranges = 1 if token_range <= 0 else -(-L // token_range)
-    idx = indices.permute(0, 2, 1, 3).reshape(B * Hk, L * K).long()
     total = B * Hk * n_ranges * num_chunks
-    segment = torch.arange(B * Hk, device=indices.device)[:, None] * n_ranges
+    # int32 sort keys when they fit: the radix sort then makes half the passes of an int64 one
+    key_dtype = torch.int32 if total < 2**31 - 1 else torch.int64
+    idx = indices.permute(0, 2, 1, 3).reshape(B * Hk, L * K).to(key_dtype)
+    segment = torch.arange(B * Hk, device=indices.device, dtype=key_dtype)[:, None] * n_ranges
     if n_ranges > 1:
-        segment = segment + torch.arange(L * K, device=indices.device)[None, :] // (K * token_range)
+        segment = segment + torch.arange(L * K, device=indices.device, dtype=key_dtype)[None, :] // (K * token_range)
     key = torch.where(idx >= 0, segment * num_chunks + idx, total).reshape(-1)
     _, order = torch.sort(key, stable=True)
     counts = torch.bincount(key, minlength=total + 1)[:total]
@@ -325,8 +344,15 @@ def _pairs_per_tile(group_pad: int, rows_key: str) -> int:
     return max(1, TUNING[rows_key] // group_pad, 16 // group_pad)
 
 
-def _launch(name: str) -> dict:
-    warps, stages = TUNING[name]
+def _launch(name: str, block_d: int = 0, token_tile: int = 0) -> dict:
+    """Launch parameters of kernel ``name`` for head-dim block ``block_d``; ``token_tile`` = rows x head-dim block
+    of a token-schedule accumulator, whose warps scale with it (the fp32 accumulator lives in registers)."""
+    entry = TUNING[name]
+    if isinstance(entry, dict):
+        entry = entry.get(block_d, entry["default"])
+    warps, stages = entry
+    if token_tile:
+        warps = min(8, warps * max(1, token_tile // (16 * 128)))
     return {"num_warps": warps, "num_stages": stages}
 
 
@@ -349,21 +375,33 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
             q, k, v, weights, indices, o, lse, qk_scale, L,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, OFF_BY_ONE=off_by_one, PREC=prec,
-            **_launch("token_fwd"),
+            **_launch("token_fwd", token_tile=BLOCK_G * BLOCK_D),
         )
         return o, lse, reverse
+    group_pad = next_power_of_2(G)
+    block_p = _pairs_per_tile(group_pad, "chunk_fwd_rows")
+    token_range = TUNING["fwd_token_range"]
+    meta = dict(HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
+                OFF_BY_ONE=off_by_one, PREC=prec, **_launch("chunk_fwd", BLOCK_D))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    if token_range > 0:
+        # Pairs add their weighted outputs into an fp32 output, token range by token range; the reverse index of
+        # these ranges is not the backward's, so it is not kept.
+        n_ranges = -(-L // token_range)
+        pairs, offsets = build_reverse_index(indices, NC, token_range)
+        out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        if NC > 0:
+            _hsa_fwd_chunk_kernel[(NC, n_ranges, B * Hk)](
+                q, k, v, weights, pairs, offsets, out, lse, qk_scale, L, NC, n_ranges, *strides, ATOMIC=True, **meta,
+            )
+        return out.to(q.dtype), lse, reverse
     if reverse is None:
         reverse = build_reverse_index(indices, NC)
     pairs, offsets = reverse
-    group_pad = next_power_of_2(G)
-    block_p = _pairs_per_tile(group_pad, "chunk_fwd_rows")
     obuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
     if NC > 0:
-        _hsa_fwd_chunk_kernel[(NC, B * Hk)](
-            q, k, v, weights, pairs, offsets, obuf, lse, qk_scale, L, NC,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-            OFF_BY_ONE=off_by_one, PREC=prec, **_launch("chunk_fwd"),
+        _hsa_fwd_chunk_kernel[(NC, 1, B * Hk)](
+            q, k, v, weights, pairs, offsets, obuf, lse, qk_scale, L, NC, 1, *strides, ATOMIC=False, **meta,
         )
     o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
     _slot_sum_kernel[(L, B * Hk)](
@@ -401,14 +439,14 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     chunk_grid = (NC, n_ranges, B * Hk)
     chunk_meta = dict(
         HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D, SPLIT=split, PREC=prec,
-        **_launch("chunk_bwd"),
+        **_launch("chunk_bwd", BLOCK_D),
     )
     if schedule == "token":
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         _hsa_bwd_token_kernel[(L, B * Hk)](
             q, k, v, weights, indices, do, lse, dq, delta, qk_scale, sm_scale, L, *strides,
             HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=max(16, group_pad), BLOCK_D=BLOCK_D, PREC=prec,
-            **_launch("token_bwd"),
+            **_launch("token_bwd", BLOCK_D),
         )
         if NC > 0:
             _hsa_bwd_chunk_kernel[chunk_grid](
