@@ -23,6 +23,8 @@ __all__ = ["hsa_retrieval", "hsa_attention", "hsa_decode", "ATTENTION_SCHEDULES"
 # "token" / "chunk" use that order in both passes ("token" is the one without per-slot buffers: least memory).
 ATTENTION_SCHEDULES = ("auto", "token", "chunk")
 TOKEN_SCHEDULE_MIN_GROUP = 16
+# Smallest chunk the Triton kernels take on a GPU ("auto" runs smaller chunks on the PyTorch reference).
+MIN_TRITON_CHUNK_SIZE = 16
 
 
 def hsa_retrieval(
@@ -98,7 +100,16 @@ def hsa_attention(
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
     if schedule not in ATTENTION_SCHEDULES:
         raise ValueError(f"schedule must be one of {ATTENTION_SCHEDULES}, got {schedule!r}")
-    if resolve_backend(backend, q, k, v) == "reference":
+    resolved = resolve_backend(backend, q, k, v)
+    if resolved == "triton" and q.is_cuda and chunk_size < MIN_TRITON_CHUNK_SIZE:
+        # The per-chunk P @ V and dS @ K products contract over the chunk: GPU tensor-core dots need >= 16 there.
+        if backend == "triton":
+            raise ValueError(
+                f"the Triton HSA kernels need chunk_size >= {MIN_TRITON_CHUNK_SIZE} on GPUs, got {chunk_size}: "
+                f"use a chunk size of {MIN_TRITON_CHUNK_SIZE} or more (the models use 64), or backend='reference'"
+            )
+        resolved = "reference"
+    if resolved == "reference":
         return ref.hsa_attention_reference(
             q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=sm_scale,
             softmax_off_by_one=softmax_off_by_one,
