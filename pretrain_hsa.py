@@ -103,7 +103,8 @@ if __name__ == "__main__":
         args_defaults=hsa_arguments.ARGS_DEFAULTS,
     )
     runtime.install_training_hooks(args)
-    pretrain(
+    runtime.run_failing_fast(
+        pretrain,
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,
         ModelType.encoder_or_decoder,

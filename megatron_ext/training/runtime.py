@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import traceback
 
 import torch
 
@@ -50,6 +52,32 @@ def _skip_dataset_helper_compilation() -> None:
     from megatron.core.datasets import utils as dataset_utils
 
     dataset_utils.compile_helpers = lambda: None
+
+
+def run_failing_fast(fn, *args, **kwargs):
+    """Call ``fn``; if it raises, print the error and end the process at once with a non-zero status.
+
+    After an exception inside megatron's training loop, an H100 run was seen to hang at interpreter exit instead of
+    failing: ``multiprocessing`` joined a child it had forked while the data loaders' pin-memory threads still
+    waited, which would hold a SLURM allocation until its time limit. A failed run has nothing left to save, so it
+    skips the interpreter's teardown (``os._exit``). A clean ``sys.exit(0)`` (e.g. ``--exit-interval``) passes
+    through untouched.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        code = exc.code if isinstance(exc.code, int) else 1
+        if not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - any failure, KeyboardInterrupt included, ends the run
+        traceback.print_exc()
+        code = 1
+    print(f"pretrain_hsa.py: the run failed; exiting with status {code}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def install_training_hooks(args) -> None:

@@ -1,0 +1,55 @@
+"""runtime.run_failing_fast: a failed run ends at once, even when a child process would block the exit."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from tests.training.runner import REPO
+
+SCRIPT = textwrap.dedent("""
+    import multiprocessing, os, sys, time
+    from megatron_ext.training.runtime import run_failing_fast
+
+    def child():
+        os.close(1), os.close(2)  # let the test's pipes close when the parent ends
+        time.sleep(3600)
+
+    def train(mode):
+        # a non-daemon child that never ends: the interpreter's exit would join it forever
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        print("child", proc.pid, flush=True)
+        if mode == "error":
+            raise ValueError("sizes do not divide")
+        if mode == "exit3":
+            sys.exit(3)
+
+    if __name__ == "__main__":
+        run_failing_fast(train, sys.argv[1])
+""")
+
+
+def _run(mode, timeout=60):
+    done = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    for line in done.stdout.splitlines():
+        if line.startswith("child "):
+            try:
+                os.kill(int(line.split()[1]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return done
+
+
+def test_an_exception_ends_the_process_with_its_traceback():
+    done = _run("error")
+    assert done.returncode == 1
+    assert "ValueError: sizes do not divide" in done.stderr
+    assert "the run failed; exiting with status 1" in done.stderr
+
+
+def test_a_nonzero_sys_exit_keeps_its_status():
+    done = _run("exit3")
+    assert done.returncode == 3
