@@ -20,6 +20,8 @@ import os
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,17 +73,23 @@ def flex_sliding_window(q, k, v, window):
 
 SWEEP = [  # (schedule, TUNING overrides) tried by --sweep; kernel: (num_warps, num_stages), "*_rows": rows per tile
     ("auto", {}),
-    ("auto", {"token_fwd": (1, 2)}),
-    ("auto", {"token_fwd": (2, 3)}),
-    ("auto", {"token_fwd": (4, 2)}),
-    ("auto", {"bwd_token_range": 2048}),
-    ("auto", {"bwd_token_range": 8192}),
-    ("auto", {"chunk_bwd_rows": 64, "chunk_bwd": (4, 1)}),
+    ("auto", {"token_fwd": (2, 2)}),
+    ("auto", {"token_fwd": (1, 4)}),
+    ("auto", {"chunk_bwd": (8, 1)}),
     ("auto", {"chunk_bwd": (8, 2)}),
-    ("token", {}),
+    ("auto", {"chunk_bwd": (8, 3)}),
+    ("auto", {"bwd_token_range": 8192}),
     ("chunk", {}),
-    ("chunk", {"chunk_fwd": (4, 2)}),
-    ("chunk", {"chunk_fwd_rows": 128, "chunk_fwd": (8, 1)}),
+    ("chunk", {"fwd_token_range": 512}),
+    ("chunk", {"fwd_token_range": 1024}),
+    ("chunk", {"fwd_token_range": 1024, "chunk_fwd": (4, 2)}),
+    ("chunk", {"fwd_token_range": 1024, "chunk_fwd_rows": 128, "chunk_fwd": (4, 2)}),
+    ("chunk", {"fwd_token_range": 2048}),
+    ("chunk", {"fwd_token_range": 4096}),
+    ("chunk", {"fwd_token_range": 8192}),
+    ("chunk", {"fwd_token_range": 2048, "chunk_fwd_rows": 128, "chunk_fwd": (8, 1)}),
+    ("chunk", {"fwd_token_range": 2048, "chunk_fwd": (4, 2)}),
+    ("chunk", {"fwd_token_range": 2048, "chunk_fwd_rows": 32, "chunk_fwd": (2, 1)}),
 ]
 
 
@@ -116,12 +124,55 @@ def sweep(config: str, L: int, dtype: torch.dtype, rep: int):
             torch.cuda.empty_cache()
 
 
+@triton.jit
+def _gather_only_kernel(K, V, IDX, OUT, L, s_kl, HK: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr,
+                        D: tl.constexpr):
+    """The token-schedule forward's memory traffic alone: per (token, KV head) load the K and V chunks of every
+    selected slot and reduce them (no attention math), so its time is the gather floor of that schedule."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, S)
+    offs_d = tl.arange(0, D)
+    acc = tl.zeros([S, D], dtype=tl.float32)
+    for slot in range(TOPK):
+        c = tl.maximum(tl.load(IDX + (t.to(tl.int64) * HK + h) * TOPK + slot), 0)
+        rows = (c * S + offs_s).to(tl.int64)
+        off = rows[:, None] * s_kl + h * D + offs_d[None, :]
+        acc += tl.load(K + off).to(tl.float32) + tl.load(V + off).to(tl.float32)
+    tl.store(OUT + (t.to(tl.int64) * HK + h) * D + offs_d, tl.sum(acc, 0))
+
+
+def gather_roof(config: str, L: int, dtype: torch.dtype, rep: int):
+    """Gather floor of the token-schedule forward: the same chunk loads with random (retrieved) selections and with
+    every token reading the same K chunks (all L2 hits); printed with the HSA forward of the same selections."""
+    Hq, Hk, D, K = CONFIGS[config]
+    S, C = CHUNK, L // CHUNK
+    gen = torch.Generator(device=DEVICE).manual_seed(L)
+    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    idx, w = hsa_retrieval(q_r, lmk, chunk_size=S, topk=K)
+    k = torch.randn(1, C * S, Hk, D, device=DEVICE, dtype=dtype, generator=gen)
+    v = torch.randn_like(k)
+    q = torch.randn(1, L, Hq, D, device=DEVICE, dtype=dtype, generator=gen)
+    out = torch.empty(L, Hk, D, device=DEVICE, dtype=torch.float32)
+    hot = torch.arange(K, device=DEVICE, dtype=idx.dtype).expand_as(idx).contiguous()
+    nbytes = 2 * S * D * k.element_size() * (idx >= 0).sum().item()
+    for name, sel in (("retrieved", idx), ("same chunks", hot)):
+        ms = triton.testing.do_bench(
+            lambda: _gather_only_kernel[(L, Hk)](k, v, sel, out, L, k.stride(1), HK=Hk, TOPK=K, S=S, D=D,
+                                                 num_warps=4, num_stages=2), rep=rep)
+        print(f"gather roof {config} L={L} {name:11s}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s", flush=True)
+    ms = triton.testing.do_bench(lambda: hsa_attention(q, k, v, w, idx, chunk_size=S, schedule="token"), rep=rep)
+    print(f"gather roof {config} L={L} HSA token fwd: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s", flush=True)
+
+
 # Kernel variants the benchmark can time side by side: name -> (schedule, TUNING overrides).
 VARIANTS = {
     "auto": ("auto", {}),
     "auto_split": ("auto", {"bwd_token_range": 4096}),  # chunk backward split into 4096-token ranges
     "token": ("token", {}),
     "chunk": ("chunk", {}),
+    "chunk_atomic": ("chunk", {"fwd_token_range": 1024}),  # chunk forward by token ranges, fp32 atomic output
 }
 
 
@@ -231,6 +282,8 @@ def main(argv=None):
     p.add_argument("--baselines", default="dense,flex", help="comma list of dense, flex (or 'none')")
     p.add_argument("--variants", default="auto", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--sweep", action="store_true", help="only time the SWEEP list of schedules and launch parameters")
+    p.add_argument("--gather-roof", action="store_true",
+                   help="only time the token forward's chunk loads without the math (its memory floor)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rep", type=int, default=100, help="timing budget per measurement, ms")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hsa.jsonl"))
@@ -245,6 +298,11 @@ def main(argv=None):
     unknown = [x for x in variants if x not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if args.gather_roof:
+        for config in args.configs.split(","):
+            for L in (int(x) for x in args.seq_lens.split(",")):
+                gather_roof(config, L, DTYPES[args.dtype], min(args.rep, 50))
+        return
     if args.sweep:
         for config in args.configs.split(","):
             for L in (int(x) for x in args.seq_lens.split(",")):
