@@ -27,22 +27,32 @@ from megatron_ext.parallel.tensor import kv_head_partition, sum_gradient_over_tp
 __all__ = ["HSARetrieval", "GCARetrieval"]
 
 
-class HSARetrieval(MegatronModule):
+class _Retrieval(MegatronModule):
+    """What both retrieval modules share: chunking and top-k options, the kernel backend, and the TP group over
+    which the gradient of their replicated selection weights is summed. Retrieval reads whole sequences, so its
+    config never has sequence parallelism."""
+
+    def __init__(self, config, pg_collection=None):
+        config = without_sequence_parallel(config)
+        super().__init__(config=config)
+        self.chunk_size = config.hsa_chunk_size
+        self.topk = config.hsa_topk
+        self.gumbel = config.hsa_gumbel_noise
+        self.backend = config.hsa_kernel_backend
+        self._grad_tp_group = pg_collection.tp if pg_collection is not None else None
+
+
+class HSARetrieval(_Retrieval):
     """forward(x [s, b, h], memory) -> Selection(indices/weights [b, s, Hk_local, K])."""
 
     def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
-        config = without_sequence_parallel(config)
-        super().__init__(config=config)
+        super().__init__(config, pg_collection)
+        config = self.config
         h = config.hidden_size
-        self.chunk_size = config.hsa_chunk_size
-        self.topk = config.hsa_topk
         self.weight_rule = config.hsa_weight_rule
-        self.gumbel = config.hsa_gumbel_noise
-        self.backend = config.hsa_kernel_backend
         self.retrieval_heads = config.hsa_heads
         self.retrieval_head_dim = config.hsa_retrieval_width // config.hsa_heads
-        tp_group = pg_collection.tp if pg_collection is not None else None
-        self._grad_tp_group = tp_group
+        tp_group = self._grad_tp_group
         self.kv_head_start, self.kv_heads_local, _ = kv_head_partition(config.hsa_num_kv_heads, tp_group)
         self.norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
         self.query_proj = ColumnParallelLinear(
@@ -91,22 +101,17 @@ class HSARetrieval(MegatronModule):
         return Selection(indices=indices.contiguous(), weights=weights.contiguous())
 
 
-class GCARetrieval(MegatronModule):
+class GCARetrieval(_Retrieval):
     """forward(x [s, b, h], memory) -> Selection(indices/weights [b, C, K] per query chunk, keys/values)."""
 
     def __init__(self, config, layer_number: int = 1, pg_collection=None, **kwargs):
-        config = without_sequence_parallel(config)
-        super().__init__(config=config)
+        super().__init__(config, pg_collection)
+        config = self.config
         h = config.hidden_size
-        self.chunk_size = config.hsa_chunk_size
-        self.topk = config.hsa_topk
-        self.gumbel = config.hsa_gumbel_noise
-        self.backend = config.hsa_kernel_backend
         self.head_dim = config.kv_channels
         _, tp_size = _tp_world(pg_collection)
         self.kv_heads_local = config.gca_kv_heads // tp_size
-        tp_group = pg_collection.tp if pg_collection is not None else None
-        self._grad_tp_group = tp_group
+        tp_group = self._grad_tp_group
         self.landmark_query_norm = RMSNorm(config, h, eps=config.layernorm_epsilon)
         linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=True, tp_group=tp_group)
         self.key_proj = ColumnParallelLinear(h, config.gca_kv_heads * self.head_dim, **linear)

@@ -218,35 +218,15 @@ RETRIEVAL_MODELS = {
 
 
 def build_retrieval_model(overrides, pre_process=True, post_process=True, vp_stage=None, family="swa_hsa"):
-    from megatron_ext.models import HSAConfig
     from megatron_ext.models.builder import build_model
+    from tests.models.tiny import tiny_config
 
-    fields = dict(
-        num_layers=4,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=96,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        qk_layernorm=True,
-        seq_length=SEQ,
-        swa_window_size=6,
-        hsa_chunk_size=RETRIEVAL_CHUNK,
-        hsa_topk=2,
-        hsa_encoder_layers=1,
-        hsa_kernel_backend="reference",
-        vocab_size=VOCAB,
-        params_dtype=torch.float32,
-    )
+    fields = dict(seq_length=SEQ, hsa_chunk_size=RETRIEVAL_CHUNK, vocab_size=VOCAB,
+                  activation_func=torch.nn.functional.silu, params_dtype=torch.float32)
     fields.update(RETRIEVAL_MODELS[family])
     fields.update(overrides)
-    return build_model(HSAConfig(**fields), pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    config = tiny_config(fields.pop("layer_pattern"), **fields)
+    return build_model(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
 
 MODEL_BUILDERS: dict[str, Callable] = {
