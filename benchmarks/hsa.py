@@ -93,19 +93,34 @@ SWEEP = [  # (schedule, TUNING overrides) tried by --sweep; kernel: (num_warps, 
 ]
 
 
+def retrieval_inputs(config: str, L: int, dtype: torch.dtype):
+    """(generator, retrieval queries, landmarks) of one (config, length); the generator goes on to attention_inputs,
+    so every script section sees the same selections and the same q/k/v."""
+    Hk, C = CONFIGS[config][1], L // CHUNK
+    gen = torch.Generator(device=DEVICE).manual_seed(L)
+    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    return gen, q_r, lmk
+
+
+def attention_inputs(config: str, L: int, dtype: torch.dtype, gen, requires_grad: bool = True):
+    """q [1, L, Hq, D] and chunk K/V [1, C*S, Hk, D] drawn from ``gen``."""
+    Hq, Hk, D, _ = CONFIGS[config]
+    rows = L // CHUNK * CHUNK
+    q = torch.randn(1, L, Hq, D, device=DEVICE, dtype=dtype, generator=gen)
+    k = torch.randn(1, rows, Hk, D, device=DEVICE, dtype=dtype, generator=gen)
+    v = torch.randn(1, rows, Hk, D, device=DEVICE, dtype=dtype, generator=gen)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
 def sweep(config: str, L: int, dtype: torch.dtype, rep: int):
     """Time forward/backward of each SWEEP entry; print one line each."""
     from megatron_ext.kernels.hsa import attention
 
-    Hq, Hk, D, K = CONFIGS[config]
-    S, C = CHUNK, L // CHUNK
-    gen = torch.Generator(device=DEVICE).manual_seed(L)
-    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
-    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    K, S = CONFIGS[config][3], CHUNK
+    gen, q_r, lmk = retrieval_inputs(config, L, dtype)
     idx, w = hsa_retrieval(q_r, lmk, chunk_size=S, topk=K)
-    q = torch.randn(1, L, Hq, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
-    k = torch.randn(1, C * S, Hk, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
-    v = torch.randn(1, C * S, Hk, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
+    q, k, v = attention_inputs(config, L, dtype, gen)
     w = w.detach().requires_grad_()
     default = dict(attention.TUNING)
     for schedule, override in SWEEP:
@@ -145,15 +160,11 @@ def _gather_only_kernel(K, V, IDX, OUT, L, s_kl, HK: tl.constexpr, TOPK: tl.cons
 def gather_roof(config: str, L: int, dtype: torch.dtype, rep: int):
     """Gather floor of the token-schedule forward: the same chunk loads with random (retrieved) selections and with
     every token reading the same K chunks (all L2 hits); printed with the HSA forward of the same selections."""
-    Hq, Hk, D, K = CONFIGS[config]
-    S, C = CHUNK, L // CHUNK
-    gen = torch.Generator(device=DEVICE).manual_seed(L)
-    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
-    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    _, Hk, D, K = CONFIGS[config]
+    S = CHUNK
+    gen, q_r, lmk = retrieval_inputs(config, L, dtype)
     idx, w = hsa_retrieval(q_r, lmk, chunk_size=S, topk=K)
-    k = torch.randn(1, C * S, Hk, D, device=DEVICE, dtype=dtype, generator=gen)
-    v = torch.randn_like(k)
-    q = torch.randn(1, L, Hq, D, device=DEVICE, dtype=dtype, generator=gen)
+    q, k, v = attention_inputs(config, L, dtype, gen, requires_grad=False)
     out = torch.empty(L, Hk, D, device=DEVICE, dtype=torch.float32)
     hot = torch.arange(K, device=DEVICE, dtype=idx.dtype).expand_as(idx).contiguous()
     nbytes = 2 * S * D * k.element_size() * (idx >= 0).sum().item()
@@ -202,9 +213,7 @@ def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: i
     Hq, Hk, D, K = CONFIGS[config]
     G, S, C = Hq // Hk, CHUNK, L // CHUNK
     dev = DEVICE
-    gen = torch.Generator(device=dev).manual_seed(L)
-    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=dev, dtype=dtype, generator=gen)
-    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=dev, dtype=dtype, generator=gen)
+    gen, q_r, lmk = retrieval_inputs(config, L, dtype)
 
     def retrieve():
         return hsa_retrieval(q_r, lmk, chunk_size=S, topk=K)
@@ -217,9 +226,7 @@ def measure(config: str, L: int, dtype: torch.dtype, baselines, out_path, rep: i
     n_valid = int((idx >= 0).sum())
     print(f"  retrieval {config}/{L}: {retrieval_ms:.3f} ms, peak above inputs {retrieval_peak:.4f} GiB", flush=True)
     del q_r, lmk
-    q = torch.randn(1, L, Hq, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
-    k = torch.randn(1, C * S, Hk, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
-    v = torch.randn(1, C * S, Hk, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    q, k, v = attention_inputs(config, L, dtype, gen)
     w = w.detach().requires_grad_()
     flop_fwd = 4.0 * n_valid * G * S * D
     gather_bytes = n_valid * 2 * S * D * q.element_size()
