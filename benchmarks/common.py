@@ -81,6 +81,37 @@ def peak_memory_gib(fn: Callable[[], object]) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def profile_one_step(step: Callable[[], object], path: str, rows: int = 45) -> str:
+    """Run ``step`` once under torch.profiler; write and print its operators and kernels by GPU time (CPU time
+    without CUDA), headed by the step's wall time and the summed device time (their gap is time the GPU waited for
+    the host: launch-bound code). Returns the text."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    summary = f"profiled step: wall {wall_ms:.1f} ms (under the profiler)"
+    if cuda:
+        summary += f", summed device time {sum(e.self_device_time_total for e in events) / 1e3:.1f} ms"
+    text = summary + "\n" + events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                         row_limit=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    print(text, flush=True)
+    return text
+
+
 def tflops(flop: float, ms: float) -> float:
     return flop / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
 

@@ -26,7 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import format_table, record  # noqa: E402
+from benchmarks.common import format_table, profile_one_step, record  # noqa: E402
 
 H100_BF16_PEAK = 989.0
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "model_step.jsonl")
@@ -135,26 +135,6 @@ def time_steps(model, config, batch, seq, steps, warmup, device, doc_len=None, f
     if profile:
         profile_one_step(step, profile)
     return statistics.median(times), statistics.median(opt_times), losses
-
-
-def profile_one_step(step, path: str, rows: int = 45) -> None:
-    """One more step under torch.profiler: the kernels by GPU time, and GPU busy time against the step's wall time
-    (their difference is time the GPU waited for the host: launch-bound code)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-    wall_ms = (time.perf_counter() - t0) * 1e3
-    events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
-    table = events.table(sort_by="self_device_time_total", row_limit=rows)
-    summary = f"profiled step: wall {wall_ms:.1f} ms (under the profiler), GPU busy {gpu_ms:.1f} ms\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(summary + table)
-    print(summary + table, flush=True)
 
 
 def main(argv=None) -> int:

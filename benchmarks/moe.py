@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_ms, format_table, record  # noqa: E402
+from benchmarks.common import bench_ms, format_table, profile_one_step, record  # noqa: E402
 from megatron_ext.compat import cpu as cpu_compat  # noqa: E402
 
 EXPERT_KINDS = ("grouped_gemm", "sequential")
@@ -433,13 +433,14 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
         losses.append(float(stats[0] / stats[1]))
 
     if args.profile:
-        _profile_one_step(args, variant, seq_len, lambda: (
+        name = f"profile_{variant.replace('/', '_').replace('+', '_')}_{seq_len}.txt"
+        profile_one_step(lambda: (
             model.zero_grad_buffer(), optimizer.zero_grad(),
             forward_backward(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
                              num_microbatches=args.micro_batches, seq_length=seq_len,
                              micro_batch_size=args.micro_batch_size, forward_only=False),
             optimizer.step(),
-        ))
+        ), os.path.join(args.profile, name))
 
     tokens_per_step = args.micro_batches * args.micro_batch_size * seq_len
     step_s = statistics.median(step_times)
@@ -463,23 +464,6 @@ def train_variant(args, shape, variant: str, seq_len: int) -> dict:
     config.finalize_model_grads_func = config.no_sync_func = None
     free_memory()
     return row
-
-
-def _profile_one_step(args, variant, seq_len, step):
-    """One more training step under torch.profiler; the top kernels go to stdout and ``--profile`` (a folder)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        step()
-        sync()
-    sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_key, row_limit=40)
-    os.makedirs(args.profile, exist_ok=True)
-    name = f"profile_{variant.replace('/', '_').replace('+', '_')}_{seq_len}.txt"
-    with open(os.path.join(args.profile, name), "w") as f:
-        f.write(table)
-    print(f"profile of one step ({variant}, {seq_len}):\n{table}", flush=True)
 
 
 def section_train(args, shape, out_path):
