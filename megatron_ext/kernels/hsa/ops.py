@@ -71,6 +71,21 @@ def hsa_retrieval(
     )
 
 
+def _attention_backend(backend: str, chunk_size: int, *tensors: torch.Tensor) -> str:
+    """``resolve_backend`` for the chunk-attention kernels (training and decode), which on a GPU also need
+    ``chunk_size >= MIN_TRITON_CHUNK_SIZE``: their per-chunk P @ V and dS @ K products contract over the chunk, and
+    tensor-core dots contract over at least 16 elements. "auto" runs smaller chunks on the reference."""
+    resolved = resolve_backend(backend, *tensors)
+    if resolved == "triton" and tensors[0].is_cuda and chunk_size < MIN_TRITON_CHUNK_SIZE:
+        if backend == "triton":
+            raise ValueError(
+                f"the Triton HSA kernels need chunk_size >= {MIN_TRITON_CHUNK_SIZE} on GPUs, got {chunk_size}: "
+                f"use a chunk size of {MIN_TRITON_CHUNK_SIZE} or more (the models use 64), or backend='reference'"
+            )
+        return "reference"
+    return resolved
+
+
 def hsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,16 +115,7 @@ def hsa_attention(
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
     if schedule not in ATTENTION_SCHEDULES:
         raise ValueError(f"schedule must be one of {ATTENTION_SCHEDULES}, got {schedule!r}")
-    resolved = resolve_backend(backend, q, k, v)
-    if resolved == "triton" and q.is_cuda and chunk_size < MIN_TRITON_CHUNK_SIZE:
-        # The per-chunk P @ V and dS @ K products contract over the chunk: GPU tensor-core dots need >= 16 there.
-        if backend == "triton":
-            raise ValueError(
-                f"the Triton HSA kernels need chunk_size >= {MIN_TRITON_CHUNK_SIZE} on GPUs, got {chunk_size}: "
-                f"use a chunk size of {MIN_TRITON_CHUNK_SIZE} or more (the models use 64), or backend='reference'"
-            )
-        resolved = "reference"
-    if resolved == "reference":
+    if _attention_backend(backend, chunk_size, q, k, v) == "reference":
         return ref.hsa_attention_reference(
             q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=sm_scale,
             softmax_off_by_one=softmax_off_by_one,
@@ -154,7 +160,7 @@ def hsa_decode(
         raise ValueError(f"q must be [B, Hq, D] and q_r [B, R, Dr]; got {tuple(q.shape)} and {tuple(q_r.shape)}")
     if positions.shape != (q.shape[0],):
         raise ValueError(f"positions must be [B={q.shape[0]}], got {tuple(positions.shape)}")
-    if resolve_backend(backend, q, k_cache, v_cache) == "reference":
+    if _attention_backend(backend, chunk_size, q, k_cache, v_cache) == "reference":
         return ref.hsa_decode_reference(
             q, q_r, k_cache, v_cache, landmarks, positions, chunk_size=chunk_size, topk=topk,
             weight_rule=weight_rule, rank_decay=rank_decay, sm_scale=sm_scale, softmax_off_by_one=softmax_off_by_one,
