@@ -262,3 +262,17 @@ def test_gpu_bf16_decode():
     ref = gca_decode_reference(cast(q).float().cpu(), cast(kc).float().cpu(), cast(vc).float().cpu(), w, idx,
                                chunk_size=S)
     assert rel_err(out.float().cpu(), ref) < TOL[torch.bfloat16]
+
+
+def test_sizes_the_kernels_do_not_cover_run_on_the_reference_under_auto():
+    """Chunk 12 and head dim 24 are outside the Triton tiles: "auto" gives the reference's output (and gradients
+    through it), "triton" names the limit."""
+    gen = torch.Generator().manual_seed(3)
+    for S, D in ((12, 32), (16, 24)):
+        L = 4 * S
+        q, k, v = (torch.randn(1, L, 2, D, generator=gen) for _ in range(3))
+        idx, w = causal_selection(1, 4, 4, 2, gen)
+        out = gca_attention(q, k, v, w, idx, chunk_size=S)  # conftest: "auto" means Triton on CPU here
+        torch.testing.assert_close(out, gca_attention_reference(q, k, v, w, idx, chunk_size=S))
+        with pytest.raises(ValueError, match="for the Triton kernels"):
+            gca_attention(q, k, v, w, idx, chunk_size=S, backend="triton")

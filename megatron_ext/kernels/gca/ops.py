@@ -25,8 +25,19 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
 
 
-def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    return resolve_backend(backend, *tensors) == "triton"
+def _use_triton(backend: str, chunk_size: int, q, k, v) -> bool:
+    """Whether to run the Triton kernels. Sizes they do not cover run on the reference under "auto" and are an
+    error under "triton"; dtype mismatches are an error either way."""
+    if resolve_backend(backend, q, k, v) != "triton":
+        return False
+    unsupported = _kernel_unsupported(q, chunk_size)
+    if unsupported and backend == "triton":
+        raise ValueError(unsupported + "; use backend='reference' or 'auto' (which runs such sizes on the reference)")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share one dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    return unsupported is None
 
 
 def _check_shapes(q, k, v, chunk_size: int) -> None:
@@ -44,16 +55,13 @@ def _check_shapes(q, k, v, chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
 
 
-def _check_kernel_support(q, k, v, chunk_size: int) -> None:
-    """What the Triton kernels cover (the reference covers any size)."""
+def _kernel_unsupported(q, chunk_size: int) -> str | None:
+    """Why the Triton kernels cannot take these sizes (the reference covers any), or None."""
     if chunk_size not in SUPPORTED_CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {SUPPORTED_CHUNK_SIZES} for the Triton kernels, got {chunk_size}")
+        return f"chunk_size must be one of {SUPPORTED_CHUNK_SIZES} for the Triton kernels, got {chunk_size}"
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernels, got {q.shape[3]}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k, v must share one dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+        return f"head dim must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernels, got {q.shape[3]}"
+    return None
 
 
 def gca_retrieval(
@@ -147,12 +155,11 @@ def gca_attention(
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if not _use_triton(backend, q, k, v):
+    if not _use_triton(backend, chunk_size, q, k, v):
         return gca_attention_reference(
             q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=scale,
             softmax_off_by_one=softmax_off_by_one, landmark_null_slot=landmark_null_slot,
         )
-    _check_kernel_support(q, k, v, chunk_size)
     return _GCAAttention.apply(q, k, v, weights, indices, chunk_size, scale, softmax_off_by_one, landmark_null_slot)
 
 
@@ -183,12 +190,11 @@ def gca_decode(
             f"{tuple(weights.shape)}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if not _use_triton(backend, q, k_cache, v_cache):
+    if not _use_triton(backend, chunk_size, q, k_cache, v_cache):
         return gca_decode_reference(
             q, k_cache, v_cache, weights, indices, chunk_size=chunk_size, sm_scale=scale,
             softmax_off_by_one=softmax_off_by_one, landmark_null_slot=landmark_null_slot,
         )
-    _check_kernel_support(q, k_cache, v_cache, chunk_size)
     from .triton_decode import gca_decode_triton
 
     return gca_decode_triton(
