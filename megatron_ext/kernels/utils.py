@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernel families (HSA, GCA).
+"""Helpers shared by the Triton kernel families (HSA, GCA, fused element-wise ops).
 
 Nothing here launches a kernel: it answers "may a Triton kernel run on these tensors", maps dtypes, and holds the
 small numeric helpers every family needs. Importing this module never imports triton eagerly, so the PyTorch
@@ -23,6 +23,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "POISON_ENV",
     "empty_output",
+    "segment_offsets",
 ]
 
 # Set to 1 (tests do) to fill every kernel output buffer with NaN / a sentinel before launch, so elements a kernel
@@ -47,11 +48,13 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+def resolve_backend(backend: str, *tensors: torch.Tensor, auto_in_interpreter: bool = True) -> str:
     """Turn ``backend="auto"|"triton"|"reference"`` into "triton" or "reference".
 
-    "auto" picks Triton when every tensor lives on a CUDA device, or when the interpreter is on (CPU tensors);
-    otherwise the PyTorch reference.
+    "auto" picks Triton when every tensor lives on a CUDA device, or when the interpreter is on (CPU tensors) and
+    ``auto_in_interpreter``; otherwise the PyTorch reference. The element-wise kernels (``kernels.fused``) pass
+    ``auto_in_interpreter=False``: in the interpreter they would only slow a CPU model down, so "auto" keeps PyTorch
+    there and only an explicit "triton" runs them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -66,6 +69,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
                 "imported; use backend='reference' or 'auto' instead"
             )
         return "triton"
+    if not on_cuda and not auto_in_interpreter:
+        return "reference"
     return "triton" if runnable else "reference"
 
 
@@ -89,3 +94,14 @@ def empty_output(*shape, device, dtype) -> torch.Tensor:
     if os.environ.get(POISON_ENV, "0") not in ("", "0"):
         out.fill_(float("nan") if dtype.is_floating_point else -12345)
     return out
+
+
+def segment_offsets(sorted_keys: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """CSR offsets of sorted segment keys: ``offsets[i]`` = number of keys below i, for i in 0..num_segments
+    (int32, ``[num_segments + 1]``); keys >= num_segments (left-out entries) come after the last segment.
+
+    ``torch.bincount`` + ``cumsum`` would give the same numbers, but bincount copies the largest key to the host to
+    size its output: a device synchronisation in every backward that builds a reverse index.
+    """
+    bounds = torch.arange(num_segments + 1, device=sorted_keys.device, dtype=sorted_keys.dtype)
+    return torch.searchsorted(sorted_keys, bounds).to(torch.int32)

@@ -1,0 +1,58 @@
+"""Public fused element-wise ops: argument checks and the backend choice.
+
+backend: "auto" runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere (on a CPU, even with
+the Triton interpreter on: there these kernels would only slow a model down), "triton" forces the kernels (CUDA,
+or CPU tensors in the interpreter), "reference" forces PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ext.kernels.fused import reference as ref
+from megatron_ext.kernels.utils import check_dtype, resolve_backend
+
+__all__ = ["rms_norm", "cross_entropy"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm of x ``[..., D]`` with an optional weight ``[D]``, in fp32, returned in x's dtype.
+    Gradients reach x and the weight."""
+    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+    tensors = (x,) if weight is None else (x, weight)
+    resolved = resolve_backend(backend, *tensors, auto_in_interpreter=False)
+    if resolved == "triton":
+        from megatron_ext.kernels.fused.triton_rms_norm import MAX_WIDTH
+
+        check_dtype("x", x)
+        if x.shape[-1] > MAX_WIDTH:
+            if backend == "triton":
+                raise ValueError(f"rms_norm: the Triton kernel takes rows of at most {MAX_WIDTH} elements, got "
+                                 f"{x.shape[-1]}; use backend='reference'")
+            resolved = "reference"
+    if resolved == "reference" or x.numel() == 0:
+        return ref.rms_norm_reference(x, weight, eps)
+    from megatron_ext.kernels.fused.triton_rms_norm import RMSNormFunction
+
+    return RMSNormFunction.apply(x, weight, float(eps))
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None, backend: str = "auto") -> torch.Tensor:
+    """Per-token cross entropy (fp32, ``target``'s shape) of ``logits [..., V_local]`` against ``target [...]``.
+
+    With a tensor-parallel ``tp_group`` of more than one rank the logits are this rank's vocabulary slice (rank r
+    holds [r * V_local, (r + 1) * V_local)), as megatron's output layer produces them. The gradient reaches the
+    logits, in their dtype.
+    """
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} need target of shape "
+                         f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}")
+    if target.dtype.is_floating_point:
+        raise TypeError(f"cross_entropy: target must hold integer token ids, got {target.dtype}")
+    if resolve_backend(backend, logits, auto_in_interpreter=False) == "reference":
+        return ref.cross_entropy_reference(logits, target, tp_group)
+    check_dtype("logits", logits)
+    from megatron_ext.kernels.fused.triton_cross_entropy import CrossEntropyFunction
+
+    return CrossEntropyFunction.apply(logits, target, tp_group)
