@@ -27,7 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_ext.layers.chunk_memory import ChunkMemory, merge_chunks, split_chunks, without_sequence_parallel
-from megatron_ext.layers.norms import RMSNorm, rms_norm
+from megatron_ext.layers.norms import RMSNorm
 from megatron_ext.parallel.context import gather_sequence
 from megatron_ext.parallel.tensor import ReplicatedLinear, kv_head_partition, sum_gradient_over_tp
 from megatron_ext.layers.specs import attention_layer_spec, dense_mlp_builder, self_attention_spec
@@ -157,7 +157,7 @@ class HSAChunkMemory(MegatronModule):
             keys = sum_gradient_over_tp(keys, self._grad_tp_group)[:, :, heads]
             values = sum_gradient_over_tp(values, self._grad_tp_group)[:, :, heads]
         if self.key_norm is not None:  # one norm weight for all KV heads, this rank's heads only: sum over TP
-            keys = rms_norm(keys, sum_gradient_over_tp(self.key_norm.weight, self._grad_tp_group), self.key_norm.eps)
+            keys = self.key_norm.normalize(keys, sum_gradient_over_tp(self.key_norm.weight, self._grad_tp_group))
         # Context parallelism: this rank encoded its own chunks; every rank's queries read all of them.
         landmarks, keys, values = (gather_sequence(t, dim=1) for t in (landmarks, keys, values))
         return ChunkMemory(chunk_size=S, landmarks=landmarks, keys=keys, values=values)

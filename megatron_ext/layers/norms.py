@@ -3,7 +3,8 @@
 megatron-core's own fallback without apex or Transformer Engine, ``WrappedTorchNorm``, refuses sequence parallelism.
 :class:`RMSNorm` here works with it: its weight is replicated over the tensor-parallel group and tagged
 ``sequence_parallel`` so that megatron's ``finalize_model_grads`` all-reduces its gradient over that group (each
-rank only saw its own slice of the sequence).
+rank only saw its own slice of the sequence). It runs the fused Triton RMSNorm of ``megatron_ext.kernels.fused`` on
+CUDA tensors (``config.fused_kernel_backend``).
 """
 
 from __future__ import annotations
@@ -11,16 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["RMSNorm", "rms_norm"]
+from megatron_ext.kernels.fused import rms_norm
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in x's dtype. x: [..., D]."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
+__all__ = ["RMSNorm"]
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +28,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.hidden_size = hidden_size
+        self.backend = getattr(config, "fused_kernel_backend", "auto")
         # Like megatron's layers: the default device (CPU, or a `torch.device` context such as "meta") unless the
         # config asks for GPU initialisation.
         device = None if getattr(config, "use_cpu_initialization", True) or not torch.cuda.is_available() else "cuda"
@@ -42,7 +37,11 @@ class RMSNorm(nn.Module):
         setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.normalize(x, self.weight)
+
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This norm with another weight tensor: its own weight passed through a TP gradient sum, say."""
+        return rms_norm(x, weight, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"

@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.layers.chunk_encoder import _tp_world
 from megatron_ext.layers.chunk_memory import ChunkMemory, without_sequence_parallel
-from megatron_ext.layers.norms import RMSNorm, rms_norm
+from megatron_ext.layers.norms import RMSNorm
 from megatron_ext.parallel.tensor import sum_gradient_over_tp
 
 __all__ = ["HSAAttention", "GCAAttention"]
@@ -56,7 +56,7 @@ class _ChunkCrossAttention(MegatronModule):
         q, _ = self.query_proj(hidden)
         q = q.reshape(s, b, self.heads_local, self.head_dim)
         if self.query_norm is not None:  # one norm weight for all heads, this rank's heads only: sum over TP
-            q = rms_norm(q, sum_gradient_over_tp(self.query_norm.weight, self._grad_tp_group), self.query_norm.eps)
+            q = self.query_norm.normalize(q, sum_gradient_over_tp(self.query_norm.weight, self._grad_tp_group))
         return q.transpose(0, 1).contiguous()
 
     def _output(self, o: torch.Tensor):

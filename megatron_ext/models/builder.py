@@ -2,8 +2,8 @@
 
 ``build_layer_specs(config)`` turns ``config.layer_pattern`` into a ``TransformerBlockSubmodules`` (one layer spec per
 layer of this pipeline stage, our RMSNorm as the final norm); ``build_model(config, vocab_size=...)`` passes it to
-megatron-core's ``GPTModel``. This is the one model provider of ``pretrain_hsa.py``, the tests and
-``tools/model_summary.py``.
+:class:`HSAGPTModel`, megatron-core's ``GPTModel`` with the fused cross entropy of ``megatron_ext.kernels.fused``.
+This is the one model provider of ``pretrain_hsa.py``, the tests and ``tools/model_summary.py``.
 
 The MLP slot of each layer is dense or MoE: a ``:moe``/``:dense`` suffix in the pattern decides, otherwise
 megatron's ``moe_layer_freq`` (int N: layers 0, N, 2N, ...; list: 1 = MoE) when ``num_moe_experts`` is set.
@@ -15,13 +15,35 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_ext.models.config import HSAConfig
 from megatron_ext.models.pattern import LayerPlan
 from megatron_ext.models.registry import ATTENTION_KINDS
 
-__all__ = ["layer_is_moe", "mlp_builder_for_layer", "build_layer_specs", "build_model"]
+__all__ = ["layer_is_moe", "mlp_builder_for_layer", "build_layer_specs", "build_model", "HSAGPTModel"]
+
+
+class HSAGPTModel(GPTModel):
+    """megatron-core's ``GPTModel``; its language-model loss runs ``megatron_ext.kernels.fused.cross_entropy`` (one
+    pass over the bf16 logits forward and one backward, instead of megatron's fp32 copies of them) wherever
+    ``config.fused_kernel_backend`` resolves to the Triton kernels. Transformer Engine's cross entropy still serves
+    when ``cross_entropy_loss_fusion`` with ``cross_entropy_fusion_impl='te'`` asks for it, and megatron's own
+    everywhere else (CPU, backend 'reference')."""
+
+    def compute_language_model_loss(self, labels, logits):
+        from megatron_ext.kernels.fused import cross_entropy
+        from megatron_ext.kernels.utils import resolve_backend
+
+        config = self.config
+        backend = getattr(config, "fused_kernel_backend", "auto")
+        te_asked = config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te"
+        if te_asked or resolve_backend(backend, logits, auto_in_interpreter=False) == "reference":
+            return super().compute_language_model_loss(labels, logits)
+        # logits [s, b, V_local], labels [b, s] -> loss [b, s], as megatron's
+        loss = cross_entropy(logits, labels.transpose(0, 1), tp_group=self.tp_group, backend=backend)
+        return loss.transpose(0, 1).contiguous()
 
 
 def layer_is_moe(config: HSAConfig, plan: LayerPlan) -> bool:
@@ -75,12 +97,10 @@ def build_layer_specs(config: HSAConfig, pattern: Optional[str] = None, *, vp_st
 
 def build_model(config: HSAConfig, *, vocab_size: Optional[int] = None, pre_process: bool = True,
                 post_process: bool = True, vp_stage: Optional[int] = None, pg_collection=None):
-    """megatron-core ``GPTModel`` with the layers of ``config.layer_pattern``.
+    """:class:`HSAGPTModel` with the layers of ``config.layer_pattern``.
 
     vocab_size: the (padded) vocabulary; defaults to ``config.vocab_size``.
     """
-    from megatron.core.models.gpt import GPTModel
-
     vocab = vocab_size if vocab_size is not None else config.vocab_size
     if vocab is None:
         raise ValueError("build_model: give vocab_size= (or set vocab_size in the config / YAML)")
@@ -90,7 +110,7 @@ def build_model(config: HSAConfig, *, vocab_size: Optional[int] = None, pre_proc
 
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     spec = build_layer_specs(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    model = GPTModel(
+    model = HSAGPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab,

@@ -56,6 +56,11 @@ class HSAConfig(TransformerConfig):
     """ALiBi biases in the causal swa/full attention (DRT's lower layers) instead of RoPE; needs
     position_embedding_type 'none' (the chunk encoder keeps its local RoPE)."""
 
+    fused_kernel_backend: str = "auto"
+    """RMSNorm and the vocabulary cross entropy (``megatron_ext.kernels.fused``): 'auto' (Triton kernels on CUDA,
+    PyTorch elsewhere), 'triton' or 'reference'. The cross entropy stays Transformer Engine's when
+    cross_entropy_loss_fusion with cross_entropy_fusion_impl 'te' asks for it."""
+
     attention_impl: str = "auto"
     """Core attention for swa/full layers: 'auto' (TE if importable, else SDPA for full and FlexAttention on CUDA /
     SDPA with a band mask on CPU for the window), 'te', 'sdpa' or 'flex'."""
@@ -191,6 +196,8 @@ class HSAConfig(TransformerConfig):
                        "set num_moe_experts (YAML: num_experts) or drop ':moe'")
         if self.swa_window_size < 1:
             self._fail("swa_window_size", f"must be >= 1, got {self.swa_window_size}", "use e.g. 512")
+        if self.fused_kernel_backend not in KERNEL_BACKENDS:
+            self._fail("fused_kernel_backend", f"{self.fused_kernel_backend!r} not in {KERNEL_BACKENDS}", "use 'auto'")
         if self.attention_impl not in ATTENTION_IMPLS:
             self._fail("attention_impl", f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}", "use 'auto'")
         if self.swa_alibi and self.position_embedding_type != "none":

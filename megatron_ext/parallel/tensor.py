@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext.layers.norms import RMSNorm, rms_norm
+from megatron_ext.layers.norms import RMSNorm
 
 __all__ = ["sum_gradient_over_tp", "tp_world", "local_kv_heads", "kv_head_partition", "ReplicatedLinear",
            "TPSummedRMSNorm"]
@@ -109,4 +109,4 @@ class TPSummedRMSNorm(RMSNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, sum_gradient_over_tp(self.weight), self.eps)
+        return self.normalize(x, sum_gradient_over_tp(self.weight))

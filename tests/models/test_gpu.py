@@ -55,3 +55,26 @@ def test_causality_in_bf16_on_gpu(megatron_world, family):
             out = model(changed, positions, None)
             assert torch.equal(out[:, :t], base[:, :t]), f"{family}: outputs before t={t} changed"
             assert not torch.equal(out[:, t], base[:, t])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["swa_hsa", "gpt_swa"])
+def test_fused_norm_and_cross_entropy_in_bf16_model(megatron_world, family):
+    """The Triton RMSNorm and cross entropy ('auto' on CUDA) against PyTorch norms and megatron's cross entropy
+    ('reference') in a bf16 model: same per-token losses and gradients within bf16 rounding."""
+    torch.manual_seed(0)
+    bf16 = dict(bf16=True, params_dtype=torch.bfloat16)
+    ref = _gpu_model(family, fused_kernel_backend="reference", **bf16)
+    fused = _gpu_model(family, fused_kernel_backend="auto", **bf16)
+    fused.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, VOCAB, (2, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    positions = torch.arange(SEQ, device="cuda").expand(2, SEQ)
+    losses = []
+    for model in (ref, fused):
+        per_token = model(tokens, positions, None, labels=tokens.roll(-1, 1))
+        per_token.float().mean().backward()
+        losses.append(per_token.detach().float())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
+    for (name, p_ref), (_, p_fused) in zip(ref.named_parameters(), fused.named_parameters()):
+        err = (p_fused.grad.float() - p_ref.grad.float()).norm() / p_ref.grad.float().norm().clamp_min(1e-12)
+        assert err < 3e-2, f"{name}: relative gradient difference {err:.2e}"

@@ -37,3 +37,27 @@ def test_triton_and_reference_backends_agree(megatron_world, family):
     for name, g in grads_ref.items():
         err = (grads_tri[name] - g).norm() / g.norm().clamp_min(1e-12)
         assert err < 1e-3, f"{name}: relative gradient difference {err:.2e}"
+
+
+def test_fused_norm_and_cross_entropy_agree_with_megatron(megatron_world):
+    """fused_kernel_backend='triton' (every RMSNorm and the loss on the Triton kernels, interpreter on CPU) against
+    'reference' (PyTorch norms, megatron's own vocab-parallel cross entropy): same loss and gradients."""
+    results = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = build_model(tiny_config("swa [hsa swa]", fused_kernel_backend=backend, seq_length=64))
+        if results:
+            model.load_state_dict(results[0][2])
+        tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+        per_token = model(tokens, torch.arange(64)[None].expand(2, 64), None, labels=tokens.roll(-1, 1))
+        assert per_token.shape == (2, 64) and per_token.dtype == torch.float32
+        per_token.float().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+        results.append((per_token.detach(), grads, state))
+    (loss_ref, grads_ref, _), (loss_fused, grads_fused, _) = results
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-5, atol=1e-5)
+    assert grads_fused.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        err = (grads_fused[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err < 1e-4, f"{name}: relative gradient difference {err:.2e}"
