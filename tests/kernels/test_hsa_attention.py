@@ -287,3 +287,24 @@ def test_backward_split_into_token_ranges_gpu(monkeypatch, Hq, Hk, D):
     monkeypatch.setitem(attention.TUNING, "bwd_token_range", 1024)
     q, k, v, w, idx = make_inputs(1, 4096, Hq, Hk, D, 64, 16, torch.bfloat16, seed=Hq)
     check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hk", [(16, 1), (16, 8)])
+def test_training_step_never_waits_for_the_gpu(Hq, Hk):
+    """Forward and backward (reverse index included) queue their work without a host synchronisation, which would
+    drain the launch queue in every HSA layer of a step. CUDA's sync debug mode turns any such wait into an error."""
+    q, k, v, w, idx = make_inputs(2, 2048, Hq, Hk, 64, 64, 8, torch.bfloat16, seed=7)
+    q, k, v, w = (t.cuda().requires_grad_() for t in (q, k, v, w))
+    idx = idx.cuda()
+
+    def step():
+        hsa_attention(q, k, v, w, idx, chunk_size=64).float().square().sum().backward()
+
+    step()  # compiles and autotunes (which synchronises) outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import dot_precision, interpreter_enabled
+from ..utils import dot_precision, interpreter_enabled, segment_offsets
 
 LOG2E = 1.4426950408889634
 MIN_BLOCK_M = 16
@@ -276,9 +276,7 @@ def reverse_index(indices: torch.Tensor, num_kv_chunks: int) -> tuple[torch.Tens
     sentinel = B * num_kv_chunks
     keys = torch.where(valid, batch * num_kv_chunks + idx, torch.full_like(idx, sentinel)).view(-1)
     sorted_keys, order = torch.sort(keys, stable=True)
-    # offsets[x] = number of keys below x; no host synchronisation (bincount would need one).
-    bounds = torch.arange(sentinel + 1, device=idx.device, dtype=torch.int32)
-    offsets = torch.searchsorted(sorted_keys, bounds).to(torch.int32)
+    offsets = segment_offsets(sorted_keys, sentinel)
     entries = (order % (Cq * K)).to(torch.int32)
     return offsets, entries
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ext.kernels.utils import dot_precision, empty_output, next_power_of_2
+from megatron_ext.kernels.utils import dot_precision, empty_output, next_power_of_2, segment_offsets
 
 __all__ = ["HSAAttentionFunction", "build_reverse_index", "hsa_attention_forward"]
 
@@ -331,10 +331,8 @@ def build_reverse_index(indices: torch.Tensor, num_chunks: int, token_range: int
     if n_ranges > 1:
         segment = segment + torch.arange(L * K, device=indices.device, dtype=key_dtype)[None, :] // (K * token_range)
     key = torch.where(idx >= 0, segment * num_chunks + idx, total).reshape(-1)
-    _, order = torch.sort(key, stable=True)
-    counts = torch.bincount(key, minlength=total + 1)[:total]
-    offsets = torch.zeros(total + 1, dtype=torch.int32, device=indices.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_key, order = torch.sort(key, stable=True)
+    offsets = segment_offsets(sorted_key, total)
     pairs = (order % (L * K)).to(torch.int32)
     return pairs, offsets
 
