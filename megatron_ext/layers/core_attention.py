@@ -95,6 +95,17 @@ def _document_block_mask(cu_key: tuple, batch: int, seq_len: int, window: Option
     return create_block_mask(document_mask, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device_str)
 
 
+_last_offsets: list = [None, None]  # [cu_seqlens tensor, its values as a tuple]
+
+
+def _offsets_key(cu_seqlens: torch.Tensor) -> tuple:
+    """The offsets as a hashable key. Reading them waits for the GPU; every layer of a step passes the same tensor
+    (``packing.flat_cu_seqlens`` keeps it), so only the first layer reads."""
+    if _last_offsets[0] is not cu_seqlens:
+        _last_offsets[:] = [cu_seqlens, tuple(int(c) for c in cu_seqlens.tolist())]
+    return _last_offsets[1]
+
+
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi head slopes (Press et al.): 2^(-8i/n) for n a power of two; otherwise those of the nearest lower power
     of two followed by every other slope of the next one. fp32 [num_heads]."""
@@ -155,8 +166,7 @@ def attention(
         if dropout_p > 0:
             raise ValueError("FlexAttention has no attention dropout: set attention_dropout=0 or attention_impl='sdpa'")
         if cu_seqlens is not None:
-            key = tuple(int(c) for c in cu_seqlens.tolist())
-            block_mask = _document_block_mask(key, q.shape[0], Lq, window, causal, str(q.device))
+            block_mask = _document_block_mask(_offsets_key(cu_seqlens), q.shape[0], Lq, window, causal, str(q.device))
         elif causal:
             block_mask = _window_block_mask(Lq, Lk, window, str(q.device))
         else:

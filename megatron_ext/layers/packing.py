@@ -45,15 +45,23 @@ def flat_cu_seqlens(params, batch: int, seq_len: int, device) -> Optional[torch.
             f"packed_seq_params.qkv_format={params.qkv_format!r}: the HSA/SWA layers take packed batches in the "
             f"sbhd layout; build them with megatron_ext.layers.packing.packed_seq_params(cu_seqlens)"
         )
-    cu = params.cu_seqlens_q
-    if cu is None:
+    given = params.cu_seqlens_q
+    if given is None:
         return None
+    # Every attention layer of a step asks for the same offsets; the checks and torch.unique below each wait for
+    # the GPU (a host synchronisation), so the first layer's answer is kept on the params object of the step.
+    key = (given, batch, seq_len, str(device))
+    cached = getattr(params, "_megatron_ext_flat_cu_seqlens", None)
+    if cached is not None and cached[0][0] is given and cached[0][1:] == key[1:]:
+        return cached[1]
     total = batch * seq_len
-    cu = cu.to(device=device, dtype=torch.int64)
+    cu = given.to(device=device, dtype=torch.int64)
     if int(cu[0]) != 0 or int(cu[-1]) > total:
         raise ValueError(f"cu_seqlens {cu.tolist()} must start at 0 and stay within the batch's {total} tokens")
     sample_starts = torch.arange(0, total + 1, seq_len, device=device, dtype=torch.int64)
-    return torch.unique(torch.cat([cu, sample_starts]))  # sorted
+    flat = torch.unique(torch.cat([cu, sample_starts]))  # sorted
+    params._megatron_ext_flat_cu_seqlens = (key, flat)
+    return flat
 
 
 def document_ids(cu: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

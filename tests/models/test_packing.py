@@ -44,3 +44,17 @@ def test_thd_layout_is_refused(megatron_world):
     tokens = torch.zeros(1, SEQ, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="sbhd"):
         model(tokens, torch.arange(SEQ)[None], None, packed_seq_params=params)
+
+
+def test_flat_offsets_are_computed_once_per_step_params():
+    """Every attention layer asks for the flat offsets; they are computed (with their host synchronisations) for the
+    first and kept on that step's params, and recomputed for new params or another shape."""
+    from megatron_ext.layers.packing import flat_cu_seqlens, packed_seq_params
+
+    params = packed_seq_params(torch.tensor([0, 16, 48, 64, 128]), 64)
+    first = flat_cu_seqlens(params, 2, 64, "cpu")
+    assert first.tolist() == [0, 16, 48, 64, 128]
+    assert flat_cu_seqlens(params, 2, 64, "cpu") is first
+    assert flat_cu_seqlens(params, 4, 32, "cpu").tolist() == [0, 16, 32, 48, 64, 96, 128]
+    other = packed_seq_params(torch.tensor([0, 32, 128]), 64)
+    assert flat_cu_seqlens(other, 2, 64, "cpu").tolist() == [0, 32, 64, 128]
