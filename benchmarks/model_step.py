@@ -3,6 +3,10 @@ and a 2-layer slice of the 8B-A1B SWA+HSA MoE, in bf16, through megatron-core's 
 
     python benchmarks/model_step.py                     # everything; appends to benchmarks/results/model_step.jsonl
     python benchmarks/model_step.py --models swa_hsa_345m --steps 5 --out /tmp/x.jsonl
+    python benchmarks/model_step.py --models swa_hsa_345m gpt_345m_swa --micro-batch 2 --fused-kernels both
+
+A step is built as pretrain_hsa.py builds it: megatron's torch.compile'd SwiGLU and bias-dropout-add (Megatron-LM's
+default flags), and the fused RMSNorm and cross entropy of ``megatron_ext.kernels.fused`` (``--fused-kernels``).
 
 A step is forward + backward + AdamW on bf16 parameters (no distributed optimizer: one GPU, no data parallelism).
 Printed per model: step time (median of the timed steps, after warm-up steps that include torch.compile and Triton
@@ -88,9 +92,12 @@ def build(name: str, device, **extra):
     from megatron_ext.models import build_model, config_from_yaml
 
     yaml_name, overrides, batch, seq = MODELS[name][:4]
+    # The fusions pretrain_hsa.py gets from Megatron-LM's flag defaults (--bias-swiglu-fusion,
+    # --bias-dropout-fusion: torch.compile'd element-wise code), so that a step here is the step of training.
+    fusions = dict(bias_activation_fusion=True, bias_dropout_fusion=True)
     config = config_from_yaml(
         os.path.join(ROOT, "examples", yaml_name), bf16=True, params_dtype="bfloat16", seq_length=seq,
-        use_cpu_initialization=False, **{**overrides, **extra},
+        use_cpu_initialization=False, **{**fusions, **overrides, **extra},
     )
     model = build_model(config).to(device)
     return config, model, batch, seq
@@ -145,6 +152,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: the model's)")
     parser.add_argument("--fused-adam", action="store_true", help="torch's fused AdamW instead of its foreach one")
+    parser.add_argument("--fused-kernels", choices=["auto", "reference", "both"], default="auto",
+                        help="RMSNorm and cross entropy: the Triton kernels of megatron_ext.kernels.fused ('auto'), "
+                             "PyTorch / megatron's own ('reference'), or each model timed both ways, side by side")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one more step per model; kernel tables go to DIR/profile_<model>.txt")
     args = parser.parse_args(argv)
@@ -161,7 +171,8 @@ def main(argv=None) -> int:
     command = "python benchmarks/model_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
     # If a retrieval model fails on the Triton kernels, it is timed again on the PyTorch reference kernels.
-    todo = [(name, {}) for name in args.models]
+    fused = ["reference", "auto"] if args.fused_kernels == "both" else [args.fused_kernels]
+    todo = [(name, {} if f == "auto" else {"fused_kernel_backend": f}) for name in args.models for f in fused]
     while todo:
         name, extra = todo.pop(0)
         label = name + ("" if not extra else "+" + ",".join(f"{k}={v}" for k, v in extra.items()))
@@ -191,8 +202,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # one failing model must not hide the others' numbers
             traceback.print_exc()
             row.update(status=f"error: {type(exc).__name__}: {str(exc)[:300]}")
-            if not extra and not name.startswith("gpt_"):
-                todo.insert(0, (name, {"hsa_kernel_backend": "reference"}))
+            if "hsa_kernel_backend" not in extra and not name.startswith("gpt_"):
+                todo.insert(0, (name, {**extra, "hsa_kernel_backend": "reference"}))
             model = None
         torch.cuda.empty_cache()
         rows.append(record(args.out, **row))
