@@ -1,4 +1,4 @@
-"""Fused element-wise kernels against what megatron-core runs without Transformer Engine or apex, side by side.
+"""Fused element-wise kernels (RMSNorm, rotary embedding, cross entropy) against what megatron-core runs without Transformer Engine or apex, side by side.
 
     python benchmarks/fused.py                      # H100 shapes of SWA+HSA-345M at micro-batch 2 x 8K tokens
     python benchmarks/fused.py --smoke              # tiny shapes: checks the script (CPU: Triton interpreter)
@@ -7,6 +7,9 @@ RMSNorm (hidden 1024; QK-norm over 16 query / 2 key heads of 64), forward and ba
   triton     megatron_ext.kernels.fused.rms_norm (one pass forward, one backward)
   reference  the fp32 PyTorch formula these layers ran before (and the test oracle)
   torch      torch.nn.functional.rms_norm (what megatron's WrappedTorchNorm runs)
+Rotary embedding of q (16 heads) and k (2 heads) of 64, 16K tokens, bf16:
+  triton     megatron_ext.kernels.fused.rotary
+  megatron   megatron-core's unfused RoPE (what SelfAttention runs without Transformer Engine)
 Cross entropy over the 100,278-token vocabulary of 16K tokens, bf16 logits:
   triton          megatron_ext.kernels.fused.cross_entropy
   megatron        megatron-core's vocab_parallel_cross_entropy (the default: fp32 copies of the logits)
@@ -54,6 +57,29 @@ def bench_rms_norm(name, shape, dtype, device, backends):
         rows.append(dict(op="rms_norm", case=name, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
                          variant=variant, fwd_ms=fwd, bwd_ms=bwd, fwd_gbs=2 * elem / fwd / 1e6,
                          bwd_gbs=3 * elem / bwd / 1e6 if bwd > 0 else float("nan"), peak_gib=peak))
+    return rows
+
+
+def bench_rotary(name, seq, batch, heads, head_dim, dtype, device, backends):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_ext.kernels.fused import rotary
+
+    x = torch.randn(seq, batch, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    freqs = RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, use_cpu_initialization=True)(seq).to(device)
+    variants = {
+        "triton": lambda: rotary(x, freqs, backend=backends),
+        "megatron": lambda: _apply_rotary_pos_emb_bshd(x, freqs),
+    }
+    elem = x.element_size() * x.numel()
+    rows = []
+    for variant, fn in variants.items():
+        fwd, bwd = fwd_bwd_ms(fn, [x])
+        peak = peak_memory_gib(lambda: fn().backward(torch.ones_like(x)))
+        rows.append(dict(op="rotary", case=name, shape=list(x.shape), dtype=str(dtype).replace("torch.", ""),
+                         variant=variant, fwd_ms=fwd, bwd_ms=bwd, fwd_gbs=2 * elem / fwd / 1e6,
+                         bwd_gbs=2 * elem / bwd / 1e6 if bwd > 0 else float("nan"), peak_gib=peak))
     return rows
 
 
@@ -132,6 +158,8 @@ def main(argv=None) -> int:
     rows = []
     for name, shape in rms_norm_cases(tokens, args.hidden, args.heads, args.kv_heads, args.head_dim):
         rows += bench_rms_norm(name, shape, dtype, device, backend)
+    for name, heads in (("q", args.heads), ("k", args.kv_heads)):
+        rows += bench_rotary(name, args.tokens, args.batch, heads, args.head_dim, dtype, device, backend)
     rows += bench_cross_entropy(args.tokens, args.batch, args.vocab, dtype, device, backend, tp_group)
     rows = add_speedups(rows)
     print(format_table(rows, ["op", "case", "variant", "fwd_ms", "bwd_ms", "fwd_gbs", "bwd_gbs", "peak_gib",

@@ -1,7 +1,7 @@
 """Small spec helpers shared by the layer kinds: self-attention, dense MLP and plain transformer-layer specs.
 
-Everything here uses megatron-core's local (non-TE) linear layers, our :class:`RMSNorm` and our core attention
-(which picks Transformer Engine when it is importable).
+Everything here uses megatron-core's local (non-TE) linear layers, our :class:`RMSNorm`, megatron's self-attention
+with our fused rotary embedding, and our core attention (which picks Transformer Engine when it is importable).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -20,16 +20,18 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_ext.layers.core_attention import core_attention_builder
 from megatron_ext.layers.norms import RMSNorm
+from megatron_ext.layers.self_attention import FusedRotarySelfAttention
 
 __all__ = ["self_attention_spec", "dense_mlp_builder", "attention_layer_spec"]
 
 
 def self_attention_spec(config, *, causal: bool = True, window_size: Optional[int] = None,
                         qk_norm: Optional[bool] = None) -> ModuleSpec:
-    """megatron ``SelfAttention`` with our core attention; RoPE comes from the ``rotary_pos_emb`` it is given."""
+    """megatron ``SelfAttention`` (with the fused rotary embedding on GPUs) and our core attention; RoPE comes from the
+    ``rotary_pos_emb`` it is given."""
     qk_norm = config.qk_layernorm if qk_norm is None else qk_norm
     return ModuleSpec(
-        module=SelfAttention,
+        module=FusedRotarySelfAttention,
         params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,

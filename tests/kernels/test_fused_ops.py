@@ -1,4 +1,5 @@
-"""Fused element-wise kernels (RMSNorm, vocabulary cross entropy) against float64 PyTorch oracles.
+"""Fused element-wise kernels (RMSNorm, rotary embedding, vocabulary cross entropy) against float64 oracles:
+the reference formulas, torch's cross entropy and megatron-core's own RoPE.
 
 On CPU the kernels run in the Triton interpreter (fp32 / fp16, small shapes, outputs poisoned with NaN first);
 bf16 at the 345M model's shapes needs a GPU.
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.kernels.fused import cross_entropy, rms_norm, rms_norm_reference
+from megatron_ext.kernels.fused import cross_entropy, rms_norm, rms_norm_reference, rotary, rotary_reference
 from megatron_ext.kernels.utils import POISON_ENV, resolve_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +86,38 @@ def test_rms_norm_backend_choice_and_errors():
     torch.testing.assert_close(rms_norm(wide, None, 1e-5, backend="auto"), rms_norm_reference(wide, None, 1e-5))
 
 
+def check_rotary(s, b, h, d, r, dtype, seed=0):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.rand(s, 1, 1, r // 2, generator=gen, dtype=torch.float64) * torch.arange(s)[:, None, None, None]
+    freqs = torch.cat([half, half], dim=-1)  # megatron's RotaryEmbedding layout: the angles twice
+    x = torch.randn(s, b, h, d, generator=gen).to(DEVICE, dtype).requires_grad_()
+    y = rotary(x, freqs.float().to(DEVICE), backend="triton")
+    dy = torch.randn(s, b, h, d, generator=gen).to(DEVICE, dtype)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    y_ref = _apply_rotary_pos_emb_bshd(x64, freqs.to(DEVICE))  # megatron's unfused RoPE, in float64
+    (dx_ref,) = torch.autograd.grad(y_ref, x64, dy.double())
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_err(y, y_ref) < TOL[dtype], ("y", rel_err(y, y_ref))
+    assert rel_err(dx, dx_ref) < TOL[dtype], ("dx", rel_err(dx, dx_ref))
+    assert rel_err(rotary_reference(x64, freqs.to(DEVICE)), y_ref) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s,b,h,d,r", [(37, 2, 3, 64, 64), (9, 1, 5, 24, 16), (5, 3, 2, 12, 12), (70, 1, 1, 6, 2)])
+def test_rotary_matches_megatron(s, b, h, d, r, dtype):
+    check_rotary(s, b, h, d, r, dtype)
+
+
+def test_rotary_checks_its_inputs():
+    with pytest.raises(ValueError, match="freqs \\[s, 1, 1, r\\]"):
+        rotary(torch.zeros(4, 1, 2, 8), torch.zeros(4, 1, 1, 10))
+    with pytest.raises(ValueError, match="even r"):
+        rotary(torch.zeros(4, 1, 2, 8), torch.zeros(4, 1, 1, 3))
+
+
 def check_cross_entropy(rows_shape, V, dtype, scale=3.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(*rows_shape, V, generator=gen) * scale).to(DEVICE, dtype).requires_grad_()
@@ -124,6 +157,12 @@ def test_cross_entropy_checks_its_inputs():
 @pytest.mark.parametrize("shape", [(8192, 2, 1024), (8192, 2, 16, 64), (8192, 2, 2, 64)])
 def test_rms_norm_bf16_model_shapes(shape):
     check_rms_norm(shape, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [16, 2])
+def test_rotary_bf16_model_shapes(h):
+    check_rotary(8192, 2, h, 64, 64, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -39,9 +39,10 @@ def test_triton_and_reference_backends_agree(megatron_world, family):
         assert err < 1e-3, f"{name}: relative gradient difference {err:.2e}"
 
 
-def test_fused_norm_and_cross_entropy_agree_with_megatron(megatron_world):
-    """fused_kernel_backend='triton' (every RMSNorm and the loss on the Triton kernels, interpreter on CPU) against
-    'reference' (PyTorch norms, megatron's own vocab-parallel cross entropy): same loss and gradients."""
+def test_fused_kernels_agree_with_megatron(megatron_world):
+    """fused_kernel_backend='triton' (every RMSNorm, the rotary embedding of the SWA layers and the chunk encoder,
+    and the loss on the Triton kernels, interpreter on CPU) against 'reference' (PyTorch norms, megatron's own RoPE
+    and vocab-parallel cross entropy): same loss and gradients."""
     results = []
     for backend in ("reference", "triton"):
         torch.manual_seed(0)

@@ -12,7 +12,7 @@ import torch
 from megatron_ext.kernels.fused import reference as ref
 from megatron_ext.kernels.utils import check_dtype, resolve_backend
 
-__all__ = ["rms_norm", "cross_entropy"]
+__all__ = ["rms_norm", "rotary", "cross_entropy"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
@@ -36,6 +36,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: 
     from megatron_ext.kernels.fused.triton_rms_norm import RMSNormFunction
 
     return RMSNormFunction.apply(x, weight, float(eps))
+
+
+def rotary(x: torch.Tensor, freqs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """RoPE of x ``[s, b, h, d]`` by the angles ``freqs [s, 1, 1, r]`` (megatron's non-interleaved layout, r <= d
+    even); the gradient reaches x (the angles are constants)."""
+    s = x.shape[0]
+    r = freqs.shape[-1]
+    if x.dim() != 4 or freqs.dim() != 4 or freqs.shape[:3] != (s, 1, 1) or r % 2 or r > x.shape[-1]:
+        raise ValueError(f"rotary: x must be [s, b, h, d] and freqs [s, 1, 1, r] with an even r <= d; got "
+                         f"{tuple(x.shape)} and {tuple(freqs.shape)}")
+    if resolve_backend(backend, x, auto_in_interpreter=False) == "reference" or x.numel() == 0:
+        return ref.rotary_reference(x, freqs)
+    check_dtype("x", x)
+    from megatron_ext.kernels.fused.triton_rotary import RotaryFunction
+
+    return RotaryFunction.apply(x, freqs.reshape(s, r).float().contiguous())
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None, backend: str = "auto") -> torch.Tensor:

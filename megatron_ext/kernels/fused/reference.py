@@ -1,6 +1,9 @@
 """The fused element-wise ops in plain PyTorch: the readable definitions and the test oracles.
 
 * RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * w, statistics in fp32, y in x's dtype.
+* Rotary position embedding (RoPE, megatron's non-interleaved "rotate half" layout) on [s, b, h, d] with angles
+  freqs [s, 1, 1, r] (r <= d even): with x1, x2 the halves of the first r channels and f1, f2 the halves of the
+  angles, out = [x1 cos f1 - x2 sin f1, x2 cos f2 + x1 sin f2, x[r:]], in fp32, returned in x's dtype.
 * Cross entropy over a (vocabulary-parallel) last dimension: loss = logsumexp(logits) - logits[target], in fp32.
   With tensor parallelism each rank holds the vocabulary slice [rank * V_local, (rank + 1) * V_local); a target
   outside the slice contributes no target logit on that rank (megatron's vocab-parallel convention).
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rms_norm_reference", "cross_entropy_reference"]
+__all__ = ["rms_norm_reference", "rotary_reference", "cross_entropy_reference"]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -20,6 +23,16 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     if weight is not None:
         y = y * weight.float()
     return y.to(x.dtype)
+
+
+def rotary_reference(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE of x ``[s, b, h, d]`` by the angles ``freqs [s, 1, 1, r]`` (fp32 math, x's dtype out)."""
+    r = freqs.shape[-1]
+    xf, f = x.float(), freqs.float()
+    x1, x2, rest = xf[..., : r // 2], xf[..., r // 2 : r], xf[..., r:]
+    f1, f2 = f[..., : r // 2], f[..., r // 2 :]
+    out = torch.cat([x1 * f1.cos() - x2 * f1.sin(), x2 * f2.cos() + x1 * f2.sin(), rest], dim=-1)
+    return out.to(x.dtype)
 
 
 def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
