@@ -208,6 +208,9 @@ RETRIEVAL_MODELS = {
     # One KV head (the 8B-A1B's Hk=1): at TP=2 the memory K/V is replicated and the query heads are split.
     "swa_hsa_one_kv_head": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=1, hsa_inner_swa=True),
     "gca": dict(layer_pattern="swa [gca swa gca]", hsa_encoder_layers=1),
+    # The fused Triton RMSNorm, RoPE and vocab-parallel cross entropy (interpreter on CPU) in every layer and the loss.
+    "swa_hsa_fused": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=2, hsa_inner_swa=True,
+                          fused_kernel_backend="triton"),
     # The 8B-A1B's shape in miniature: MoE on every layer (the project's grouped-GEMM experts, a shared expert,
     # alltoall dispatch, aux loss) under SWA + HSA with one KV head.
     "swa_hsa_moe": dict(layer_pattern="swa [hsa swa hsa]", hsa_num_kv_heads=1, hsa_inner_swa=True,

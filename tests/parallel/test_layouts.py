@@ -56,6 +56,8 @@ LAYOUTS: dict[str, list[Layout]] = {
     # Hk=1 < TP: memory K/V replicated, query heads split.
     "swa_hsa_one_kv_head": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("cp2", cp=2)],
     "gca": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
+    # Fused kernels: sequence-parallel norms, the loss over a vocabulary split in two, RoPE of CP pieces.
+    "swa_hsa_fused": [Layout("tp2_sp", tp=2, sp=True), Layout("cp2", cp=2)],
     "swa_hsa_moe": [Layout("ep2", ep=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
     "moe_aux_free": [
         Layout("ep2_alltoall", ep=2),
