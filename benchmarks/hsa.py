@@ -79,6 +79,12 @@ SWEEP = [  # (schedule, TUNING overrides) tried by --sweep; kernel: (num_warps, 
     ("auto", {"chunk_bwd": (8, 2)}),
     ("auto", {"chunk_bwd": (8, 3)}),
     ("auto", {"bwd_token_range": 8192}),
+    # split backward: dK/dV and dq add into fp32 tensors with atomics (no per-slot dq buffer)
+    ("auto", {"bwd_token_range": 512}),
+    ("auto", {"bwd_token_range": 1024}),
+    ("auto", {"bwd_token_range": 2048}),
+    ("auto", {"bwd_token_range": 4096}),
+    ("auto", {"bwd_token_range": 1024, "chunk_bwd": (8, 2)}),
     ("chunk", {}),
     ("chunk", {"fwd_token_range": 512}),
     ("chunk", {"fwd_token_range": 1024}),
@@ -180,7 +186,10 @@ def gather_roof(config: str, L: int, dtype: torch.dtype, rep: int):
 # Kernel variants the benchmark can time side by side: name -> (schedule, TUNING overrides).
 VARIANTS = {
     "auto": ("auto", {}),
-    "auto_split": ("auto", {"bwd_token_range": 4096}),  # chunk backward split into 4096-token ranges
+    # chunk backward split into token ranges: fp32 atomics for dK/dV (and, since 2026-11-23 session 3, for dq: no
+    # per-slot dq buffer)
+    "auto_split": ("auto", {"bwd_token_range": 4096}),
+    "auto_split1024": ("auto", {"bwd_token_range": 1024}),
     "token": ("token", {}),
     "chunk": ("chunk", {}),
     "chunk_atomic": ("chunk", {"fwd_token_range": 1024}),  # chunk forward by token ranges, fp32 atomic output

@@ -156,7 +156,8 @@ def test_triton_matches_reference(B, L, Hq, Hk, D, S, K, dtype, schedule, off_by
 
 @pytest.mark.parametrize("schedule", ["chunk", "token"])
 def test_backward_split_into_token_ranges(monkeypatch, schedule):
-    """The chunk backward split into token ranges (atomic fp32 dK/dV) gives the same gradients."""
+    """The chunk backward split into token ranges (atomic fp32 dK/dV, and dq without the per-slot buffer) gives the
+    same gradients."""
     from megatron_ext.kernels.hsa import attention
 
     monkeypatch.setitem(attention.TUNING, "bwd_token_range", 32)

@@ -14,7 +14,8 @@ chunk  one program per (chunk, KV head): it loads the chunk's K/V once and visit
 
 The forward and backward schedules are chosen independently (the saved log-sum-exp has one layout): the chunk
 backward is the faster one on H100 for every measured group size, at the price of a [B, L, Hk, K, G, D] per-slot dq
-buffer; the token backward needs no such buffer.
+buffer; the token backward needs no such buffer, nor does the chunk backward split into token ranges
+(``TUNING["bwd_token_range"]``), which adds dK/dV and dq into fp32 tensors with atomics.
 
 Backward formulas (natural-log units; P_k recomputed from the saved log-sum-exp):
   dP_k = dO V_k^T,  Delta_k = <O_k, dO> = rowsum(P_k * dP_k) (each chunk is a single softmax block),
@@ -48,7 +49,8 @@ TUNING = {
     "slot_sum": (4, 1),
     "chunk_fwd_rows": 64,
     "chunk_bwd_rows": 128,
-    # Chunk backward split into token ranges of this many tokens (0 = no split: deterministic, no atomics).
+    # Chunk backward split into token ranges of this many tokens, adding dK/dV and dq into fp32 tensors with atomics
+    # (0 = no split: deterministic, no atomics, but a per-slot dq buffer of K times dq's memory).
     "bwd_token_range": 0,
     # Chunk forward by token ranges of this many tokens, adding into an fp32 output with atomics (0 = one range and
     # a per-slot output buffer summed by a second kernel: deterministic, but K times the output's memory).
@@ -250,8 +252,10 @@ def _hsa_bwd_chunk_kernel(
 ):
     """dK/dV of one (chunk, token range, KV head) from the pairs that selected it; optionally Delta and per-slot dq.
 
-    Without SPLIT there is one token range (NR = 1) and dK/dV are stored; with SPLIT the programs of one token range
-    run together (their q/dO rows stay in L2) and add their partial dK/dV into fp32 DK/DV with atomics.
+    Without SPLIT there is one token range (NR = 1), dK/dV are stored and each pair's dq goes to its row of the
+    per-slot buffer DQBUF [B, L, Hk, K, G, D]; with SPLIT the programs of one token range run together (their q/dO
+    and dq rows stay in L2) and add their partial dK/dV into fp32 DK/DV and each pair's dq into the fp32 dq DQBUF
+    (Q's strides) with atomics: no per-slot buffer.
     Q and DO share strides; K, V, DK, DV share strides.
     """
     c = tl.program_id(0)
@@ -301,7 +305,10 @@ def _hsa_bwd_chunk_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         if WRITE_DQ:
             dq = tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * sm_scale
-            tl.store(DQBUF + row[:, None] * D + offs_d[None, :], dq.to(DQBUF.dtype.element_ty), mask=tile_mask)
+            if SPLIT:
+                tl.atomic_add(DQBUF + q_off[:, None] + offs_d[None, :], dq, mask=tile_mask, sem="relaxed")
+            else:
+                tl.store(DQBUF + row[:, None] * D + offs_d[None, :], dq.to(DQBUF.dtype.element_ty), mask=tile_mask)
     rows = (c * S + offs_s).to(tl.int64)
     out_off = kv_off + rows[:, None] * s_kl + offs_d[None, :]
     if SPLIT:
@@ -451,6 +458,14 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
                 q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq, qk_scale, sm_scale, L, NC, n_ranges,
                 *strides, COMPUTE_DELTA=False, WRITE_DQ=False, **chunk_meta,
             )
+    elif split:  # every pair adds its dq into an fp32 dq (Q's strides): no per-slot buffer
+        dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        if NC > 0:
+            _hsa_bwd_chunk_kernel[chunk_grid](
+                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq32, qk_scale, sm_scale, L, NC, n_ranges,
+                *strides, COMPUTE_DELTA=True, WRITE_DQ=True, **chunk_meta,
+            )
+        dq = dq32.to(q.dtype)
     else:
         dqbuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
         if NC > 0:
