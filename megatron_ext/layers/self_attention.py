@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from megatron.core.transformer.attention import SelfAttention
 
-from megatron_ext.kernels.fused import rotary
-from megatron_ext.kernels.utils import resolve_backend
+from megatron_ext.kernels.fused import rotary, runs_triton
 
 __all__ = ["FusedRotarySelfAttention"]
 
@@ -35,8 +34,7 @@ class FusedRotarySelfAttention(SelfAttention):
         embs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,)
         if any(e is None or e.dim() != 4 or tuple(e.shape[1:3]) != (1, 1) for e in embs):
             return False
-        backend = getattr(config, "fused_kernel_backend", "auto")
-        return resolve_backend(backend, hidden_states, auto_in_interpreter=False) == "triton"
+        return runs_triton(getattr(config, "fused_kernel_backend", "auto"), hidden_states)
 
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, *args, packed_seq_params=None, **kwargs):

@@ -33,13 +33,12 @@ class HSAGPTModel(GPTModel):
     everywhere else (CPU, backend 'reference')."""
 
     def compute_language_model_loss(self, labels, logits):
-        from megatron_ext.kernels.fused import cross_entropy
-        from megatron_ext.kernels.utils import resolve_backend
+        from megatron_ext.kernels.fused import cross_entropy, runs_triton
 
         config = self.config
         backend = getattr(config, "fused_kernel_backend", "auto")
         te_asked = config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te"
-        if te_asked or resolve_backend(backend, logits, auto_in_interpreter=False) == "reference":
+        if te_asked or not runs_triton(backend, logits):
             return super().compute_language_model_loss(labels, logits)
         # logits [s, b, V_local], labels [b, s] -> loss [b, s], as megatron's
         loss = cross_entropy(logits, labels.transpose(0, 1), tp_group=self.tp_group, backend=backend)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.kernels.fused import cross_entropy, rms_norm, rms_norm_reference, rotary, rotary_reference
-from megatron_ext.kernels.utils import POISON_ENV, resolve_backend
+from megatron_ext.kernels.fused import cross_entropy, rms_norm, rms_norm_reference, rotary, rotary_reference, runs_triton
+from megatron_ext.kernels.utils import POISON_ENV
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -75,7 +75,7 @@ def test_rms_norm_non_contiguous_input():
 def test_rms_norm_backend_choice_and_errors():
     cpu = torch.zeros(2, 4)
     # On a CPU, "auto" keeps PyTorch even with the interpreter on: these kernels would only slow a model down there.
-    assert resolve_backend("auto", cpu, auto_in_interpreter=False) == "reference"
+    assert not runs_triton("auto", cpu) and runs_triton("triton", cpu) and not runs_triton("reference", cpu)
     with pytest.raises(ValueError, match="weight must be \\[4\\]"):
         rms_norm(cpu, torch.ones(5), 1e-5)
     from megatron_ext.kernels.fused.triton_rms_norm import MAX_WIDTH

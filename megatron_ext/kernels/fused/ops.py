@@ -12,7 +12,13 @@ import torch
 from megatron_ext.kernels.fused import reference as ref
 from megatron_ext.kernels.utils import check_dtype, resolve_backend
 
-__all__ = ["rms_norm", "rotary", "cross_entropy"]
+__all__ = ["rms_norm", "rotary", "cross_entropy", "runs_triton"]
+
+
+def runs_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``backend`` runs these ops' Triton kernels on ``tensors``: "auto" on CUDA tensors only, "triton"
+    also in the CPU interpreter. Modules that choose between these ops and megatron's own code ask this."""
+    return resolve_backend(backend, *tensors, auto_in_interpreter=False) == "triton"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
@@ -20,9 +26,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: 
     Gradients reach x and the weight."""
     if weight is not None and tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
-    tensors = (x,) if weight is None else (x, weight)
-    resolved = resolve_backend(backend, *tensors, auto_in_interpreter=False)
-    if resolved == "triton":
+    use_triton = runs_triton(backend, *((x,) if weight is None else (x, weight)))
+    if use_triton:
         from megatron_ext.kernels.fused.triton_rms_norm import MAX_WIDTH
 
         check_dtype("x", x)
@@ -30,8 +35,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: 
             if backend == "triton":
                 raise ValueError(f"rms_norm: the Triton kernel takes rows of at most {MAX_WIDTH} elements, got "
                                  f"{x.shape[-1]}; use backend='reference'")
-            resolved = "reference"
-    if resolved == "reference" or x.numel() == 0:
+            use_triton = False
+    if not use_triton or x.numel() == 0:
         return ref.rms_norm_reference(x, weight, eps)
     from megatron_ext.kernels.fused.triton_rms_norm import RMSNormFunction
 
@@ -46,7 +51,7 @@ def rotary(x: torch.Tensor, freqs: torch.Tensor, backend: str = "auto") -> torch
     if x.dim() != 4 or freqs.dim() != 4 or freqs.shape[:3] != (s, 1, 1) or r % 2 or r > x.shape[-1]:
         raise ValueError(f"rotary: x must be [s, b, h, d] and freqs [s, 1, 1, r] with an even r <= d; got "
                          f"{tuple(x.shape)} and {tuple(freqs.shape)}")
-    if resolve_backend(backend, x, auto_in_interpreter=False) == "reference" or x.numel() == 0:
+    if not runs_triton(backend, x) or x.numel() == 0:
         return ref.rotary_reference(x, freqs)
     check_dtype("x", x)
     from megatron_ext.kernels.fused.triton_rotary import RotaryFunction
@@ -66,7 +71,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None, bac
                          f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}")
     if target.dtype.is_floating_point:
         raise TypeError(f"cross_entropy: target must hold integer token ids, got {target.dtype}")
-    if resolve_backend(backend, logits, auto_in_interpreter=False) == "reference":
+    if not runs_triton(backend, logits):
         return ref.cross_entropy_reference(logits, target, tp_group)
     check_dtype("logits", logits)
     from megatron_ext.kernels.fused.triton_cross_entropy import CrossEntropyFunction
