@@ -11,6 +11,8 @@ TFLOP/s per GPU from ``megatron_ext.training.flops`` (SWA, HSA and MoE counted a
 
     python benchmarks/train.py --out benchmarks/results/train.jsonl --markdown benchmarks/results/train.md
     python benchmarks/train.py --smoke          # tiny sizes, 4 iterations: checks the script on a CPU
+    python benchmarks/train.py --models swa_hsa_345m,swa_hsa_345m_unfused,gpt_345m_swa,gpt_345m_swa_unfused \
+        --micro-batch-size 2 --global-batch-size 8   # the fused kernels' effect, side by side
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-MODELS = [
+MODELS = [  # (name, label, config[, extra pretrain_hsa.py arguments])
     ("swa_hsa_345m", "SWA+HSA-345M (swa*8 [hsa swa*3]*2)", "examples/swa_hsa_345m.yaml"),
     ("gpt_345m_swa", "GPT-345M SWA-only (W=512)", "examples/gpt_345m_swa.yaml"),
     ("gpt_345m_full", "GPT-345M dense causal", "examples/gpt_345m_full.yaml"),
+    # Not run by default: the models without the fused RMSNorm / RoPE / cross entropy (megatron's own code), to
+    # measure what those kernels give in the same invocation (--models swa_hsa_345m,swa_hsa_345m_unfused,...).
+    ("swa_hsa_345m_unfused", "SWA+HSA-345M, megatron's norms/RoPE/loss", "examples/swa_hsa_345m.yaml",
+     ["--fused-kernel-backend", "reference"]),
+    ("gpt_345m_swa_unfused", "GPT-345M SWA-only, megatron's norms/RoPE/loss", "examples/gpt_345m_swa.yaml",
+     ["--fused-kernel-backend", "reference"]),
 ]
+DEFAULT_MODELS = "swa_hsa_345m,gpt_345m_swa,gpt_345m_full"
 SMOKE_OVERRIDES = ["--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
                    "--seq-length", "256", "--max-position-embeddings", "256", "--swa-window-size", "32",
                    "--hsa-chunk-size", "16", "--hsa-topk", "2", "--hsa-inner-window-size", "32",
@@ -43,7 +52,7 @@ _LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(
                    r"lm loss: ([0-9.E+-]+)")
 
 
-def train_args(config: str, args) -> list[str]:
+def train_args(config: str, args, extra: list[str] = ()) -> list[str]:
     cmd = ["--config", config, "--train-iters", str(args.train_iters), "--micro-batch-size", str(args.micro_batch_size),
            "--global-batch-size", str(args.global_batch_size), "--lr", "2e-3", "--min-lr", "2e-4",
            "--lr-decay-style", "cosine", "--lr-warmup-iters", str(max(1, min(5, args.train_iters // 4))), "--weight-decay", "1e-3", "--clip-grad", "1.0",
@@ -52,7 +61,7 @@ def train_args(config: str, args) -> list[str]:
            "--eval-iters", "0", "--eval-interval", "1000000", "--seed", "1234",
            # the papers' recipe has no dropout (and FlexAttention, the SWA path on GPUs, has no attention dropout)
            "--attention-dropout", "0.0", "--hidden-dropout", "0.0"]
-    cmd += args.extra.split()
+    cmd += args.extra.split() + list(extra)
     if args.smoke:
         cmd += SMOKE_OVERRIDES
     else:
@@ -60,8 +69,8 @@ def train_args(config: str, args) -> list[str]:
     return cmd
 
 
-def run_model(name: str, config: str, args, log_dir: str) -> dict:
-    cmd = [sys.executable, os.path.join(REPO, "pretrain_hsa.py"), *train_args(config, args)]
+def run_model(name: str, config: str, args, log_dir: str, extra: list[str] = ()) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "pretrain_hsa.py"), *train_args(config, args, extra)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log_path = os.path.join(log_dir, f"train_{name}.log")
     started = time.time()
@@ -133,7 +142,7 @@ def markdown(rows: list[dict], env: dict, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(m[0] for m in MODELS))
+    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {', '.join(m[0] for m in MODELS)}")
     parser.add_argument("--train-iters", type=int, default=50)
     parser.add_argument("--seq-length", type=int, default=8192)
     parser.add_argument("--global-batch-size", type=int, default=4)
@@ -154,10 +163,10 @@ def main() -> None:
     env = environment()
     wanted = args.models.split(",")
     rows = []
-    for name, label, config in MODELS:
+    for name, label, config, *extra in MODELS:
         if name not in wanted:
             continue
-        row = run_model(name, config, args, log_dir)
+        row = run_model(name, config, args, log_dir, *extra)
         row["label"] = label
         rows.append(row)
         summary = {k: row.get(k) for k in ("model", "returncode", "wall_s", "iterations", "iteration_ms",
