@@ -46,6 +46,8 @@ def test_bad_patterns(bad, needle):
     (dict(seq_length=60), "seq_length", "seq_length=64"),
     (dict(hsa_encoder_layers=0), "hsa_encoder_cls", "mean-pool"),
     (dict(hsa_kernel_backend="cuda"), "hsa_kernel_backend", "auto"),
+    (dict(fused_kernel_backend="te"), "fused_kernel_backend", "auto"),
+    (dict(layer_pattern="swa*2", fused_kernel_backend="apex"), "fused_kernel_backend", "auto"),
     (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
      "recompute_granularity", "selective"),
     (dict(swa_window_size=0), "swa_window_size", "512"),
