@@ -29,9 +29,11 @@ from benchmarks.common import bench_ms, format_table, fwd_bwd_ms, peak_memory_gi
 from megatron_ext.kernels.hsa import hsa_attention, hsa_retrieval  # noqa: E402
 
 # name: (Hq, Hk, head dim, top-k); chunk size 64 and retrieval head dim 128 for all.
-CONFIGS = {"A": (64, 4, 128, 16), "B": (16, 1, 64, 8), "C": (16, 8, 128, 16)}
+# (Hq, Hk, D, top-k): A, B, C of performance.md; M = the HSA layers of SWA+HSA-345M (examples/swa_hsa_345m.yaml)
+CONFIGS = {"A": (64, 4, 128, 16), "B": (16, 1, 64, 8), "C": (16, 8, 128, 16), "M": (16, 1, 64, 32)}
 CHUNK = 64
-RETRIEVAL_DIM = 128
+RETRIEVAL_DIM = {"M": 1024}  # retrieval head width per config (the 345M model retrieves with one 1024-wide head)
+DEFAULT_RETRIEVAL_DIM = 128
 H100_BF16_PEAK_TFLOPS = 989.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for --smoke (Triton interpreter)
@@ -107,8 +109,9 @@ def retrieval_inputs(config: str, L: int, dtype: torch.dtype):
     so every script section sees the same selections and the same q/k/v."""
     Hk, C = CONFIGS[config][1], L // CHUNK
     gen = torch.Generator(device=DEVICE).manual_seed(L)
-    q_r = torch.randn(1, L, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
-    lmk = torch.randn(1, C, Hk, RETRIEVAL_DIM, device=DEVICE, dtype=dtype, generator=gen)
+    dr = RETRIEVAL_DIM.get(config, DEFAULT_RETRIEVAL_DIM)
+    q_r = torch.randn(1, L, Hk, dr, device=DEVICE, dtype=dtype, generator=gen)
+    lmk = torch.randn(1, C, Hk, dr, device=DEVICE, dtype=dtype, generator=gen)
     return gen, q_r, lmk
 
 
