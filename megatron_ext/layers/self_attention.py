@@ -38,7 +38,8 @@ class FusedRotarySelfAttention(SelfAttention):
 
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, *args, packed_seq_params=None, **kwargs):
-        if not self._fuses_rotary(hidden_states, rotary_pos_emb, inference_context, packed_seq_params):
+        inference = inference_context if inference_context is not None else kwargs.get("inference_params")
+        if not self._fuses_rotary(hidden_states, rotary_pos_emb, inference, packed_seq_params):
             return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
                                    rotary_pos_emb, *args, packed_seq_params=packed_seq_params, **kwargs)
         self._pending_rotary = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
