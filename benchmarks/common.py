@@ -7,6 +7,7 @@ API (kept stable for every family):
 - ``environment() -> dict``: gpu, torch, triton, date, command.
 - ``record(path, **fields)``: append one JSON object (fields + environment) to a ``.jsonl`` file.
 - ``format_table(rows, columns) -> str``: a fixed-width text table.
+- ``profile_one_step(step, path)``: one step under torch.profiler: kernels by time and time by kind of work.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["bench_ms", "fwd_bwd_ms", "peak_memory_gib", "environment", "record", "format_table", "tflops"]
+__all__ = ["bench_ms", "fwd_bwd_ms", "peak_memory_gib", "environment", "record", "format_table", "tflops",
+           "profile_one_step", "profile_categories"]
 
 
 def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
@@ -81,10 +83,42 @@ def peak_memory_gib(fn: Callable[[], object]) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+# Kernel (or, without CUDA, operator) names -> the kind of work, first match wins: the summary line of
+# profile_one_step. Lower-case substrings.
+PROFILE_CATEGORIES = [
+    ("hsa/gca kernels", ("_hsa_", "_topk_chunks", "_slot_sum", "_gca_", "selectedscores")),
+    ("fused norm/rope/loss", ("_rms_norm", "_rotary", "_cross_entropy")),
+    # inductor's templates ("triton_tem_*") are FlexAttention's kernels in these models
+    ("attention (flex/sdpa)", ("flex", "flash", "fmha", "attention", "sdpa", "cudnn", "triton_tem")),
+    ("matmul", ("gemm", "matmul", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "_grouped_mm")),
+    ("compiled element-wise", ("triton_",)),
+    ("copies", ("copy", "cat", "memcpy", "memset", "contiguous", "index", "gather", "scatter")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("communication", ("nccl", "gloo", "allreduce", "all_reduce", "reduce_scatter", "allgather")),
+]
+
+
+def profile_categories(events, cuda: bool) -> dict[str, float]:
+    """Self time (ms) of the profiled kernels (CPU operators without CUDA) per PROFILE_CATEGORIES kind, the rest as
+    'other element-wise'."""
+    totals: dict[str, float] = {}
+    for e in events:
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total
+        else:
+            us = e.self_cpu_time_total
+        name = e.key.lower()
+        kind = next((k for k, keys in PROFILE_CATEGORIES if any(x in name for x in keys)), "other element-wise")
+        totals[kind] = totals.get(kind, 0.0) + us / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def profile_one_step(step: Callable[[], object], path: str, rows: int = 45) -> str:
     """Run ``step`` once under torch.profiler; write and print its operators and kernels by GPU time (CPU time
-    without CUDA), headed by the step's wall time and the summed device time (their gap is time the GPU waited for
-    the host: launch-bound code). Returns the text."""
+    without CUDA), headed by the step's wall time, the summed device time (their gap is time the GPU waited for
+    the host: launch-bound code) and that time by kind of work (``PROFILE_CATEGORIES``). Returns the text."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
@@ -103,6 +137,9 @@ def profile_one_step(step: Callable[[], object], path: str, rows: int = 45) -> s
     summary = f"profiled step: wall {wall_ms:.1f} ms (under the profiler)"
     if cuda:
         summary += f", summed device time {sum(e.self_device_time_total for e in events) / 1e3:.1f} ms"
+    kinds = profile_categories(events, cuda)
+    total = sum(kinds.values()) or 1.0
+    summary += "\nby kind: " + ", ".join(f"{k} {ms:.1f} ms ({100 * ms / total:.0f}%)" for k, ms in kinds.items())
     text = summary + "\n" + events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                          row_limit=rows)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
