@@ -46,8 +46,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: 
 def rotary(x: torch.Tensor, freqs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """RoPE of x ``[s, b, h, d]`` by the angles ``freqs [s, 1, 1, r]`` (megatron's non-interleaved layout, r <= d
     even); the gradient reaches x (the angles are constants)."""
-    s = x.shape[0]
-    r = freqs.shape[-1]
+    s, r = (x.shape[0] if x.dim() else 0), (freqs.shape[-1] if freqs.dim() else 0)
     if x.dim() != 4 or freqs.dim() != 4 or freqs.shape[:3] != (s, 1, 1) or r % 2 or r > x.shape[-1]:
         raise ValueError(f"rotary: x must be [s, b, h, d] and freqs [s, 1, 1, r] with an even r <= d; got "
                          f"{tuple(x.shape)} and {tuple(freqs.shape)}")
