@@ -76,6 +76,11 @@ def test_rms_norm_backend_choice_and_errors():
     cpu = torch.zeros(2, 4)
     # On a CPU, "auto" keeps PyTorch even with the interpreter on: these kernels would only slow a model down there.
     assert not runs_triton("auto", cpu) and runs_triton("triton", cpu) and not runs_triton("reference", cpu)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):  # forced kernels name the dtype
+        rms_norm(cpu.double(), None, 1e-5, backend="triton")
+    x64 = torch.randn(3, 8, dtype=torch.float64)  # "auto" leaves other dtypes to PyTorch
+    torch.testing.assert_close(rms_norm(x64, None, 1e-5), rms_norm_reference(x64, None, 1e-5))
+    assert not runs_triton("auto", x64.to(DEVICE))
     with pytest.raises(ValueError, match="weight must be \\[4\\]"):
         rms_norm(cpu, torch.ones(5), 1e-5)
     from megatron_ext.kernels.fused.triton_rms_norm import MAX_WIDTH

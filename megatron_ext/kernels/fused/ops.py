@@ -10,15 +10,23 @@ from __future__ import annotations
 import torch
 
 from megatron_ext.kernels.fused import reference as ref
-from megatron_ext.kernels.utils import check_dtype, resolve_backend
+from megatron_ext.kernels.utils import SUPPORTED_DTYPES, check_dtype, resolve_backend
 
 __all__ = ["rms_norm", "rotary", "cross_entropy", "runs_triton"]
 
 
 def runs_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Whether ``backend`` runs these ops' Triton kernels on ``tensors``: "auto" on CUDA tensors only, "triton"
-    also in the CPU interpreter. Modules that choose between these ops and megatron's own code ask this."""
-    return resolve_backend(backend, *tensors, auto_in_interpreter=False) == "triton"
+    """Whether ``backend`` runs these ops' Triton kernels on ``tensors``: "auto" on CUDA tensors of the kernels'
+    dtypes (fp32, fp16, bf16) only, "triton" also in the CPU interpreter (and other dtypes are an error there).
+    Modules that choose between these ops and megatron's own code ask this."""
+    if resolve_backend(backend, *tensors, auto_in_interpreter=False) != "triton":
+        return False
+    if backend == "triton":
+        for i, t in enumerate(tensors):
+            if t.is_floating_point():
+                check_dtype(f"input {i}", t)
+        return True
+    return all(t.dtype in SUPPORTED_DTYPES for t in tensors if t.is_floating_point())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
@@ -30,7 +38,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: 
     if use_triton:
         from megatron_ext.kernels.fused.triton_rms_norm import MAX_WIDTH
 
-        check_dtype("x", x)
         if x.shape[-1] > MAX_WIDTH:
             if backend == "triton":
                 raise ValueError(f"rms_norm: the Triton kernel takes rows of at most {MAX_WIDTH} elements, got "
@@ -52,7 +59,6 @@ def rotary(x: torch.Tensor, freqs: torch.Tensor, backend: str = "auto") -> torch
                          f"{tuple(x.shape)} and {tuple(freqs.shape)}")
     if not runs_triton(backend, x) or x.numel() == 0:
         return ref.rotary_reference(x, freqs)
-    check_dtype("x", x)
     from megatron_ext.kernels.fused.triton_rotary import RotaryFunction
 
     return RotaryFunction.apply(x, freqs.reshape(s, r).float().contiguous())
@@ -72,7 +78,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None, bac
         raise TypeError(f"cross_entropy: target must hold integer token ids, got {target.dtype}")
     if not runs_triton(backend, logits):
         return ref.cross_entropy_reference(logits, target, tp_group)
-    check_dtype("logits", logits)
     from megatron_ext.kernels.fused.triton_cross_entropy import CrossEntropyFunction
 
     return CrossEntropyFunction.apply(logits, target, tp_group)
