@@ -297,7 +297,10 @@ def _hsa_bwd_chunk_kernel(
     COMPUTE_DELTA: tl.constexpr, WRITE_DQ: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
     VECTOR_ATOMICS: tl.constexpr,
 ):
-    """dK/dV of one (chunk, token range, KV head) from the pairs that selected it; optionally Delta and per-slot dq.
+    """dK/dV of one (chunk, token range, KV head) from the pairs that selected it; optionally dw and per-slot dq.
+
+    With COMPUTE_DELTA the kernel computes Delta itself and writes each pair's weight gradient dw = sum_g Delta to
+    DELTA [B, L, Hk, K]; without, it reads Delta per (pair, head) rows from DELTA [B, L, Hk, K, G] (token backward).
 
     Without SPLIT there is one token range (NR = 1), dK/dV are stored and each pair's dq goes to its row of the
     per-slot buffer DQBUF [B, L, Hk, K, G, D]; with SPLIT the programs of one token range run together (their q/dO
@@ -342,8 +345,15 @@ def _hsa_bwd_chunk_kernel(
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
         if COMPUTE_DELTA:
-            delta = tl.sum(p * dp, 1)  # = <O_k, dO> (the chunk is one softmax block)
-            tl.store(DELTA + row, delta, mask=r_mask)
+            # Delta = <O_k, dO> (the chunk is one softmax block); only its sum over the group's heads leaves the
+            # kernel: dw of the pair (padding heads and empty pairs have zero q and dO, hence Delta 0)
+            delta = tl.sum(p * dp, 1)
+            dw = tl.sum(tl.reshape(delta, [BLOCK_P, BLOCK_G]), 1)
+            pidx_p = p0 + tl.arange(0, BLOCK_P)
+            pair_ok = pidx_p < end
+            pair_p = tl.load(PAIRS + pidx_p, mask=pair_ok, other=0)
+            sel_p = ((b.to(tl.int64) * L + pair_p // TOPK) * HK + h) * TOPK + pair_p % TOPK
+            tl.store(DELTA + sel_p, dw, mask=pair_ok)
         else:
             delta = tl.load(DELTA + row, mask=r_mask, other=0.0)
         wp = p * w[:, None]
@@ -487,7 +497,10 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
         reverse = build_reverse_index(indices, NC, token_range if split else 0)
     pairs, offsets = reverse
     n_ranges = -(-L // token_range) if split else 1
-    delta = torch.zeros(B, L, Hk, K, G, device=q.device, dtype=torch.float32)
+    # Delta per (token, KV head, slot, head) for the token backward, or the chunk backward's dw per slot directly;
+    # zeros: invalid slots are never visited and their weight gradient is 0.
+    delta_shape = (B, L, Hk, K, G) if schedule == "token" else (B, L, Hk, K)
+    delta = torch.zeros(delta_shape, device=q.device, dtype=torch.float32)
     if split:  # fp32 accumulators for the atomic partial sums
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
@@ -540,7 +553,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
         dv.zero_()
     if split:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
-    return dq, dk, dv, delta.sum(-1)
+    return dq, dk, dv, delta.sum(-1) if schedule == "token" else delta
 
 
 class HSAAttentionFunction(torch.autograd.Function):
