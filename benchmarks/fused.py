@@ -1,4 +1,5 @@
-"""Fused element-wise kernels (RMSNorm, rotary embedding, cross entropy) against what megatron-core runs without Transformer Engine or apex, side by side.
+"""Fused element-wise kernels (RMSNorm, rotary embedding, cross entropy) against what megatron-core runs without
+Transformer Engine or apex, side by side.
 
     python benchmarks/fused.py                      # H100 shapes of SWA+HSA-345M at micro-batch 2 x 8K tokens
     python benchmarks/fused.py --smoke              # tiny shapes: checks the script (CPU: Triton interpreter)
@@ -35,7 +36,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results", "fused.jsonl")
 
 
 def rms_norm_cases(tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: int):
-    return [("hidden", (tokens, hidden)), ("q_norm", (tokens, heads, head_dim)), ("k_norm", (tokens, kv_heads, head_dim))]
+    return [("hidden", (tokens, hidden)), ("q_norm", (tokens, heads, head_dim)),
+            ("k_norm", (tokens, kv_heads, head_dim))]
 
 
 def bench_rms_norm(name, shape, dtype, device, backends):
@@ -140,7 +142,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.tokens, args.batch, args.hidden, args.heads, args.kv_heads, args.head_dim, args.vocab = 16, 2, 64, 4, 2, 16, 300
+        args.tokens, args.batch, args.hidden, args.heads = 16, 2, 64, 4
+        args.kv_heads, args.head_dim, args.vocab = 2, 16, 300
     from megatron.core import parallel_state
 
     from megatron_ext.compat import cpu as cpu_compat

@@ -1,30 +1,25 @@
 """Fused element-wise kernels (RMSNorm, rotary embedding, vocabulary cross entropy) against float64 oracles:
 the reference formulas, torch's cross entropy and megatron-core's own RoPE.
 
-On CPU the kernels run in the Triton interpreter (fp32 / fp16, small shapes, outputs poisoned with NaN first);
-bf16 at the 345M model's shapes needs a GPU.
+On CPU the kernels run in the Triton interpreter (fp32 / fp16, small shapes, outputs poisoned by
+tests/kernels/conftest.py); bf16 at the 345M model's shapes needs a GPU.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.kernels.fused import cross_entropy, rms_norm, rms_norm_reference, rotary, rotary_reference, runs_triton
-from megatron_ext.kernels.utils import POISON_ENV
+from megatron_ext.kernels.fused import (
+    cross_entropy,
+    rms_norm,
+    rms_norm_reference,
+    rotary,
+    rotary_reference,
+    runs_triton,
+)
+from tests.kernels.common import DEVICE, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "1")
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    assert torch.isfinite(x).all(), "non-finite values (an element the kernel did not write?)"
-    return ((x - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
 def check_rms_norm(shape, dtype, with_weight=True, eps=1e-5, seed=0):

@@ -9,15 +9,9 @@ import torch
 from megatron_ext.kernels.gca import gca_attention, gca_decode, gca_retrieval, selection_for_query_chunks
 from megatron_ext.kernels.gca.reference import gca_attention_reference, gca_decode_reference
 from megatron_ext.kernels.gca.triton_attention import reverse_index
+from tests.kernels.common import DEVICE, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    assert torch.isfinite(x).all(), "non-finite values"
-    return ((x - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
 def causal_selection(B, num_q_chunks, num_kv_chunks, K, gen, empty_every=0):

@@ -10,21 +10,9 @@ import torch
 
 from megatron_ext.kernels.hsa import hsa_attention, hsa_attention_reference, hsa_decode, hsa_decode_reference
 from megatron_ext.kernels.hsa.attention import build_reverse_index
-from megatron_ext.kernels.utils import POISON_ENV
+from tests.kernels.common import DEVICE, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "1")
-
-
-def rel_err(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all(), "non-finite values (unwritten output?)"
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def random_causal_selection(B, L, Hk, K, S, num_chunks, generator, invalid_frac=0.0):

@@ -8,21 +8,9 @@ import torch.nn.functional as F
 
 from megatron_ext.kernels.hsa import hsa_retrieval, hsa_retrieval_reference
 from megatron_ext.kernels.hsa.reference import chunk_weights, eligibility_mask, retrieval_scores
-from megatron_ext.kernels.utils import POISON_ENV
+from tests.kernels.common import DEVICE, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "1")
-
-
-def rel_err(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def inputs(B, L, R, Dr, S, dtype, seed=0, extra_chunks=1):
