@@ -80,6 +80,7 @@ SWEEP = [  # (schedule, TUNING overrides) tried by --sweep; kernel: (num_warps, 
     ("auto", {"chunk_bwd": (8, 1)}),
     ("auto", {"chunk_bwd": (8, 2)}),
     ("auto", {"chunk_bwd": (8, 3)}),
+    ("auto", {"bwd_token_range": 0}),
     ("auto", {"bwd_token_range": 8192}),
     # split backward: dK/dV and dq add into fp32 tensors with atomics (no per-slot dq buffer)
     ("auto", {"bwd_token_range": 512}),
@@ -87,12 +88,9 @@ SWEEP = [  # (schedule, TUNING overrides) tried by --sweep; kernel: (num_warps, 
     ("auto", {"bwd_token_range": 2048}),
     ("auto", {"bwd_token_range": 4096}),
     ("auto", {"bwd_token_range": 1024, "chunk_bwd": (8, 2)}),
-    ("auto", {"bwd_token_range": 1024, "vector_atomics": True}),  # paired fp32 reductions (sm_90 PTX)
     ("chunk", {}),
     ("chunk", {"fwd_token_range": 512}),
     ("chunk", {"fwd_token_range": 1024}),
-    ("chunk", {"fwd_token_range": 1024, "vector_atomics": True}),
-    ("chunk", {"fwd_token_range": 1024, "bwd_token_range": 1024, "vector_atomics": True}),
     ("chunk", {"fwd_token_range": 1024, "chunk_fwd": (4, 2)}),
     ("chunk", {"fwd_token_range": 1024, "chunk_fwd_rows": 128, "chunk_fwd": (4, 2)}),
     ("chunk", {"fwd_token_range": 2048}),
@@ -199,8 +197,7 @@ VARIANTS = {
     "token": ("token", {}),
     "chunk": ("chunk", {}),
     "chunk_atomic": ("chunk", {"fwd_token_range": 1024}),  # chunk forward by token ranges, fp32 atomic output
-    # both passes by 1024-token ranges with sm_90's paired fp32 reductions: no per-slot buffer anywhere
-    "ranges_v2": ("chunk", {"fwd_token_range": 1024, "bwd_token_range": 1024, "vector_atomics": True}),
+    "auto_nosplit": ("auto", {"bwd_token_range": 0}),  # never split the backward (the default before session 3)
 }
 
 

@@ -297,19 +297,3 @@ def test_training_step_never_waits_for_the_gpu(Hq, Hk):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("Hq,Hk,D", [(64, 4, 128), (16, 1, 64), (16, 8, 128)])
-def test_vector_atomics_gpu(monkeypatch, Hq, Hk, D):
-    """The token-range modes with sm_90's paired fp32 reductions (inline PTX) give the reference's output and
-    gradients: forward by token ranges, then backward split into token ranges."""
-    from megatron_ext.kernels.hsa import attention
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("red.global.add.v2.f32 needs sm_90")
-    monkeypatch.setitem(attention.TUNING, "vector_atomics", True)
-    monkeypatch.setitem(attention.TUNING, "fwd_token_range", 1024)
-    monkeypatch.setitem(attention.TUNING, "bwd_token_range", 1024)
-    q, k, v, w, idx = make_inputs(1, 4096, Hq, Hk, D, 64, 16, torch.bfloat16, seed=Hq + 3 * D)
-    check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="chunk")

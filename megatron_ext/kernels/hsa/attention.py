@@ -56,14 +56,14 @@ TUNING = {
     "chunk_fwd_rows": 64,
     "chunk_bwd_rows": 128,
     # Chunk backward split into token ranges of this many tokens, adding dK/dV and dq into fp32 tensors with atomics
-    # (0 = no split: deterministic, no atomics, but a per-slot dq buffer of K times dq's memory).
-    "bwd_token_range": 0,
+    # (0 = no split: deterministic, no atomics, but a per-slot dq buffer of K times dq's memory). "auto": 1024-token
+    # ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one (chunk 0, selected by
+    # about K*S*(1 + ln(C/K)) pairs) would otherwise set the kernel's time; measured on H100 (hsa.md, session 3):
+    # 2.2x faster for the 345M model's HSA layer at 8K, worse for configs A, B (64K) and C.
+    "bwd_token_range": "auto",
     # Chunk forward by token ranges of this many tokens, adding into an fp32 output with atomics (0 = one range and
     # a per-slot output buffer summed by a second kernel: deterministic, but K times the output's memory).
     "fwd_token_range": 0,
-    # The fp32 atomics of the two token-range modes as one vector reduction per pair of neighbouring columns
-    # (sm_90's red.global.add.v2.f32) instead of one scalar atomic per element. Off until measured.
-    "vector_atomics": False,
 }
 
 
@@ -72,43 +72,6 @@ def _load_chunk(base, c, stride_l, offs_s, offs_d, d_mask, S: tl.constexpr):
     """Rows [c*S, (c+1)*S) of one KV head: [S, BLOCK_D] (columns outside ``d_mask`` read as 0)."""
     rows = (c * S + offs_s).to(tl.int64)
     return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-
-
-@triton.jit
-def _atomic_add_f32(ptrs, vals, mask, VECTOR: tl.constexpr):
-    """ptrs[i] += vals[i] (fp32, relaxed, GPU scope) where mask. With VECTOR (sm_90 only, not in the interpreter),
-    each thread's neighbouring pair of elements is added by one red.v2.f32 when their addresses are consecutive and
-    8-byte aligned (MMA accumulator layouts hold column pairs), and element by element otherwise."""
-    if VECTOR:
-        tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .pred m0, m1, vec;
-            .reg .b64 nxt, low;
-            setp.ne.b32 m0, $6, 0;
-            setp.ne.b32 m1, $7, 0;
-            add.s64 nxt, $2, 4;
-            and.b64 low, $2, 7;
-            setp.eq.s64 vec, nxt, $3;
-            setp.eq.and.s64 vec, low, 0, vec;
-            and.pred vec, vec, m0;
-            and.pred vec, vec, m1;
-            @vec red.global.gpu.relaxed.add.v2.f32 [$2], {$4, $5};
-            not.pred vec, vec;
-            and.pred m0, m0, vec;
-            and.pred m1, m1, vec;
-            @m0 red.global.gpu.relaxed.add.f32 [$2], $4;
-            @m1 red.global.gpu.relaxed.add.f32 [$3], $5;
-            mov.b32 $0, 0;
-            mov.b32 $1, 0;
-            }
-            """,
-            constraints="=r,=r,l,l,f,f,r,r",
-            args=[ptrs.to(tl.int64, bitcast=True), vals, mask.to(tl.int32)],
-            dtype=tl.int32, is_pure=False, pack=2,
-        )
-    else:
-        tl.atomic_add(ptrs, vals, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -164,7 +127,7 @@ def _hsa_fwd_chunk_kernel(
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    OFF_BY_ONE: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, VECTOR_ATOMICS: tl.constexpr,
+    OFF_BY_ONE: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
 ):
     """One (chunk, token range, KV head): the chunk's K/V are loaded once for all pairs that selected it.
 
@@ -211,7 +174,7 @@ def _hsa_fwd_chunk_kernel(
         o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC) * (w / l)[:, None]
         row = sel * G + r_g
         if ATOMIC:
-            _atomic_add_f32(OUT + q_off[:, None] + offs_d[None, :], o_k, tile_mask, VECTOR_ATOMICS)
+            tl.atomic_add(OUT + q_off[:, None] + offs_d[None, :], o_k, mask=tile_mask, sem="relaxed")
         else:
             tl.store(OUT + row[:, None] * D + offs_d[None, :], o_k.to(OUT.dtype.element_ty), mask=tile_mask)
         tl.store(LSE + row, m + tl.log2(l), mask=r_mask)
@@ -295,7 +258,6 @@ def _hsa_bwd_chunk_kernel(
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DELTA: tl.constexpr, WRITE_DQ: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-    VECTOR_ATOMICS: tl.constexpr,
 ):
     """dK/dV of one (chunk, token range, KV head) from the pairs that selected it; optionally dw and per-slot dq.
 
@@ -363,16 +325,15 @@ def _hsa_bwd_chunk_kernel(
         if WRITE_DQ:
             dq = tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * sm_scale
             if SPLIT:
-                _atomic_add_f32(DQBUF + q_off[:, None] + offs_d[None, :], dq, tile_mask, VECTOR_ATOMICS)
+                tl.atomic_add(DQBUF + q_off[:, None] + offs_d[None, :], dq, mask=tile_mask, sem="relaxed")
             else:
                 tl.store(DQBUF + row[:, None] * D + offs_d[None, :], dq.to(DQBUF.dtype.element_ty), mask=tile_mask)
     rows = (c * S + offs_s).to(tl.int64)
     out_off = kv_off + rows[:, None] * s_kl + offs_d[None, :]
     if SPLIT:
         add_mask = d_mask[None, :] & (end > start)
-        add_mask = add_mask & (offs_s < S)[:, None]
-        _atomic_add_f32(DK + out_off, dk * sm_scale, add_mask, VECTOR_ATOMICS)
-        _atomic_add_f32(DV + out_off, dv, add_mask, VECTOR_ATOMICS)
+        tl.atomic_add(DK + out_off, dk * sm_scale, mask=add_mask, sem="relaxed")
+        tl.atomic_add(DV + out_off, dv, mask=add_mask, sem="relaxed")
     else:
         tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_mask[None, :])
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_mask[None, :])
@@ -407,11 +368,11 @@ def _pairs_per_tile(group_pad: int, rows_key: str) -> int:
     return max(1, TUNING[rows_key] // group_pad, 16 // group_pad)
 
 
-def _vector_atomics(device: torch.device) -> bool:
-    """``TUNING["vector_atomics"]`` where it can run: compiled kernels (not the interpreter) on sm_90 or newer."""
-    if not TUNING["vector_atomics"] or interpreter_enabled() or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+def _auto_bwd_token_range(chunk_programs: int, device: torch.device) -> int:
+    """``TUNING["bwd_token_range"] == "auto"``: 1024-token ranges when the chunk programs are few for the GPU."""
+    if interpreter_enabled() or device.type != "cuda":
+        return 0
+    return 1024 if chunk_programs <= 4 * torch.cuda.get_device_properties(device).multi_processor_count else 0
 
 
 def _launch(name: str, block_d: int = 0, token_tile: int = 0) -> dict:
@@ -452,8 +413,7 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
     block_p = _pairs_per_tile(group_pad, "chunk_fwd_rows")
     token_range = TUNING["fwd_token_range"]
     meta = dict(HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-                OFF_BY_ONE=off_by_one, PREC=prec, VECTOR_ATOMICS=_vector_atomics(q.device),
-                **_launch("chunk_fwd", BLOCK_D))
+                OFF_BY_ONE=off_by_one, PREC=prec, **_launch("chunk_fwd", BLOCK_D))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     if token_range > 0:
         # Pairs add their weighted outputs into an fp32 output, token range by token range; the reverse index of
@@ -492,6 +452,8 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     prec = dot_precision(q.dtype)
     qk_scale = sm_scale * LOG2E
     token_range = TUNING["bwd_token_range"]
+    if token_range == "auto":
+        token_range = _auto_bwd_token_range(B * Hk * NC, q.device)
     split = 0 < token_range < L
     if reverse is None or split:
         reverse = build_reverse_index(indices, NC, token_range if split else 0)
@@ -513,7 +475,6 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     chunk_grid = (NC, n_ranges, B * Hk)
     chunk_meta = dict(
         HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D, SPLIT=split, PREC=prec,
-        VECTOR_ATOMICS=_vector_atomics(q.device),
         **_launch("chunk_bwd", BLOCK_D),
     )
     if schedule == "token":
