@@ -117,7 +117,7 @@ def profile_categories(events, cuda: bool) -> dict[str, float]:
 
 def profile_one_step(step: Callable[[], object], path: str, rows: int = 45) -> str:
     """Run ``step`` once under torch.profiler; write and print its operators and kernels by GPU time (CPU time
-    without CUDA), headed by the step's wall time, the summed device time (their gap is time the GPU waited for
+    without CUDA), headed by the step's wall time, the summed kernel time (their gap is time the GPU waited for
     the host: launch-bound code) and that time by kind of work (``PROFILE_CATEGORIES``). Returns the text."""
     import time
 
@@ -134,11 +134,11 @@ def profile_one_step(step: Callable[[], object], path: str, rows: int = 45) -> s
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
     events = prof.key_averages()
-    summary = f"profiled step: wall {wall_ms:.1f} ms (under the profiler)"
-    if cuda:
-        summary += f", summed device time {sum(e.self_device_time_total for e in events) / 1e3:.1f} ms"
     kinds = profile_categories(events, cuda)
     total = sum(kinds.values()) or 1.0
+    summary = f"profiled step: wall {wall_ms:.1f} ms (under the profiler)"
+    if cuda:  # kernels only: operators report their kernels' time as well
+        summary += f", summed kernel time {total:.1f} ms"
     summary += "\nby kind: " + ", ".join(f"{k} {ms:.1f} ms ({100 * ms / total:.0f}%)" for k, ms in kinds.items())
     text = summary + "\n" + events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                          row_limit=rows)

@@ -99,7 +99,10 @@ def build(name: str, device, **extra):
         os.path.join(ROOT, "examples", yaml_name), bf16=True, params_dtype="bfloat16", seq_length=seq,
         use_cpu_initialization=False, **{**fusions, **overrides, **extra},
     )
-    model = build_model(config).to(device)
+    # Megatron-LM pads the vocabulary to a multiple of 128 (--make-vocab-size-divisible-by); unpadded (100,278) the
+    # output layer's matmuls fall back to slower kernels
+    padded = -(-config.vocab_size // 128) * 128
+    model = build_model(config, vocab_size=padded).to(device)
     return config, model, batch, seq
 
 
