@@ -112,3 +112,17 @@ def test_gumbel_noise_only_in_training(megatron_world):
     retrieval.train()
     draws = {tuple(retrieval(x, memory).indices.flatten().tolist()) for _ in range(4)}
     assert len(draws) > 1, "Gumbel noise should change the training-time selection"
+
+
+def test_compiled_fusions_compile_once_per_model(megatron_world):
+    """megatron's torch.compile'd SwiGLU / bias-dropout-add are shared by all layers: a layer calling them with
+    other shapes (the chunk encoder) would make torch.compile recompile them for dynamic shapes, and every decoder
+    layer would then run the slower dynamic kernels. A forward + backward of a model with an encoder must compile
+    each of them once."""
+    torch._dynamo.reset()  # other tests may have compiled these functions for their shapes
+    model = _model("swa_hsa", bias_activation_fusion=True, bias_dropout_fusion=True)
+    tokens, labels, positions = _batch()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model(tokens, positions, None, labels=labels).sum().backward()
+    assert model.decoder.layers[0].mlp.config.bias_activation_fusion  # the decoder's fused path did run
+    torch._dynamo.reset()

@@ -162,14 +162,16 @@ class SelectedScores(torch.autograd.Function):
         if C > 0:
             valid = indices >= 0
             ds = torch.where(valid, d_scores.float(), torch.zeros_like(d_scores, dtype=torch.float32)) * scale
-            lmk32 = landmarks.float()
             block = max(1, min(L, GRAD_TILE_ELEMENTS // max(1, B * R * C)))
             for t0 in range(0, L, block):
                 t1 = min(L, t0 + block)
                 tile = torch.zeros(B, t1 - t0, R, C, device=q_r.device, dtype=torch.float32)
                 tile.scatter_add_(-1, indices[:, t0:t1].long().clamp(min=0), ds[:, t0:t1])
-                dq[:, t0:t1] = torch.einsum("btrc,bcrd->btrd", tile, lmk32)
-                dl += torch.einsum("btrc,btrd->bcrd", tile, q_r[:, t0:t1].float())
+                # Tensor-core matmuls in the inputs' dtype (fp32 accumulation), as attention backwards multiply dS:
+                # in fp32 they ran on CUDA cores (H100, 345M model at 32K tokens: 1.2 ms per retrieval backward).
+                tile = tile.to(q_r.dtype)
+                dq[:, t0:t1] = torch.einsum("btrc,bcrd->btrd", tile, landmarks.to(q_r.dtype))
+                dl += torch.einsum("btrc,btrd->bcrd", tile, q_r[:, t0:t1]).float()
         return dq.to(q_r.dtype), dl.to(landmarks.dtype), None, None
 
 
