@@ -114,15 +114,48 @@ def test_gumbel_noise_only_in_training(megatron_world):
     assert len(draws) > 1, "Gumbel noise should change the training-time selection"
 
 
-def test_compiled_fusions_compile_once_per_model(megatron_world):
-    """megatron's torch.compile'd SwiGLU / bias-dropout-add are shared by all layers: a layer calling them with
-    other shapes (the chunk encoder) would make torch.compile recompile them for dynamic shapes, and every decoder
-    layer would then run the slower dynamic kernels. A forward + backward of a model with an encoder must compile
-    each of them once."""
-    torch._dynamo.reset()  # other tests may have compiled these functions for their shapes
-    model = _model("swa_hsa", bias_activation_fusion=True, bias_dropout_fusion=True)
-    tokens, labels, positions = _batch()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        model(tokens, positions, None, labels=labels).sum().backward()
+
+def _fused_model_step(device):
+    model = _model("swa_hsa", activation_func=torch.nn.functional.silu, bias_activation_fusion=True,
+                   bias_dropout_fusion=True).to(device)  # SwiGLU, as the example models
+    tokens, labels, positions = (t.to(device) for t in _batch())
+    model(tokens, positions, None, labels=labels).sum().backward()
     assert model.decoder.layers[0].mlp.config.bias_activation_fusion  # the decoder's fused path did run
-    torch._dynamo.reset()
+
+
+def test_compiled_fusions_see_one_shape_per_model(megatron_world, monkeypatch):
+    """megatron's torch.compile'd SwiGLU and bias-dropout-add are shared by all layers. A layer calling them with
+    other shapes (the chunk encoder's [S+1, b*C, h]) makes torch.compile recompile them for dynamic shapes, and every
+    decoder layer then runs the slower dynamic kernels. Each must see one input shape in a model with an encoder
+    (recorded here without compiling: CI needs no C++ compiler)."""
+    from megatron.core.fusions import fused_bias_dropout, fused_bias_swiglu
+
+    shapes = {}
+
+    def recording(name, compiled):
+        eager = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+
+        def call(*args):
+            shapes.setdefault(name, set()).add(tuple(args[0][0].shape if name == "bda" else args[0].shape))
+            return eager(*args)
+
+        return call
+
+    monkeypatch.setattr(fused_bias_swiglu, "swiglu", recording("swiglu", fused_bias_swiglu.swiglu))
+    monkeypatch.setattr(fused_bias_swiglu, "swiglu_back", recording("swiglu_back", fused_bias_swiglu.swiglu_back))
+    monkeypatch.setattr(fused_bias_dropout, "bias_dropout_add_fused_train",
+                        recording("bda", fused_bias_dropout.bias_dropout_add_fused_train))
+    _fused_model_step("cpu")
+    assert set(shapes) == {"swiglu", "swiglu_back", "bda"}
+    assert all(len(s) == 1 for s in shapes.values()), shapes
+
+
+@pytest.mark.gpu
+def test_compiled_fusions_compile_once_per_model_gpu(megatron_world):
+    """The same through torch.compile itself: no recompilation in a forward + backward."""
+    torch._dynamo.reset()  # other tests may have compiled these functions for their shapes
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _fused_model_step("cuda")
+    finally:
+        torch._dynamo.reset()
