@@ -114,7 +114,6 @@ def test_gumbel_noise_only_in_training(megatron_world):
     assert len(draws) > 1, "Gumbel noise should change the training-time selection"
 
 
-
 def _fused_model_step(device):
     model = _model("swa_hsa", activation_func=torch.nn.functional.silu, bias_activation_fusion=True,
                    bias_dropout_fusion=True).to(device)  # SwiGLU, as the example models
