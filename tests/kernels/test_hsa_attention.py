@@ -177,6 +177,40 @@ def test_reverse_index_split_by_token_range():
                 assert pairs[offsets[i]:offsets[i + 1]].tolist() == want
 
 
+def test_backward_by_kv_head_groups_is_bitwise_the_single_launch(monkeypatch):
+    """The chunk backward launched KV-head group by group (slot sums on a side stream on GPUs) computes exactly what
+    one launch over all heads computes: same programs, same order inside each."""
+    from megatron_ext.kernels.hsa import attention
+
+    q, k, v, w, idx = make_inputs(2, 90, 6, 3, 32, 16, 3, torch.float32, seed=31, invalid_frac=0.2)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device)
+    grads = []
+    for groups in (1, 2, 3):
+        monkeypatch.setitem(attention.TUNING, "bwd_head_groups", groups)
+        grads.append(run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, schedule="chunk"))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
+
+
+def test_token_forward_tma_loads_match_pointer_loads(monkeypatch):
+    """K/V chunks loaded as TMA boxes (invalid slots read past the end: zeros) give exactly the per-thread loads'
+    output, with a batch of 2 and more chunks than the tokens reach."""
+    from megatron_ext.kernels.hsa import attention
+
+    descriptors = []
+    make_descriptor = attention._rows_descriptor
+    monkeypatch.setattr(attention, "_rows_descriptor", lambda *a: descriptors.append(a) or make_descriptor(*a))
+    q, k, v, w, idx = make_inputs(2, 100, 8, 2, 32, 16, 3, torch.float32, seed=3, invalid_frac=0.3, extra_chunks=1)
+    outs = []
+    for tma in (True, False):
+        monkeypatch.setitem(attention.TUNING, "token_fwd_tma", tma)
+        outs.append(hsa_attention(q, k, v, w, idx, chunk_size=16, schedule="token"))
+    assert len(descriptors) == 2  # K and V, by the TMA run only
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], hsa_attention_reference(q, k, v, w, idx, chunk_size=16)) < 1e-5
+
+
 def test_both_schedules_agree_with_custom_scale():
     q, k, v, w, idx = make_inputs(1, 80, 8, 2, 32, 16, 3, torch.float32, seed=3)
     outs = [hsa_attention(q, k, v, w, idx, chunk_size=16, sm_scale=0.3, schedule=s) for s in ("token", "chunk")]
