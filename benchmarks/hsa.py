@@ -198,6 +198,9 @@ VARIANTS = {
     "chunk": ("chunk", {}),
     "chunk_atomic": ("chunk", {"fwd_token_range": 1024}),  # chunk forward by token ranges, fp32 atomic output
     "auto_nosplit": ("auto", {"bwd_token_range": 0}),  # never split the backward (the default before session 3)
+    # the defaults before session 5: per-thread K/V loads in the token forward, one chunk-backward launch for all
+    # KV heads with the slot sum after it
+    "auto_session4": ("auto", {"token_fwd_tma": False, "bwd_head_groups": 1}),
 }
 
 

@@ -182,7 +182,7 @@ def test_backward_by_kv_head_groups_is_bitwise_the_single_launch(monkeypatch):
     one launch over all heads computes: same programs, same order inside each."""
     from megatron_ext.kernels.hsa import attention
 
-    q, k, v, w, idx = make_inputs(2, 90, 6, 3, 32, 16, 3, torch.float32, seed=31, invalid_frac=0.2)
+    q, k, v, w, idx = make_inputs(2, 90, 48, 3, 32, 16, 3, torch.float32, seed=31, invalid_frac=0.2)  # G = 16
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device)
     grads = []
     for groups in (1, 2, 3):

@@ -67,8 +67,9 @@ TUNING = {
     "fwd_token_range": 0,
     # Token forward loads K/V chunks with TMA bulk copies (one per chunk) instead of per-thread loads.
     "token_fwd_tma": True,
-    # The chunk backward with a per-slot dq buffer runs in this many KV-head groups; each group's slot sum (memory
-    # bound) runs on a second stream beside the next group's chunk kernel. Config A at 64K, H100: 31.3 -> 29.8 ms.
+    # The chunk backward with a per-slot dq buffer runs in up to this many KV-head groups (G >= 16, at least 4 chunk
+    # programs per SM each); each group's slot sum (memory bound) runs on a second stream beside the next group's
+    # chunk kernel. Config A on the H100: 31.3 -> 29.7 ms at 64K, 63.1 -> 60.2 ms at 128K.
     "bwd_head_groups": 4,
 }
 
@@ -410,12 +411,20 @@ def _rows_descriptor(x: torch.Tensor, block_rows: int, block_cols: int):
 class _HeadPipeline:
     """Launches the chunk backward KV-head group by KV-head group and runs each group's memory-bound slot sum on a
     second CUDA stream, where it overlaps the next group's chunk kernel; on CPU (the interpreter) the same launches
-    run in order. ``TUNING["bwd_head_groups"]`` groups, at most one per KV head."""
+    run in order. Up to ``TUNING["bwd_head_groups"]`` groups, at most one per KV head, for groups of G >= 16 query
+    heads."""
 
     _side_streams: dict = {}
 
-    def __init__(self, device: torch.device, num_heads: int):
+    def __init__(self, device: torch.device, num_heads: int, programs_per_head: int, group_size: int):
         groups = max(1, min(TUNING["bwd_head_groups"], num_heads))
+        if group_size < 16:  # measured: no gain for G = 2 (config C, 16K-64K: 0-7% slower)
+            groups = 1
+        if device.type == "cuda" and not interpreter_enabled():
+            # a launch of few programs ends in a long tail: keep >= 4 programs per SM in each group (A at 16K,
+            # 256 per group: 8.8 -> 11.3 ms; 1024 and 2048 per group at 64K and 128K: faster)
+            per_group = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+            groups = max(1, min(groups, num_heads * programs_per_head // per_group))
         bounds = [num_heads * i // groups for i in range(groups + 1)]
         self.groups = [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(groups)]
         self.main = self.side = None
@@ -578,7 +587,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     else:  # per-slot dq rows, summed per head group on the side stream while the next group runs
         dqbuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
-        pipe = _HeadPipeline(q.device, Hk)
+        pipe = _HeadPipeline(q.device, Hk, B * NC, G)
         for h0, nh in pipe.groups:
             if NC > 0:
                 _hsa_bwd_chunk_kernel[(NC, 1, B * nh)](
