@@ -164,6 +164,30 @@ def test_forward_by_token_ranges_with_atomics(monkeypatch, G, off_by_one, dtype)
     check_against_reference(q, k, v, w, idx, S=16, dtype=dtype, schedule="chunk", off_by_one=off_by_one)
 
 
+def test_deterministic_mode_never_adds_with_atomics(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) (Megatron's --deterministic-mode) the token-range modes, whose
+    fp32 atomics add in no fixed order, fall back to the per-slot buffers: bitwise-repeatable results."""
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "fwd_token_range", 32)
+    monkeypatch.setitem(attention.TUNING, "bwd_token_range", 32)
+    ranges = []
+    build = attention.build_reverse_index
+    monkeypatch.setattr(attention, "build_reverse_index", lambda i, c, r=0: ranges.append(r) or build(i, c, r))
+    q, k, v, w, idx = make_inputs(1, 100, 4, 2, 32, 16, 3, torch.float32, seed=9, invalid_frac=0.2)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, schedule="chunk")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert ranges == [0]  # one index, unsplit, built by the forward and reused by the backward
+    ranges.clear()
+    run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, schedule="chunk")
+    assert ranges == [32, 32]  # otherwise both passes split into token ranges
+
+
 def test_reverse_index_split_by_token_range():
     B, L, Hk, K, S, R = 1, 50, 2, 3, 8, 16
     idx, _ = random_causal_selection(B, L, Hk, K, S, L // S, torch.Generator().manual_seed(2))

@@ -488,7 +488,9 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
         return o, lse, reverse
     group_pad = next_power_of_2(G)
     block_p = _pairs_per_tile(group_pad, "chunk_fwd_rows")
-    token_range = TUNING["fwd_token_range"]
+    # fp32 atomics add in no fixed order: torch.use_deterministic_algorithms(True) (Megatron's --deterministic-mode)
+    # keeps the per-slot buffers
+    token_range = 0 if torch.are_deterministic_algorithms_enabled() else TUNING["fwd_token_range"]
     meta = dict(HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
                 OFF_BY_ONE=off_by_one, PREC=prec, **_launch("chunk_fwd", BLOCK_D))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
@@ -537,7 +539,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     BLOCK_D = max(16, next_power_of_2(D))
     prec = dot_precision(q.dtype)
     qk_scale = sm_scale * LOG2E
-    token_range = TUNING["bwd_token_range"]
+    token_range = 0 if torch.are_deterministic_algorithms_enabled() else TUNING["bwd_token_range"]
     if token_range == "auto":
         token_range = _auto_bwd_token_range(B * Hk * NC, q.device)
     split = 0 < token_range < L
