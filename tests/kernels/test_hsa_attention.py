@@ -206,10 +206,10 @@ def test_backward_by_kv_head_groups_is_bitwise_the_single_launch(monkeypatch):
     one launch over all heads computes: same programs, same order inside each."""
     from megatron_ext.kernels.hsa import attention
 
-    q, k, v, w, idx = make_inputs(2, 90, 48, 3, 32, 16, 3, torch.float32, seed=31, invalid_frac=0.2)  # G = 16
+    q, k, v, w, idx = make_inputs(2, 60, 48, 3, 32, 16, 3, torch.float32, seed=31, invalid_frac=0.2)  # G = 16
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device)
     grads = []
-    for groups in (1, 2, 3):
+    for groups in (1, 3):
         monkeypatch.setitem(attention.TUNING, "bwd_head_groups", groups)
         grads.append(run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, schedule="chunk"))
     for other in grads[1:]:
