@@ -233,6 +233,12 @@ def test_token_forward_tma_loads_match_pointer_loads(monkeypatch):
     assert len(descriptors) == 2  # K and V, by the TMA run only
     assert torch.equal(outs[0], outs[1])
     assert rel_err(outs[0], hsa_attention_reference(q, k, v, w, idx, chunk_size=16)) < 1e-5
+    # K/V that do not start on 16 bytes (a contiguous view at an odd offset) cannot be TMA boxes: per-thread loads
+    monkeypatch.setitem(attention.TUNING, "token_fwd_tma", True)
+    k_odd = torch.empty(k.numel() + 1, dtype=k.dtype, device=k.device)[1:].view(k.shape).copy_(k)
+    assert k_odd.is_contiguous() and k_odd.data_ptr() % 16
+    assert torch.equal(hsa_attention(q, k_odd, v, w, idx, chunk_size=16, schedule="token"), outs[1])
+    assert len(descriptors) == 2
 
 
 def test_both_schedules_agree_with_custom_scale():

@@ -65,7 +65,8 @@ TUNING = {
     # Chunk forward by token ranges of this many tokens, adding into an fp32 output with atomics (0 = one range and
     # a per-slot output buffer summed by a second kernel: deterministic, but K times the output's memory).
     "fwd_token_range": 0,
-    # Token forward loads K/V chunks with TMA bulk copies (one per chunk) instead of per-thread loads.
+    # Token forward loads K/V chunks with TMA bulk copies (one per chunk) instead of per-thread loads (sm_90+, rows
+    # of at most 256 bytes, K/V starting on 16 bytes; otherwise per-thread loads).
     "token_fwd_tma": True,
     # The chunk backward with a per-slot dq buffer runs in up to this many KV-head groups (G >= 16, at least 4 chunk
     # programs per SM each); each group's slot sum (memory bound) runs on a second stream beside the next group's
@@ -390,10 +391,13 @@ def _auto_bwd_token_range(chunk_programs: int, device: torch.device) -> int:
     return 1024 if chunk_programs <= 4 * torch.cuda.get_device_properties(device).multi_processor_count else 0
 
 
-def _tma_loads(k: torch.Tensor, D: int, block_d: int) -> bool:
+def _tma_loads(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
     """Whether the token forward loads K/V chunks with TMA (``TUNING["token_fwd_tma"]``): on sm_90+ GPUs and in the
-    interpreter (which emulates it, so CPU tests cover the path), when a chunk's rows of one head are one box."""
-    if not TUNING["token_fwd_tma"] or D != block_d:
+    interpreter (which emulates it, so CPU tests cover the path), when a chunk's rows of one head are one box of at
+    most 256 bytes a row (the widths tested on the H100) and K/V start on 16 bytes (TMA's alignment)."""
+    if not TUNING["token_fwd_tma"] or D != block_d or D * k.element_size() > 256:
+        return False
+    if k.data_ptr() % 16 or v.data_ptr() % 16:
         return False
     if interpreter_enabled():
         return True
@@ -477,7 +481,7 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
     qk_scale = sm_scale * LOG2E
     if schedule == "token":
         o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
-        tma = _tma_loads(k, D, BLOCK_D)
+        tma = _tma_loads(k, v, D, BLOCK_D)
         descs = (_rows_descriptor(k, S, BLOCK_D), _rows_descriptor(v, S, BLOCK_D)) if tma else (None, None)
         _hsa_fwd_token_kernel[(L, B * Hk)](
             q, k, v, weights, indices, o, lse, *descs, qk_scale, L, k.shape[1], B * k.shape[1],
