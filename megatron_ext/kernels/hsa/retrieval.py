@@ -3,9 +3,9 @@
 The kernel gives each program a block of BLOCK_T tokens of one (batch, retrieval head). It walks the eligible chunks in
 blocks of BLOCK_C, scores them with one MMA per block, and merges them into a running top-k held in registers: while
 some row has a candidate above its current k-th best, every such row swaps its best candidate in for its worst kept
-chunk. No [L, C] score matrix ever exists, so memory is linear in L.
+chunk, then sorts what it kept most recent first. No [L, C] score matrix ever exists, so memory is linear in L.
 
-The selected chunks are then put most recent first and weighted in PyTorch (``reference.chunk_weights``: O(L*K)).
+The weights are computed in PyTorch (``reference.chunk_weights``: O(L*K)).
 Gradients reach q_r and the landmarks through the selected scores (``SelectedScores``), whose backward scatters the
 score gradients into [token block, C] tiles and runs two matmuls per block: memory O(block * C), linear in L.
 """
@@ -62,12 +62,12 @@ def _topk_chunks_kernel(
     offs_k = tl.arange(0, KP)
     offs_cb = tl.arange(0, BLOCK_C)
     inf = float("inf")
-    # Kept candidates: ranking value (noisy with Gumbel), clean score, chunk index. Padding slots (>= TOPK) hold +inf
-    # so they are never the worst kept chunk.
+    # Kept candidates: ranking value (noisy with Gumbel), clean score (with Gumbel only), chunk index. Padding slots
+    # (>= TOPK) hold +inf so they are never the worst kept chunk.
     top_v = tl.where(offs_k[None, :] < TOPK, -inf, inf) + tl.zeros([BLOCK_T, KP], dtype=tl.float32)
     top_s = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
     top_i = tl.zeros([BLOCK_T, KP], dtype=tl.int32) - 1
-    thr = tl.zeros([BLOCK_T], dtype=tl.float32) - inf  # current k-th best ranking value
+    thr, worst = tl.min(top_v, 1, return_indices=True)  # current k-th best ranking value and its slot
     q_base = QR + b.to(tl.int64) * s_qb + r * s_qr
     l_base = LMK + b.to(tl.int64) * s_lb + r * s_lr
     for c0 in range(c_begin, c_end, BLOCK_C):
@@ -89,22 +89,28 @@ def _topk_chunks_kernel(
             ranked = clean - tl.log(-tl.log(u))
         else:
             ranked = clean
+        # Every row swaps its best remaining candidate for its worst kept chunk until no row has a candidate above
+        # its k-th best: two row reductions per round (best candidate, new worst kept) and one across rows.
         cand = tl.where(ranked > thr[:, None], ranked, -inf)
-        n_cand = tl.max(tl.sum((cand > thr[:, None]).to(tl.int32), 1), 0)
-        while n_cand > 0:
-            best = tl.max(cand, 1)
-            best_j = tl.argmax(cand, 1)
-            inserts = best > thr
-            worst = tl.argmin(top_v, 1)
-            replace = inserts[:, None] & (offs_k[None, :] == worst[:, None])
+        best, best_j = tl.max(cand, 1, return_indices=True)
+        while tl.max(best, 0) > -inf:
+            replace = (best > thr)[:, None] & (offs_k[None, :] == worst[:, None])
             hit = offs_cb[None, :] == best_j[:, None]
-            best_clean = tl.sum(tl.where(hit, clean, 0.0), 1)
             top_v = tl.where(replace, best[:, None], top_v)
-            top_s = tl.where(replace, best_clean[:, None], top_s)
             top_i = tl.where(replace, (c0 + best_j)[:, None], top_i)
-            thr = tl.min(top_v, 1)
+            if GUMBEL:
+                top_s = tl.where(replace, tl.sum(tl.where(hit, clean, 0.0), 1)[:, None], top_s)
+            thr, worst = tl.min(top_v, 1, return_indices=True)
             cand = tl.where(hit | (cand <= thr[:, None]), -inf, cand)
-            n_cand = tl.max(tl.sum((cand > thr[:, None]).to(tl.int32), 1), 0)
+            best, best_j = tl.max(cand, 1, return_indices=True)
+    if not GUMBEL:
+        top_s = tl.where(top_i >= 0, top_v, 0.0)
+    # Most recent first: sort (index, score bits) packed in int64 by index, descending (no slot is -1 twice with a
+    # different score, and -1 slots, invalid or padding, sort last).
+    packed = (top_i.to(tl.int64) << 32) | top_s.to(tl.uint32, bitcast=True).to(tl.int64)
+    packed = tl.sort(packed, dim=1, descending=True)
+    top_i = (packed >> 32).to(tl.int32)
+    top_s = (packed & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     out = ((b.to(tl.int64) * L + offs_t[:, None]) * R + r) * TOPK + offs_k[None, :]
     out_mask = t_mask[:, None] & (offs_k[None, :] < TOPK)
     tl.store(IDX_OUT + out, top_i, mask=out_mask)
@@ -112,7 +118,8 @@ def _topk_chunks_kernel(
 
 
 def topk_chunks(q_r, landmarks, *, chunk_size, topk, gumbel=False, cu_seqlens=None, seed=None):
-    """Unordered top-k eligible chunks: ``(indices int32 [B, L, R, K] (-1 = none), clean scores fp32)``."""
+    """Top-k eligible chunks, most recent first: ``(indices int32 [B, L, R, K] (-1 = none, last), clean scores
+    fp32)``."""
     B, L, R, Dr = q_r.shape
     C = landmarks.shape[1]
     q_r, landmarks = q_r.contiguous(), landmarks.contiguous()
@@ -180,8 +187,6 @@ def retrieval_triton(q_r, landmarks, *, chunk_size, topk, weight_rule, gumbel, r
     idx, scores = topk_chunks(
         q_r, landmarks, chunk_size=chunk_size, topk=topk, gumbel=gumbel, cu_seqlens=cu_seqlens, seed=seed
     )
-    idx, order = idx.sort(dim=-1, descending=True)  # most recent first; -1 sorts last
-    scores = scores.gather(-1, order)
     valid = idx >= 0
     if q_r.requires_grad or landmarks.requires_grad:
         scores = SelectedScores.apply(q_r, landmarks, idx, scores)
