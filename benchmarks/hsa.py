@@ -201,6 +201,10 @@ VARIANTS = {
     # the defaults before session 5: per-thread K/V loads in the token forward, one chunk-backward launch for all
     # KV heads with the slot sum after it
     "auto_session4": ("auto", {"token_fwd_tma": False, "bwd_head_groups": 1}),
+    # the defaults before session 6: per-slot dq rows for every group size (no dS rows), 2-stage chunk backward at
+    # head dim 128, the reverse index built by the backward
+    "auto_session5": ("auto", {"bwd_dq": "dq", "chunk_bwd": {64: (8, 3), 128: (8, 2), "default": (8, 1)},
+                               "reverse_index_beside_fwd": False}),
 }
 
 

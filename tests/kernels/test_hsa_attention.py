@@ -208,6 +208,7 @@ def test_backward_by_kv_head_groups_is_bitwise_the_single_launch(monkeypatch):
 
     q, k, v, w, idx = make_inputs(2, 60, 48, 3, 32, 16, 3, torch.float32, seed=31, invalid_frac=0.2)  # G = 16
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device)
+    monkeypatch.setitem(attention.TUNING, "bwd_dq", "dq")  # the per-slot dq rows are what runs in groups
     grads = []
     for groups in (1, 3):
         monkeypatch.setitem(attention.TUNING, "bwd_head_groups", groups)
@@ -215,6 +216,44 @@ def test_backward_by_kv_head_groups_is_bitwise_the_single_launch(monkeypatch):
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "Hq,Hk,D,S,dtype", [(32, 2, 32, 16, torch.float32), (4, 2, 64, 32, torch.float16), (16, 1, 16, 16, torch.float32)]
+)
+def test_backward_dq_from_ds_rows_or_dq_rows(monkeypatch, Hq, Hk, D, S, dtype):
+    """dq from per-slot dS rows times the gathered K (token kernel) and from per-slot dq rows (slot sum) both give
+    the reference's gradients, for G >= 16 and small groups, S < D and S = D; "auto" picks dS rows exactly when
+    G >= 16 and S < D."""
+    from megatron_ext.kernels.hsa import attention
+
+    q, k, v, w, idx = make_inputs(2, 90, Hq, Hk, D, S, 3, dtype, seed=Hq + D, invalid_frac=0.2)
+    for mode in ("ds", "dq"):
+        monkeypatch.setitem(attention.TUNING, "bwd_dq", mode)
+        check_against_reference(q, k, v, w, idx, S=S, dtype=dtype, schedule="chunk", off_by_one=mode == "ds")
+    monkeypatch.setitem(attention.TUNING, "bwd_dq", "auto")
+    assert attention._bwd_dq_rows(Hq // Hk, S, D) == ("ds" if Hq // Hk >= 16 and S < D else "dq")
+
+
+def test_token_forward_builds_the_backward_index_only_for_a_backward(monkeypatch):
+    """With gradients to come, the token forward builds the reverse index (on GPUs beside its kernel) and the
+    backward reuses it; without, no index is built."""
+    from megatron_ext.kernels.hsa import attention
+
+    calls = []
+    build = attention.build_reverse_index
+    monkeypatch.setattr(attention, "build_reverse_index", lambda i, c, r=0: calls.append(r) or build(i, c, r))
+    q, k, v, w, idx = make_inputs(1, 80, 16, 1, 32, 16, 3, torch.float32, seed=4, invalid_frac=0.2)
+    with torch.no_grad():  # inputs that require grad, but no graph: no backward can follow
+        hsa_attention(*(x.detach().requires_grad_() for x in (q, k, v, w)), idx, chunk_size=16, schedule="auto")
+    hsa_attention(q, k, v, w, idx, chunk_size=16, schedule="auto")  # nothing requires grad
+    assert calls == []
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    got = run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, schedule="auto")
+    assert calls == [0]
+    want = run_with_grads(hsa_attention_reference, q, k, v, w, idx, do, chunk_size=16)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_token_forward_tma_loads_match_pointer_loads(monkeypatch):
@@ -323,6 +362,16 @@ def test_chunks_below_16_tokens_on_gpu_run_on_the_reference_or_are_refused():
     torch.testing.assert_close(out, hsa_attention_reference(q, k, v, w, idx, chunk_size=8))
     with pytest.raises(ValueError, match="chunk_size >= 16"):
         hsa_attention(q, k, v, w, idx, chunk_size=8, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["ds", "dq"])
+def test_backward_dq_modes_gpu(monkeypatch, mode):
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "bwd_dq", mode)
+    q, k, v, w, idx = make_inputs(1, 4096, 64, 4, 128, 64, 16, torch.bfloat16, seed=17, invalid_frac=0.1)
+    check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="auto")
 
 
 @pytest.mark.gpu

@@ -5,18 +5,21 @@ group; each chunk has its own softmax (with an optional null logit 0), and the p
 the weights w[t, h, k]. Two loop orders ("schedules"):
 
 token  one program per (token, KV head): the G query heads fill the MMA rows and the program gathers its K chunks
-       (one TMA box per chunk on sm_90+). Efficient for G >= 16. Backward: a token program computes dq and
-       Delta_k = <O_k, dO> per slot, then the chunk program below accumulates dK/dV from Delta.
+       (one TMA box per chunk on sm_90+). Efficient for G >= 16. The same loop computes dq in the backward, either
+       recomputing dS_k from the gathered K/V ("token" backward) or reading the dS_k rows the chunk backward wrote.
 chunk  one program per (chunk, KV head): it loads the chunk's K/V once and visits only the (token, slot) pairs
        that selected it, packing BLOCK_P pairs x G heads into one tile (reverse index, built by a stable sort).
-       Per-slot outputs go to a [B, L, Hk, K, G, D] buffer that a third kernel sums over the valid slots; the
-       backward is one chunk program that recomputes Delta and writes dK, dV and per-slot dQ, launched KV-head
-       group by group so that each group's slot sum runs on a second stream beside the next group's kernel.
+       Per-slot outputs go to a [B, L, Hk, K, G, D] buffer that a third kernel sums over the valid slots. The
+       backward recomputes Delta and writes dK, dV and dw, and for dq either per-slot dq rows (summed like the
+       forward's, KV-head group by KV-head group with the sums on a second stream) or, when G >= 16 and S < D,
+       per-slot dS rows [B, L, Hk, K, G, S] that the token kernel multiplies by the gathered K chunks (half the
+       bytes, one MMA less in the chunk kernel).
 
 The forward and backward schedules are chosen independently (the saved log-sum-exp has one layout): the chunk
-backward is the faster one on H100 for every measured group size, at the price of a [B, L, Hk, K, G, D] per-slot dq
-buffer; the token backward needs no such buffer, nor does the chunk backward split into token ranges
-(``TUNING["bwd_token_range"]``), which adds dK/dV and dq into fp32 tensors with atomics.
+backward is the faster one on H100 for every measured group size, at the price of a per-slot buffer; the token
+backward needs none, nor does the chunk backward split into token ranges (``TUNING["bwd_token_range"]``), which adds
+dK/dV and dq into fp32 tensors with atomics. A token forward that a backward will follow builds the backward's reverse
+index on a side stream beside its kernel.
 
 Backward formulas (natural-log units; P_k recomputed from the saved log-sum-exp):
   dP_k = dO V_k^T,  Delta_k = <O_k, dO> = rowsum(P_k * dP_k) (each chunk is a single softmax block),
@@ -52,10 +55,12 @@ TUNING = {
     "token_fwd": (1, 3),
     "token_bwd": (2, 2),
     "chunk_fwd": (4, 1),
-    "chunk_bwd": {64: (8, 3), 128: (8, 2), "default": (8, 1)},
+    "chunk_bwd": {64: (8, 3), 128: (8, 3), "default": (8, 1)},  # 128: (8, 2) -> (8, 3): C at 64K 8.9 -> 7.9 ms
+    "chunk_bwd_ds": {"default": (4, 3)},  # the chunk backward that writes dS rows ("bwd_dq" below)
     "slot_sum": (4, 1),
     "chunk_fwd_rows": 64,
     "chunk_bwd_rows": 128,
+    "chunk_bwd_ds_rows": 64,  # A at 64K: 64 rows (4, 3) 26.6 ms, 128 rows (8, 3) 27.3-27.5, (8, 2) 28.3
     # Chunk backward split into token ranges of this many tokens, adding dK/dV and dq into fp32 tensors with atomics
     # (0 = no split: deterministic, no atomics, but a per-slot dq buffer of K times dq's memory). "auto": 1024-token
     # ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one (chunk 0, selected by
@@ -68,10 +73,17 @@ TUNING = {
     # Token forward loads K/V chunks with TMA bulk copies (one per chunk) instead of per-thread loads (sm_90+, rows
     # of at most 256 bytes, K/V starting on 16 bytes; otherwise per-thread loads).
     "token_fwd_tma": True,
-    # The chunk backward with a per-slot dq buffer runs in up to this many KV-head groups (G >= 16, at least 4 chunk
+    # The chunk backward with per-slot dq rows runs in up to this many KV-head groups (G >= 16, at least 4 chunk
     # programs per SM each); each group's slot sum (memory bound) runs on a second stream beside the next group's
-    # chunk kernel. Config A on the H100: 31.3 -> 29.7 ms at 64K, 63.1 -> 60.2 ms at 128K.
+    # chunk kernel. Config A on the H100 (before dS rows): 31.3 -> 29.7 ms at 64K, 63.1 -> 60.2 ms at 128K.
     "bwd_head_groups": 4,
+    # What the unsplit chunk backward writes per (token, slot) for dq: "dq" rows summed by the slot-sum kernel, or
+    # "ds" rows (dS, [G, S] per pair) that the token kernel multiplies by the gathered K chunks; "auto": "ds" when
+    # G >= 16 and S < D (see _bwd_dq_rows).
+    "bwd_dq": "auto",
+    # The token forward of a pass that a backward will follow builds the backward's reverse index on a side stream
+    # beside its kernel (A at 64K: fwd + bwd 45.44 -> 45.19 ms).
+    "reverse_index_beside_fwd": True,
 }
 
 
@@ -224,17 +236,19 @@ def _slot_sum_kernel(
 
 @triton.jit
 def _hsa_bwd_token_kernel(
-    Q, K, V, W, IDX, DO, LSE, DQ, DELTA,
-    qk_scale, sm_scale, L,
+    Q, K, V, W, IDX, DO, LSE, DS, DQ, K_DESC, V_DESC,
+    qk_scale, sm_scale, L, batch_rows, kv_rows, h0, NH,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DS_IN: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq of one (token, KV head) and Delta_k for each of its slots. Q, DO, DQ share strides."""
+    """dq of one (token, KV head h0 + i < h0 + NH) = scale * sum_k dS_k K_k, gathering the selected K chunks as the
+    token forward does (TMA boxes or per-thread loads). With DS_IN, dS_k comes from the chunk backward's per-slot
+    rows DS [B, L, Hk, K, G, S]; otherwise the kernel recomputes it from q, dO and the gathered K/V.
+    Q, DO, DQ share strides."""
     t = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
+    b = tl.program_id(1) // NH
+    h = h0 + tl.program_id(1) % NH
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, S)
@@ -242,8 +256,9 @@ def _hsa_bwd_token_kernel(
     d_mask = offs_d < D
     tile_mask = g_mask[:, None] & d_mask[None, :]
     q_off = b.to(tl.int64) * s_qb + t.to(tl.int64) * s_ql + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=tile_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=tile_mask, other=0.0)
+    if not DS_IN:
+        q = tl.load(Q + q_off, mask=tile_mask, other=0.0)
+        do = tl.load(DO + q_off, mask=tile_mask, other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + h * s_kh
     v_base = V + b.to(tl.int64) * s_kb + h * s_kh
     sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK
@@ -251,40 +266,48 @@ def _hsa_bwd_token_kernel(
     for slot in range(TOPK):
         c = tl.load(IDX + sel + slot)
         ok = c >= 0
-        w = tl.where(ok, tl.load(W + sel + slot), 0.0)
         c = tl.maximum(c, 0)
-        kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
-        vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
-        lse = tl.load(LSE + (sel + slot) * G + offs_g, mask=g_mask & ok, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
-        delta = tl.sum(p * dp, 1)  # = <O_k, dO>: one softmax block per chunk, so no O_k recompute is needed
-        ds = p * (dp - delta[:, None]) * w
-        dq += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
-        tl.store(DELTA + (sel + slot) * G + offs_g, delta, mask=g_mask & ok)
+        if TMA:
+            row = tl.where(ok, b * batch_rows + c * S, kv_rows).to(tl.int32)
+            kc = K_DESC.load([row, h * D])
+        else:
+            kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
+        rows = (sel + slot) * G + offs_g
+        if DS_IN:
+            ds = tl.load(DS + rows[:, None] * S + offs_s[None, :], mask=(g_mask & ok)[:, None], other=0.0)
+        else:
+            w = tl.where(ok, tl.load(W + sel + slot), 0.0)
+            if TMA:
+                vc = V_DESC.load([row, h * D])
+            else:
+                vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
+            lse = tl.load(LSE + rows, mask=g_mask & ok, other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
+            delta = tl.sum(p * dp, 1)  # = <O_k, dO>: one softmax block per chunk, so no O_k recompute is needed
+            ds = (p * (dp - delta[:, None]) * w).to(kc.dtype)
+        dq += tl.dot(ds, kc, input_precision=PREC)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
 def _hsa_bwd_chunk_kernel(
-    Q, K, V, W, DO, LSE, DELTA, PAIRS, OFFSETS, DK, DV, DQBUF,
+    Q, K, V, W, DO, LSE, DW, PAIRS, OFFSETS, DK, DV, DQBUF,
     qk_scale, sm_scale, L, NC, NR, h0, NH,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPUTE_DELTA: tl.constexpr, WRITE_DQ: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    DQ_OUT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dK/dV of one (chunk, token range, KV head h0 + i < h0 + NH) from the pairs that selected it; optionally dw
-    and per-slot dq.
+    """dK/dV of one (chunk, token range, KV head h0 + i < h0 + NH) from the pairs that selected it, each pair's
+    weight gradient dw = sum_g Delta (to DW [B, L, Hk, K]) and, by DQ_OUT, what dq needs:
+    "none"; "dq": each pair's dq, to its row of the per-slot buffer DQBUF [B, L, Hk, K, G, D] (or, with SPLIT, added
+    into the fp32 dq DQBUF with Q's strides); "ds": each pair's dS (the operand of dq = dS K, in K's dtype) to its
+    row of the per-slot buffer DQBUF [B, L, Hk, K, G, S], which the token kernel multiplies by the gathered K.
 
-    With COMPUTE_DELTA the kernel computes Delta itself and writes each pair's weight gradient dw = sum_g Delta to
-    DELTA [B, L, Hk, K]; without, it reads Delta per (pair, head) rows from DELTA [B, L, Hk, K, G] (token backward).
-
-    Without SPLIT there is one token range (NR = 1), dK/dV are stored and each pair's dq goes to its row of the
-    per-slot buffer DQBUF [B, L, Hk, K, G, D]; with SPLIT the programs of one token range run together (their q/dO
-    and dq rows stay in L2) and add their partial dK/dV into fp32 DK/DV and each pair's dq into the fp32 dq DQBUF
-    (Q's strides) with atomics: no per-slot buffer.
+    Without SPLIT there is one token range (NR = 1) and dK/dV are stored; with SPLIT the programs of one token range
+    run together (their q/dO and dq rows stay in L2) and add their partial dK/dV into fp32 DK/DV with atomics.
     Q and DO share strides; K, V, DK, DV share strides.
     """
     c = tl.program_id(0)
@@ -322,23 +345,22 @@ def _hsa_bwd_chunk_kernel(
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
-        if COMPUTE_DELTA:
-            # Delta = <O_k, dO> (the chunk is one softmax block); only its sum over the group's heads leaves the
-            # kernel: dw of the pair (padding heads and empty pairs have zero q and dO, hence Delta 0)
-            delta = tl.sum(p * dp, 1)
-            dw = tl.sum(tl.reshape(delta, [BLOCK_P, BLOCK_G]), 1)
-            pidx_p = p0 + tl.arange(0, BLOCK_P)
-            pair_ok = pidx_p < end
-            pair_p = tl.load(PAIRS + pidx_p, mask=pair_ok, other=0)
-            sel_p = ((b.to(tl.int64) * L + pair_p // TOPK) * HK + h) * TOPK + pair_p % TOPK
-            tl.store(DELTA + sel_p, dw, mask=pair_ok)
-        else:
-            delta = tl.load(DELTA + row, mask=r_mask, other=0.0)
+        # Delta = <O_k, dO> (the chunk is one softmax block); only its sum over the group's heads leaves the
+        # kernel: dw of the pair (padding heads and empty pairs have zero q and dO, hence Delta 0)
+        delta = tl.sum(p * dp, 1)
+        dw = tl.sum(tl.reshape(delta, [BLOCK_P, BLOCK_G]), 1)
+        pidx_p = p0 + tl.arange(0, BLOCK_P)
+        pair_ok = pidx_p < end
+        pair_p = tl.load(PAIRS + pidx_p, mask=pair_ok, other=0)
+        sel_p = ((b.to(tl.int64) * L + pair_p // TOPK) * HK + h) * TOPK + pair_p % TOPK
+        tl.store(DW + sel_p, dw, mask=pair_ok)
         wp = p * w[:, None]
         dv += tl.dot(tl.trans(wp.to(do.dtype)), do, input_precision=PREC)
         ds = wp * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        if WRITE_DQ:
+        if DQ_OUT == "ds":
+            tl.store(DQBUF + row[:, None] * S + offs_s[None, :], ds.to(DQBUF.dtype.element_ty), mask=r_mask[:, None])
+        if DQ_OUT == "dq":
             dq = tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * sm_scale
             if SPLIT:
                 tl.atomic_add(DQBUF + q_off[:, None] + offs_d[None, :], dq, mask=tile_mask, sem="relaxed")
@@ -391,6 +413,15 @@ def _auto_bwd_token_range(chunk_programs: int, device: torch.device) -> int:
     return 1024 if chunk_programs <= 4 * torch.cuda.get_device_properties(device).multi_processor_count else 0
 
 
+def _bwd_token_range(chunk_programs: int, L: int, device: torch.device) -> int:
+    """Token range of the chunk backward, 0 = unsplit (``TUNING["bwd_token_range"]``; never split under
+    torch.use_deterministic_algorithms, whose atomics add in no fixed order)."""
+    token_range = 0 if torch.are_deterministic_algorithms_enabled() else TUNING["bwd_token_range"]
+    if token_range == "auto":
+        token_range = _auto_bwd_token_range(chunk_programs, device)
+    return token_range if 0 < token_range < L else 0
+
+
 def _tma_loads(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
     """Whether the token forward loads K/V chunks with TMA (``TUNING["token_fwd_tma"]``): on sm_90+ GPUs and in the
     interpreter (which emulates it, so CPU tests cover the path), when a chunk's rows of one head are one box of at
@@ -412,33 +443,23 @@ def _rows_descriptor(x: torch.Tensor, block_rows: int, block_cols: int):
     return TensorDescriptor(x, [x.numel() // width, width], [width, 1], [block_rows, block_cols])
 
 
-class _HeadPipeline:
-    """Launches the chunk backward KV-head group by KV-head group and runs each group's memory-bound slot sum on a
-    second CUDA stream, where it overlaps the next group's chunk kernel; on CPU (the interpreter) the same launches
-    run in order. Up to ``TUNING["bwd_head_groups"]`` groups, at most one per KV head, for groups of G >= 16 query
-    heads."""
+class _SideStream:
+    """A second CUDA stream for work that may overlap the main stream's (on CPU, in the interpreter, or when not
+    ``enabled``, the work simply runs in order). ``priority`` < 0 makes the side stream's programs go first whenever
+    the GPU has room for them."""
 
-    _side_streams: dict = {}
+    _streams: dict = {}
 
-    def __init__(self, device: torch.device, num_heads: int, programs_per_head: int, group_size: int):
-        groups = max(1, min(TUNING["bwd_head_groups"], num_heads))
-        if group_size < 16:  # measured: no gain for G = 2 (config C, 16K-64K: 0-7% slower)
-            groups = 1
-        if device.type == "cuda" and not interpreter_enabled():
-            # a launch of few programs ends in a long tail: keep >= 4 programs per SM in each group (A at 16K,
-            # 256 per group: 8.8 -> 11.3 ms; 1024 and 2048 per group at 64K and 128K: faster)
-            per_group = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-            groups = max(1, min(groups, num_heads * programs_per_head // per_group))
-        bounds = [num_heads * i // groups for i in range(groups + 1)]
-        self.groups = [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(groups)]
+    def __init__(self, device: torch.device, enabled: bool = True, priority: int = 0):
         self.main = self.side = None
-        if device.type == "cuda" and groups > 1:
+        if enabled and device.type == "cuda" and not interpreter_enabled():
             self.main = torch.cuda.current_stream(device)
-            if device not in self._side_streams:
-                self._side_streams[device] = torch.cuda.Stream(device)
-            self.side = self._side_streams[device]
+            key = (device, priority)
+            if key not in self._streams:
+                self._streams[key] = torch.cuda.Stream(device, priority=priority)
+            self.side = self._streams[key]
 
-    def on_side(self, fn) -> None:
+    def run(self, fn) -> None:
         """Run ``fn`` after everything queued so far on the main stream, without holding the main stream up."""
         if self.side is None:
             fn()
@@ -447,11 +468,46 @@ class _HeadPipeline:
         with torch.cuda.stream(self.side):
             fn()
 
+    def adopt(self, *tensors: torch.Tensor) -> tuple:
+        """Tensors allocated on the side stream, handed to the main stream: their memory is not reused before the
+        main stream's work at the time they are freed is done."""
+        if self.side is not None:
+            for t in tensors:
+                t.record_stream(self.main)
+        return tensors
+
     def join(self) -> None:
         """The main stream waits for the side stream. Every tensor the side stream touched was allocated on the
         main stream before and is freed on it after this point, so the caching allocator never hands it out early."""
         if self.side is not None:
             self.main.wait_stream(self.side)
+
+
+def _head_groups(device: torch.device, num_heads: int, programs_per_head: int, group_size: int):
+    """(first KV head, number of heads) of each group of the chunk backward with a per-slot dq buffer: up to
+    ``TUNING["bwd_head_groups"]`` groups, at most one per KV head, for groups of G >= 16 query heads; each group's
+    memory-bound slot sum runs on a side stream beside the next group's chunk kernel."""
+    groups = max(1, min(TUNING["bwd_head_groups"], num_heads))
+    if group_size < 16:  # measured: no gain for G = 2 (config C, 16K-64K: 0-7% slower)
+        groups = 1
+    if device.type == "cuda" and not interpreter_enabled():
+        # a launch of few programs ends in a long tail: keep >= 4 programs per SM in each group (A at 16K,
+        # 256 per group: 8.8 -> 11.3 ms; 1024 and 2048 per group at 64K and 128K: faster)
+        per_group = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        groups = max(1, min(groups, num_heads * programs_per_head // per_group))
+    bounds = [num_heads * i // groups for i in range(groups + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(groups)]
+
+
+def _bwd_dq_rows(group_size: int, chunk_size: int, head_dim: int) -> str:
+    """``TUNING["bwd_dq"]`` resolved: "auto" writes dS rows when they are smaller than dq rows (S < D) and the token
+    kernel's G query-head rows fill its tiles (G >= 16). Measured on the H100 at 64K with the same launch parameters:
+    config A (G 16, S 64, D 128) 29.8 -> 29.0 ms backward and 8 GiB less; B (S = D = 64) 2.28 -> 2.65 ms; C (G = 2)
+    9.0 -> 21.9 ms."""
+    mode = TUNING["bwd_dq"]
+    if mode == "auto":
+        return "ds" if group_size >= 16 and chunk_size < head_dim else "dq"
+    return mode
 
 
 def _launch(name: str, block_d: int = 0, token_tile: int = 0) -> dict:
@@ -466,10 +522,14 @@ def _launch(name: str, block_d: int = 0, token_tile: int = 0) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
-def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, schedule, reverse=None):
+def hsa_attention_forward(
+    q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, schedule, reverse=None, for_backward=False
+):
     """Launch the forward. All inputs contiguous; weights fp32, indices int32.
 
-    Returns ``(o [B, L, Hq, D], lse [B, L, Hk, K, G] fp32 base 2, reverse index or None)``.
+    Returns ``(o [B, L, Hq, D], lse [B, L, Hk, K, G] fp32 base 2, reverse index or None)``. With ``for_backward``
+    the token schedule also builds the reverse index the backward will need, on a high-priority side stream beside
+    its kernel (a sort of small keys, hidden under the gather-bound kernel).
     """
     B, L, Hq, D = q.shape
     Hk = k.shape[2]
@@ -480,6 +540,12 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
     lse = empty_output(B, L, Hk, K, G, device=q.device, dtype=torch.float32)
     qk_scale = sm_scale * LOG2E
     if schedule == "token":
+        side = None
+        if for_backward and reverse is None and TUNING["reverse_index_beside_fwd"] and NC > 0:
+            if _bwd_token_range(B * Hk * NC, L, q.device) == 0:
+                built = []
+                side = _SideStream(q.device, priority=-1)  # queued first, so it does not wait for the kernel
+                side.run(lambda: built.extend(build_reverse_index(indices, NC)))
         o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         tma = _tma_loads(k, v, D, BLOCK_D)
         descs = (_rows_descriptor(k, S, BLOCK_D), _rows_descriptor(v, S, BLOCK_D)) if tma else (None, None)
@@ -489,6 +555,9 @@ def hsa_attention_forward(q, k, v, weights, indices, chunk_size, sm_scale, off_b
             HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, OFF_BY_ONE=off_by_one, TMA=tma,
             PREC=prec, **_launch("token_fwd", token_tile=BLOCK_G * BLOCK_D),
         )
+        if side is not None:
+            side.join()
+            reverse = side.adopt(*built)
         return o, lse, reverse
     group_pad = next_power_of_2(G)
     block_p = _pairs_per_tile(group_pad, "chunk_fwd_rows")
@@ -543,18 +612,14 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     BLOCK_D = max(16, next_power_of_2(D))
     prec = dot_precision(q.dtype)
     qk_scale = sm_scale * LOG2E
-    token_range = 0 if torch.are_deterministic_algorithms_enabled() else TUNING["bwd_token_range"]
-    if token_range == "auto":
-        token_range = _auto_bwd_token_range(B * Hk * NC, q.device)
-    split = 0 < token_range < L
+    token_range = _bwd_token_range(B * Hk * NC, L, q.device)
+    split = token_range > 0
     if reverse is None or split:
         reverse = build_reverse_index(indices, NC, token_range if split else 0)
     pairs, offsets = reverse
     n_ranges = -(-L // token_range) if split else 1
-    # Delta per (token, KV head, slot, head) for the token backward, or the chunk backward's dw per slot directly;
-    # zeros: invalid slots are never visited and their weight gradient is 0.
-    delta_shape = (B, L, Hk, K, G) if schedule == "token" else (B, L, Hk, K)
-    delta = torch.zeros(delta_shape, device=q.device, dtype=torch.float32)
+    # zeros: invalid slots are never visited and their weight gradient is 0
+    dw = torch.zeros((B, L, Hk, K), device=q.device, dtype=torch.float32)
     if split:  # fp32 accumulators for the atomic partial sums
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
@@ -562,63 +627,81 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
         dk = empty_output(*k.shape, device=k.device, dtype=k.dtype)
         dv = empty_output(*v.shape, device=v.device, dtype=v.dtype)
     group_pad = next_power_of_2(G)
-    block_p = _pairs_per_tile(group_pad, "chunk_bwd_rows")
+    # the unsplit chunk backward writes per-slot dS rows (then the token kernel computes dq) or per-slot dq rows
+    ds_rows = schedule != "token" and not split and _bwd_dq_rows(G, S, D) == "ds"
+    tuning = "chunk_bwd_ds" if ds_rows else "chunk_bwd"
+    block_p = _pairs_per_tile(group_pad, tuning + "_rows")
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    chunk_grid = (NC, n_ranges, B * Hk)
-    all_heads = (0, Hk)
     chunk_meta = dict(
         HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D, SPLIT=split, PREC=prec,
-        **_launch("chunk_bwd", BLOCK_D),
+        **_launch(tuning, BLOCK_D),
     )
-    if schedule == "token":
-        dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
-        _hsa_bwd_token_kernel[(L, B * Hk)](
-            q, k, v, weights, indices, do, lse, dq, delta, qk_scale, sm_scale, L, *strides,
-            HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=max(16, group_pad), BLOCK_D=BLOCK_D, PREC=prec,
-            **_launch("token_bwd", BLOCK_D),
-        )
+
+    tma = _tma_loads(k, v, D, BLOCK_D)
+    descs = (_rows_descriptor(k, S, BLOCK_D), _rows_descriptor(v, S, BLOCK_D)) if tma else (None, None)
+    token_g = max(16, group_pad)
+
+    def chunk_kernel(dq_out, h0, nh, mode):
         if NC > 0:
-            _hsa_bwd_chunk_kernel[chunk_grid](
-                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq, qk_scale, sm_scale, L, NC, n_ranges,
-                *all_heads, *strides, COMPUTE_DELTA=False, WRITE_DQ=False, **chunk_meta,
+            _hsa_bwd_chunk_kernel[(NC, n_ranges, B * nh)](
+                q, k, v, weights, do, lse, dw, pairs, offsets, dk, dv, dq_out, qk_scale, sm_scale, L, NC, n_ranges,
+                h0, nh, *strides, DQ_OUT=mode, **chunk_meta,
             )
+
+    def token_kernel(ds, h0, nh):  # ds: per-slot dS rows, or None to recompute dS from q, dO, K, V
+        _hsa_bwd_token_kernel[(L, B * nh)](
+            q, k, v, weights, indices, do, lse, q if ds is None else ds, dq, *descs, qk_scale, sm_scale, L,
+            k.shape[1], B * k.shape[1], h0, nh, *strides, HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=token_g, BLOCK_D=BLOCK_D, DS_IN=ds is not None,
+            TMA=tma, PREC=prec, **_launch("token_bwd", token_tile=token_g * BLOCK_D),
+        )
+
+    if schedule == "token":  # dq by the token kernel from the gathered K/V; dK/dV and dw by the chunk kernel
+        dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
+        chunk_kernel(dq, 0, Hk, "none")
+        token_kernel(None, 0, Hk)
     elif split:  # every pair adds its dq into an fp32 dq (Q's strides): no per-slot buffer
         dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        if NC > 0:
-            _hsa_bwd_chunk_kernel[chunk_grid](
-                q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dq32, qk_scale, sm_scale, L, NC, n_ranges,
-                *all_heads, *strides, COMPUTE_DELTA=True, WRITE_DQ=True, **chunk_meta,
-            )
+        chunk_kernel(dq32, 0, Hk, "dq")
         dq = dq32.to(q.dtype)
-    else:  # per-slot dq rows, summed per head group on the side stream while the next group runs
-        dqbuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
+    else:
+        # Per-slot rows, head group by head group; each group's second step runs on the side stream beside the next
+        # group's chunk kernel. "dq": per-slot dq rows, summed over the slots; "ds": per-slot dS rows, which the token
+        # kernel multiplies by the gathered K chunks (half the rows' bytes when S < D, one MMA less per pair here)
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
-        pipe = _HeadPipeline(q.device, Hk, B * NC, G)
-        for h0, nh in pipe.groups:
-            if NC > 0:
-                _hsa_bwd_chunk_kernel[(NC, 1, B * nh)](
-                    q, k, v, weights, do, lse, delta, pairs, offsets, dk, dv, dqbuf, qk_scale, sm_scale, L, NC, 1,
-                    h0, nh, *strides, COMPUTE_DELTA=True, WRITE_DQ=True, **chunk_meta,
-                )
-            pipe.on_side(lambda h0=h0, nh=nh: _slot_sum(dqbuf, indices, dq, h0, nh, G, group_pad, BLOCK_D))
-        pipe.join()
+        width = S if ds_rows else D
+        buf = empty_output(B, L, Hk, K, G, width, device=q.device, dtype=q.dtype)
+        # measured: head groups gain nothing with dS rows (A at 64K: 28.96 ms in one group, 29.1-29.2 in four)
+        groups = [(0, Hk)] if ds_rows else _head_groups(q.device, Hk, B * NC, G)
+        side = _SideStream(q.device, enabled=len(groups) > 1)
+        for h0, nh in groups:
+            chunk_kernel(buf, h0, nh, "ds" if ds_rows else "dq")
+            if ds_rows:
+                side.run(lambda h0=h0, nh=nh: token_kernel(buf, h0, nh))
+            else:
+                side.run(lambda h0=h0, nh=nh: _slot_sum(buf, indices, dq, h0, nh, G, group_pad, BLOCK_D))
+        side.join()
     if NC == 0:
         dk.zero_()
         dv.zero_()
     if split:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
-    return dq, dk, dv, delta.sum(-1) if schedule == "token" else delta
+    return dq, dk, dv, dw
 
 
 class HSAAttentionFunction(torch.autograd.Function):
     """Autograd op over the Triton kernels; see ``megatron_ext.kernels.hsa.hsa_attention`` for the contract."""
 
     @staticmethod
-    def forward(ctx, q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, fwd_schedule, bwd_schedule):
+    def forward(
+        ctx, q, k, v, weights, indices, chunk_size, sm_scale, off_by_one, fwd_schedule, bwd_schedule, for_backward
+    ):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         w32 = weights.contiguous().float()
         idx = indices.contiguous().to(torch.int32)
-        o, lse, reverse = hsa_attention_forward(q, k, v, w32, idx, chunk_size, sm_scale, off_by_one, fwd_schedule)
+        o, lse, reverse = hsa_attention_forward(
+            q, k, v, w32, idx, chunk_size, sm_scale, off_by_one, fwd_schedule,
+            for_backward=for_backward,
+        )
         saved_reverse = reverse if reverse is not None else (None, None)
         ctx.save_for_backward(q, k, v, w32, idx, lse, *saved_reverse)
         ctx.has_reverse = reverse is not None
@@ -634,4 +717,4 @@ class HSAAttentionFunction(torch.autograd.Function):
         dq, dk, dv, dw = hsa_attention_backward(
             q, k, v, w32, idx, do.contiguous(), lse, chunk_size, sm_scale, schedule, reverse
         )
-        return dq, dk, dv, dw.to(ctx.weights_dtype), None, None, None, None, None, None
+        return dq, dk, dv, dw.to(ctx.weights_dtype), None, None, None, None, None, None, None

@@ -128,8 +128,10 @@ def hsa_attention(
     else:
         fwd_schedule = bwd_schedule = schedule
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    # ctx.needs_input_grad ignores torch.no_grad(): whether a backward can follow is decided here
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, weights))
     return HSAAttentionFunction.apply(
-        q, k, v, weights, indices, chunk_size, scale, softmax_off_by_one, fwd_schedule, bwd_schedule
+        q, k, v, weights, indices, chunk_size, scale, softmax_off_by_one, fwd_schedule, bwd_schedule, for_backward
     )
 
 
