@@ -62,10 +62,10 @@ TUNING = {
     "chunk_bwd_rows": 128,
     "chunk_bwd_ds_rows": 64,  # A at 64K: 64 rows (4, 3) 26.6 ms, 128 rows (8, 3) 27.3-27.5, (8, 2) 28.3
     # Chunk backward split into token ranges of this many tokens, adding dK/dV and dq into fp32 tensors with atomics
-    # (0 = no split: deterministic, no atomics, but a per-slot dq buffer of K times dq's memory). "auto": 1024-token
-    # ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one (chunk 0, selected by
-    # about K*S*(1 + ln(C/K)) pairs) would otherwise set the kernel's time; measured on H100 (hsa.md, session 3):
-    # 2.2x faster for the 345M model's HSA layer at 8K, worse for configs A, B (64K) and C.
+    # (0 = no split: deterministic, no atomics, but per-slot dq or dS rows: up to K times dq's memory). "auto":
+    # 1024-token ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one (chunk 0,
+    # selected by about K*S*(1 + ln(C/K)) pairs) would otherwise set the kernel's time; measured on H100 (hsa.md,
+    # session 3): 2.2x faster for the 345M model's HSA layer at 8K, worse for configs A, B (64K) and C.
     "bwd_token_range": "auto",
     # Chunk forward by token ranges of this many tokens, adding into an fp32 output with atomics (0 = one range and
     # a per-slot output buffer summed by a second kernel: deterministic, but K times the output's memory).
@@ -478,7 +478,8 @@ class _SideStream:
 
     def join(self) -> None:
         """The main stream waits for the side stream. Every tensor the side stream touched was allocated on the
-        main stream before and is freed on it after this point, so the caching allocator never hands it out early."""
+        main stream before and is freed on it after this point (or was allocated on the side stream and handed over
+        with ``adopt``), so the caching allocator never hands it out early."""
         if self.side is not None:
             self.main.wait_stream(self.side)
 
@@ -651,8 +652,9 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     def token_kernel(ds, h0, nh):  # ds: per-slot dS rows, or None to recompute dS from q, dO, K, V
         _hsa_bwd_token_kernel[(L, B * nh)](
             q, k, v, weights, indices, do, lse, q if ds is None else ds, dq, *descs, qk_scale, sm_scale, L,
-            k.shape[1], B * k.shape[1], h0, nh, *strides, HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=token_g, BLOCK_D=BLOCK_D, DS_IN=ds is not None,
-            TMA=tma, PREC=prec, **_launch("token_bwd", token_tile=token_g * BLOCK_D),
+            k.shape[1], B * k.shape[1], h0, nh, *strides, HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=token_g,
+            BLOCK_D=BLOCK_D, DS_IN=ds is not None, TMA=tma, PREC=prec,
+            **_launch("token_bwd", token_tile=token_g * BLOCK_D),
         )
 
     if schedule == "token":  # dq by the token kernel from the gathered K/V; dK/dV and dw by the chunk kernel
