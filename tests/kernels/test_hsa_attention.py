@@ -233,6 +233,9 @@ def test_backward_dq_from_ds_rows_or_dq_rows(monkeypatch, Hq, Hk, D, S, dtype):
         check_against_reference(q, k, v, w, idx, S=S, dtype=dtype, schedule="chunk", off_by_one=mode == "ds")
     monkeypatch.setitem(attention.TUNING, "bwd_dq", "auto")
     assert attention._bwd_dq_rows(Hq // Hk, S, D) == ("ds" if Hq // Hk >= 16 and S < D else "dq")
+    monkeypatch.setitem(attention.TUNING, "bwd_dq", "dS")
+    with pytest.raises(ValueError, match="bwd_dq"):
+        attention._bwd_dq_rows(Hq // Hk, S, D)
 
 
 def test_token_forward_builds_the_backward_index_only_for_a_backward(monkeypatch):

@@ -506,6 +506,8 @@ def _bwd_dq_rows(group_size: int, chunk_size: int, head_dim: int) -> str:
     config A (G 16, S 64, D 128) 29.8 -> 29.0 ms backward and 8 GiB less; B (S = D = 64) 2.28 -> 2.65 ms; C (G = 2)
     9.0 -> 21.9 ms."""
     mode = TUNING["bwd_dq"]
+    if mode not in ("auto", "ds", "dq"):
+        raise ValueError(f'TUNING["bwd_dq"] must be "auto", "ds" or "dq", got {mode!r}')
     if mode == "auto":
         return "ds" if group_size >= 16 and chunk_size < head_dim else "dq"
     return mode
