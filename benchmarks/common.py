@@ -53,14 +53,15 @@ def fwd_bwd_ms(
     """(forward ms, backward ms); backward = median(fwd + bwd) - median(fwd).
 
     ``forward()`` must return a tensor built from ``grad_inputs`` (which require grad); a fixed random cotangent is
-    used for the backward.
+    used for the backward. The forward is timed as a training step runs it, with autograd on (its graph dropped
+    unused): a kernel may pick another algorithm, or save more, when no backward can follow, and the backward is
+    the difference of the two timings only if both run the same forward.
     """
     out = forward()
     cotangent = torch.randn_like(out)
 
     def fwd_only():
-        with torch.no_grad():
-            forward()
+        forward()
 
     def fwd_and_bwd():
         for t in grad_inputs:
