@@ -167,9 +167,12 @@ def _gather_only_kernel(K, V, IDX, OUT, L, s_kl, HK: tl.constexpr, TOPK: tl.cons
     tl.store(OUT + (t.to(tl.int64) * HK + h) * D + offs_d, tl.sum(acc, 0))
 
 
-def gather_roof(config: str, L: int, dtype: torch.dtype, rep: int):
+def gather_roof(config: str, L: int, dtype: torch.dtype, rep: int, once: bool = False):
     """Gather floor of the token-schedule forward: the same chunk loads with random (retrieved) selections and with
-    every token reading the same K chunks (all L2 hits); printed with the HSA forward of the same selections."""
+    every token reading the same K chunks (all L2 hits); printed with the HSA forward of the same selections, and of
+    the selections folded into the first 512 and 128 chunks (id mod n: a K/V working set of n * S * D * 4 bytes per
+    KV head, which shows whether L2 capacity or L2 bandwidth bounds it). ``once``: run each kernel once, untimed,
+    for a profiler (``ncu --kernel-name regex:_hsa_fwd_token_kernel ...``)."""
     _, Hk, D, K = CONFIGS[config]
     S = CHUNK
     gen, q_r, lmk = retrieval_inputs(config, L, dtype)
@@ -178,13 +181,25 @@ def gather_roof(config: str, L: int, dtype: torch.dtype, rep: int):
     out = torch.empty(L, Hk, D, device=DEVICE, dtype=torch.float32)
     hot = torch.arange(K, device=DEVICE, dtype=idx.dtype).expand_as(idx).contiguous()
     nbytes = 2 * S * D * k.element_size() * (idx >= 0).sum().item()
-    for name, sel in (("retrieved", idx), ("same chunks", hot)):
-        ms = triton.testing.do_bench(
-            lambda: _gather_only_kernel[(L, Hk)](k, v, sel, out, L, k.stride(1), HK=Hk, TOPK=K, S=S, D=D,
-                                                 num_warps=4, num_stages=2), rep=rep)
-        print(f"gather roof {config} L={L} {name:11s}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s", flush=True)
-    ms = triton.testing.do_bench(lambda: hsa_attention(q, k, v, w, idx, chunk_size=S, schedule="token"), rep=rep)
-    print(f"gather roof {config} L={L} HSA token fwd: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s", flush=True)
+
+    def timed(name, fn):
+        if once:
+            fn()
+            torch.cuda.synchronize()
+            print(f"gather roof {config} L={L} {name}: ran once", flush=True)
+            return
+        ms = triton.testing.do_bench(fn, rep=rep)
+        print(f"gather roof {config} L={L} {name}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s", flush=True)
+
+    for name, sel in (("gather only, retrieved", idx), ("gather only, same chunks", hot)):
+        timed(name, lambda sel=sel: _gather_only_kernel[(L, Hk)](k, v, sel, out, L, k.stride(1), HK=Hk, TOPK=K, S=S,
+                                                                 D=D, num_warps=4, num_stages=2))
+    timed("HSA token fwd, retrieved", lambda: hsa_attention(q, k, v, w, idx, chunk_size=S, schedule="token"))
+    for n in (512, 128):
+        if n < L // S:
+            folded = torch.where(idx >= 0, idx % n, idx)
+            timed(f"HSA token fwd, chunk ids mod {n} ({n * S * D * 4 / 2**20:.1f} MiB K/V per head)",
+                  lambda sel=folded: hsa_attention(q, k, v, w, sel, chunk_size=S, schedule="token"))
 
 
 # Kernel variants the benchmark can time side by side: name -> (schedule, TUNING overrides).
@@ -205,6 +220,8 @@ VARIANTS = {
     # head dim 128, the reverse index built by the backward
     "auto_session5": ("auto", {"bwd_dq": "dq", "chunk_bwd": {64: (8, 3), 128: (8, 2), "default": (8, 1)},
                                "reverse_index_beside_fwd": False}),
+    # the defaults before session 7: the token forward gathering K and V (no P-row forward)
+    "auto_session6": ("auto", {"fwd_p_rows": False}),
 }
 
 
@@ -312,6 +329,8 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="only time the SWEEP list of schedules and launch parameters")
     p.add_argument("--gather-roof", action="store_true",
                    help="only time the token forward's chunk loads without the math (its memory floor)")
+    p.add_argument("--once", action="store_true",
+                   help="with --gather-roof: run each kernel once, untimed (to run under a profiler such as ncu)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rep", type=int, default=100, help="timing budget per measurement, ms")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hsa.jsonl"))
@@ -329,7 +348,7 @@ def main(argv=None):
     if args.gather_roof:
         for config in args.configs.split(","):
             for L in (int(x) for x in args.seq_lens.split(",")):
-                gather_roof(config, L, DTYPES[args.dtype], min(args.rep, 50))
+                gather_roof(config, L, DTYPES[args.dtype], min(args.rep, 50), args.once)
         return
     if args.sweep:
         for config in args.configs.split(","):

@@ -100,7 +100,8 @@ def test_reverse_index_lists_exactly_the_selecting_pairs():
     B, L, Hk, K, S = 2, 50, 2, 3, 8
     idx, _ = random_causal_selection(B, L, Hk, K, S, L // S, torch.Generator().manual_seed(1), invalid_frac=0.3)
     C = L // S
-    pairs, offsets = build_reverse_index(idx, C)
+    pairs, offsets, token_range = build_reverse_index(idx, C)
+    assert token_range == 0
     for b in range(B):
         for h in range(Hk):
             for c in range(C):
@@ -185,20 +186,27 @@ def test_deterministic_mode_never_adds_with_atomics(monkeypatch):
     assert ranges == [0]  # one index, unsplit, built by the forward and reused by the backward
     ranges.clear()
     run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, schedule="chunk")
-    assert ranges == [32, 32]  # otherwise both passes split into token ranges
+    assert ranges == [32]  # otherwise both passes split into token ranges, the backward on the forward's index
 
 
 def test_reverse_index_split_by_token_range():
+    """Token ranges split each chunk's pairs (token order) into consecutive runs: range r of chunk c is segment
+    (h*C + c)*NR + r, and a chunk's segments together are its unsplit pairs."""
     B, L, Hk, K, S, R = 1, 50, 2, 3, 8, 16
-    idx, _ = random_causal_selection(B, L, Hk, K, S, L // S, torch.Generator().manual_seed(2))
+    idx, _ = random_causal_selection(B, L, Hk, K, S, L // S, torch.Generator().manual_seed(2), invalid_frac=0.3)
     C, NR = L // S, -(-L // R)
-    pairs, offsets = build_reverse_index(idx, C, token_range=R)
+    pairs, offsets, token_range = build_reverse_index(idx, C, token_range=R)
+    unsplit = build_reverse_index(idx, C)
+    assert token_range == R and offsets.numel() == Hk * C * NR + 1
+    assert torch.equal(pairs[:offsets[-1]], unsplit.pairs[:unsplit.offsets[-1]])
     for h in range(Hk):
-        for r in range(NR):
-            for c in range(C):
-                i = (h * NR + r) * C + c
+        for c in range(C):
+            for r in range(NR):
+                i = (h * C + c) * NR + r
                 want = [t * K + s for t in range(r * R, min(L, (r + 1) * R)) for s in range(K) if idx[0, t, h, s] == c]
                 assert pairs[offsets[i]:offsets[i + 1]].tolist() == want
+            assert offsets[(h * C + c) * NR] == unsplit.offsets[h * C + c]
+    assert build_reverse_index(idx, C, token_range=L).token_range == 0  # one range: unsplit
 
 
 def test_backward_by_kv_head_groups_is_bitwise_the_single_launch(monkeypatch):
@@ -238,6 +246,60 @@ def test_backward_dq_from_ds_rows_or_dq_rows(monkeypatch, Hq, Hk, D, S, dtype):
         attention._bwd_dq_rows(Hq // Hk, S, D)
 
 
+def record_forward_schedules(monkeypatch) -> list:
+    """The forward schedule of every hsa_attention_forward call from now on."""
+    from megatron_ext.kernels.hsa import attention
+
+    schedules = []
+    forward = attention.hsa_attention_forward
+    monkeypatch.setattr(
+        attention, "hsa_attention_forward", lambda *a, **kw: schedules.append(a[8]) or forward(*a, **kw)
+    )
+    return schedules
+
+
+@pytest.mark.parametrize(
+    "B,L,Hq,Hk,D,S,dtype,off_by_one",
+    [(2, 90, 32, 2, 32, 16, torch.float32, True), (1, 100, 16, 1, 64, 32, torch.float16, False),
+     (1, 70, 64, 1, 32, 16, torch.float32, False)],
+)
+def test_forward_by_p_rows(monkeypatch, B, L, Hq, Hk, D, S, dtype, off_by_one):
+    """The P-row forward (a chunk kernel by token ranges writes w_k P_k, the token kernel sums P_k V_k over the
+    gathered V) gives the reference's output and, through the backward reusing its index by token ranges, its
+    gradients; 32-token ranges leave a partial last range."""
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "fwd_p_rows", True)
+    monkeypatch.setitem(attention.TUNING, "fwd_p_rows_range", 32)
+    schedules = record_forward_schedules(monkeypatch)
+    q, k, v, w, idx = make_inputs(B, L, Hq, Hk, D, S, 3, dtype, seed=L + D, invalid_frac=0.2, extra_chunks=1)
+    check_against_reference(q, k, v, w, idx, S=S, dtype=dtype, schedule="auto", off_by_one=off_by_one)
+    assert schedules == ["rows"]
+
+
+def test_p_row_forward_only_when_a_backward_follows(monkeypatch):
+    """"auto" takes the P-row forward (its buffer is the size of the backward's dS rows) only when a backward follows,
+    for G >= 16 and S < D; otherwise the token forward (no buffer) or, for G < 16, the chunk forward."""
+    from megatron_ext.kernels.hsa import attention
+
+    assert attention.auto_schedules(16, 64, 128, True) == ("rows", "chunk")
+    assert attention.auto_schedules(16, 64, 128, False) == ("token", "chunk")
+    assert attention.auto_schedules(16, 64, 64, True) == ("token", "chunk")  # S = D: P rows measured slower
+    assert attention.auto_schedules(8, 64, 128, True) == ("chunk", "chunk")
+    monkeypatch.setitem(attention.TUNING, "fwd_p_rows", False)
+    assert attention.auto_schedules(16, 64, 128, True) == ("token", "chunk")
+    monkeypatch.setitem(attention.TUNING, "fwd_p_rows", "yes")
+    with pytest.raises(ValueError, match="fwd_p_rows"):
+        attention.auto_schedules(16, 64, 128, True)
+    monkeypatch.setitem(attention.TUNING, "fwd_p_rows", "auto")
+    q, k, v, w, idx = make_inputs(1, 64, 16, 1, 32, 16, 2, torch.float32, seed=6)
+    schedules = record_forward_schedules(monkeypatch)
+    with torch.no_grad():
+        hsa_attention(*(x.detach().requires_grad_() for x in (q, k, v, w)), idx, chunk_size=16)
+    hsa_attention(*(x.detach().requires_grad_() for x in (q, k, v, w)), idx, chunk_size=16)
+    assert schedules == ["token", "rows"]
+
+
 def test_token_forward_builds_the_backward_index_only_for_a_backward(monkeypatch):
     """With gradients to come, the token forward builds the reverse index (on GPUs beside its kernel) and the
     backward reuses it; without, no index is built."""
@@ -246,6 +308,7 @@ def test_token_forward_builds_the_backward_index_only_for_a_backward(monkeypatch
     calls = []
     build = attention.build_reverse_index
     monkeypatch.setattr(attention, "build_reverse_index", lambda i, c, r=0: calls.append(r) or build(i, c, r))
+    monkeypatch.setitem(attention.TUNING, "fwd_p_rows", False)  # the plain token forward (S < D would take P rows)
     q, k, v, w, idx = make_inputs(1, 80, 16, 1, 32, 16, 3, torch.float32, seed=4, invalid_frac=0.2)
     with torch.no_grad():  # inputs that require grad, but no graph: no backward can follow
         hsa_attention(*(x.detach().requires_grad_() for x in (q, k, v, w)), idx, chunk_size=16, schedule="auto")
@@ -378,6 +441,22 @@ def test_backward_dq_modes_gpu(monkeypatch, mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "Hq,Hk,D,dtype",
+    [(64, 4, 128, torch.bfloat16), (16, 1, 64, torch.bfloat16), (64, 1, 64, torch.float16),
+     (32, 2, 128, torch.float32)],
+)
+def test_forward_by_p_rows_gpu(monkeypatch, Hq, Hk, D, dtype):
+    """The P-row forward on the GPU (forced on also where "auto" would not take it), batch 2, a partial last token
+    range, the backward on its index."""
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setitem(attention.TUNING, "fwd_p_rows", True)
+    q, k, v, w, idx = make_inputs(2, 2600, Hq, Hk, D, 64, 16, dtype, seed=Hq + D, invalid_frac=0.1)
+    check_against_reference(q, k, v, w, idx, S=64, dtype=dtype, schedule="auto", off_by_one=True)
+
+
+@pytest.mark.gpu
 def test_fp32_gpu_is_exact():
     q, k, v, w, idx = make_inputs(1, 1024, 16, 2, 64, 64, 8, torch.float32, seed=11)
     for schedule in ("token", "chunk"):
@@ -395,11 +474,11 @@ def test_backward_split_into_token_ranges_gpu(monkeypatch, Hq, Hk, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("Hq,Hk", [(16, 1), (16, 8)])
-def test_training_step_never_waits_for_the_gpu(Hq, Hk):
+@pytest.mark.parametrize("Hq,Hk,D", [(16, 1, 64), (16, 8, 64), (64, 4, 128)])  # token / chunk / P-row forward
+def test_training_step_never_waits_for_the_gpu(Hq, Hk, D):
     """Forward and backward (reverse index included) queue their work without a host synchronisation, which would
     drain the launch queue in every HSA layer of a step. CUDA's sync debug mode turns any such wait into an error."""
-    q, k, v, w, idx = make_inputs(2, 2048, Hq, Hk, 64, 64, 8, torch.bfloat16, seed=7)
+    q, k, v, w, idx = make_inputs(2, 2048, Hq, Hk, D, 64, 8, torch.bfloat16, seed=7)
     q, k, v, w = (t.cuda().requires_grad_() for t in (q, k, v, w))
     idx = idx.cuda()
 

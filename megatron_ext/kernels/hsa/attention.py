@@ -2,7 +2,7 @@
 
 Every (token t, KV head h, slot k) pair attends to one chunk c = indices[t, h, k] with all G query heads of the
 group; each chunk has its own softmax (with an optional null logit 0), and the per-chunk outputs O_k are summed with
-the weights w[t, h, k]. Two loop orders ("schedules"):
+the weights w[t, h, k]. Loop orders ("schedules"):
 
 token  one program per (token, KV head): the G query heads fill the MMA rows and the program gathers its K chunks
        (one TMA box per chunk on sm_90+). Efficient for G >= 16. The same loop computes dq in the backward, either
@@ -14,12 +14,17 @@ chunk  one program per (chunk, KV head): it loads the chunk's K/V once and visit
        forward's, KV-head group by KV-head group with the sums on a second stream) or, when G >= 16 and S < D,
        per-slot dS rows [B, L, Hk, K, G, S] that the token kernel multiplies by the gathered K chunks (half the
        bytes, one MMA less in the chunk kernel).
+rows   (forward only, G >= 16 and S < D when a backward follows) the chunk kernel, by token ranges whose q rows
+       stay in L2, writes each pair's weighted softmax rows w_k P_k [G, S]; the token kernel then sums P_k V_k over
+       the gathered V chunks. The token forward gathers K and V for every pair (bound by the L2's bandwidth); this
+       one gathers V only, for P rows that are a quarter of a K/V chunk pair's bytes.
 
-The forward and backward schedules are chosen independently (the saved log-sum-exp has one layout): the chunk
-backward is the faster one on H100 for every measured group size, at the price of a per-slot buffer; the token
-backward needs none, nor does the chunk backward split into token ranges (``TUNING["bwd_token_range"]``), which adds
-dK/dV and dq into fp32 tensors with atomics. A token forward that a backward will follow builds the backward's reverse
-index on a side stream beside its kernel.
+The forward and backward schedules are chosen independently (the saved log-sum-exp has one layout, and the reverse
+index one layout for all: a chunk's pairs in token order, split into token ranges that kernels take one at a time or
+all at once): the chunk backward is the faster one on H100 for every measured group size, at the price of a per-slot
+buffer; the token backward needs none, nor does the chunk backward split into token ranges
+(``TUNING["bwd_token_range"]``), which adds dK/dV and dq into fp32 tensors with atomics. A token forward that a
+backward will follow builds the backward's reverse index on a side stream beside its kernel.
 
 Backward formulas (natural-log units; P_k recomputed from the saved log-sum-exp):
   dP_k = dO V_k^T,  Delta_k = <O_k, dO> = rowsum(P_k * dP_k) (each chunk is a single softmax block),
@@ -31,6 +36,7 @@ Invalid slots (index < 0) are skipped everywhere; their weight gradient is 0.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,7 +50,7 @@ from megatron_ext.kernels.utils import (
     segment_offsets,
 )
 
-__all__ = ["HSAAttentionFunction", "build_reverse_index", "hsa_attention_forward"]
+__all__ = ["HSAAttentionFunction", "ReverseIndex", "build_reverse_index", "hsa_attention_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
 # Launch parameters per kernel: (num_warps, num_stages), or {head-dim block: (num_warps, num_stages)} with the
@@ -53,12 +59,15 @@ LOG2E = 1.0 / math.log(2.0)
 # Defaults from the H100 sweeps in benchmarks/results/hsa.md; benchmarks may overwrite entries (hsa.py --sweep).
 TUNING = {
     "token_fwd": (1, 3),
+    "token_fwd_rows": (2, 2),  # the token kernel of the P-row forward ("fwd_p_rows" below)
     "token_bwd": (2, 2),
     "chunk_fwd": (4, 1),
+    "chunk_fwd_p": (4, 1),  # the P-row chunk kernel; A at 64K: (4, 1) 64 rows 15.0 ms, (4, 2) 15.7, (8, 1) 17.0
     "chunk_bwd": {64: (8, 3), 128: (8, 3), "default": (8, 1)},  # 128: (8, 2) -> (8, 3): C at 64K 8.9 -> 7.9 ms
     "chunk_bwd_ds": {"default": (4, 3)},  # the chunk backward that writes dS rows ("bwd_dq" below)
     "slot_sum": (4, 1),
     "chunk_fwd_rows": 64,
+    "chunk_fwd_p_rows": 64,
     "chunk_bwd_rows": 128,
     "chunk_bwd_ds_rows": 64,  # A at 64K: 64 rows (4, 3) 26.6 ms, 128 rows (8, 3) 27.3-27.5, (8, 2) 28.3
     # Chunk backward split into token ranges of this many tokens, adding dK/dV and dq into fp32 tensors with atomics
@@ -84,6 +93,13 @@ TUNING = {
     # The token forward of a pass that a backward will follow builds the backward's reverse index on a side stream
     # beside its kernel (A at 64K: fwd + bwd 45.44 -> 45.19 ms).
     "reverse_index_beside_fwd": True,
+    # Forward of G >= 16 when a backward follows (see _fwd_p_rows): a chunk kernel by token ranges of this many
+    # tokens (their q rows stay in L2) writes each pair's weighted softmax rows w_k P_k [G, S] in q's dtype, then the
+    # token kernel sums P_k V_k over the gathered V chunks: K is never gathered. Its per-slot buffer is as large as
+    # the backward's dS rows, hence only when a backward follows; the index by token ranges serves the backward.
+    # A at 64K: 16.8 -> 15.0 ms (ranges of 512: 15.4, 2048: 15.1; unsplit: 19.6).
+    "fwd_p_rows": "auto",
+    "fwd_p_rows_range": 1024,
 }
 
 
@@ -149,63 +165,81 @@ def _hsa_fwd_token_kernel(
 
 
 @triton.jit
+def _segment(OFFSETS, b, h, c, r, NC, NR, RP, HK: tl.constexpr):
+    """[start, end) in the reverse index of chunk c's pairs from launch range r, for an index split into NR * RP
+    token ranges of which each launch range covers RP (segment ((b*Hk + h)*NC + c)*NR*RP + r*RP + j)."""
+    seg = ((b * HK + h) * NC + c) * (NR * RP) + r * RP
+    return tl.load(OFFSETS + seg), tl.load(OFFSETS + seg + RP)
+
+
+@triton.jit
 def _hsa_fwd_chunk_kernel(
     Q, K, V, W, PAIRS, OFFSETS, OUT, LSE,
-    qk_scale, L, NC, NR, h0, NH,
+    qk_scale, L, NC, NR, RP, h0, NH,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    OFF_BY_ONE: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+    OFF_BY_ONE: tl.constexpr, OUT_ROWS: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One (chunk, token range, KV head h0 + i < h0 + NH): the chunk's K/V are loaded once for all pairs that
-    selected it.
+    """One (chunk, token range, KV head h0 + i < h0 + NH): the chunk's K (and V) are loaded once for all pairs of
+    the range that selected it; OUT_ROWS says what each pair writes:
 
-    Without ATOMIC (NR = 1) each pair's weighted output goes to its row of the per-slot buffer OUT
-    [B, L, Hk, K, G, D]; with ATOMIC, OUT is the fp32 output [B, L, Hq, D] (Q's strides) and the pairs add into it.
-    The programs of one token range run together, so with ATOMIC their q rows and output rows stay in L2.
+    "o"        its weighted output w_k O_k to its row of the per-slot buffer OUT [B, L, Hk, K, G, D];
+    "o_atomic" the same, added into the fp32 output OUT [B, L, Hq, D] (Q's strides) with atomics;
+    "p"        its weighted softmax rows w_k P_k to its row of the per-slot buffer OUT [B, L, Hk, K, G, S], which the
+               token kernel multiplies by the gathered V chunks (V is not read here).
+    The programs of one token range run together, so their q rows (and atomic output rows) stay in L2.
     """
     c = tl.program_id(0)
     r = tl.program_id(1)
     b = tl.program_id(2) // NH
     h = h0 + tl.program_id(2) % NH
-    seg = ((b * HK + h) * NR + r) * NC + c
-    start = tl.load(OFFSETS + seg)
-    end = tl.load(OFFSETS + seg + 1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, S)
-    d_mask = offs_d < D
-    kv_mask = d_mask & (end > start)  # chunks no pair of this range selected cost no traffic
-    kc = _load_chunk(K + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, kv_mask, S)
-    vc = _load_chunk(V + b.to(tl.int64) * s_kb + h * s_kh, c, s_kl, offs_s, offs_d, kv_mask, S)
-    offs_r = tl.arange(0, BLOCK_P * BLOCK_G)
-    r_pair = offs_r // BLOCK_G
-    r_g = offs_r % BLOCK_G
-    for p0 in range(start, end, BLOCK_P):
-        pidx = p0 + r_pair
-        r_mask = (pidx < end) & (r_g < G)
-        pair = tl.load(PAIRS + pidx, mask=r_mask, other=0)
-        t = (pair // TOPK).to(tl.int64)
-        slot = pair % TOPK
-        tile_mask = r_mask[:, None] & d_mask[None, :]
-        q_off = b.to(tl.int64) * s_qb + t * s_ql + (h * G + r_g) * s_qh
-        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
-        sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK + slot
-        w = tl.load(W + sel, mask=r_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        m = tl.max(s, 1)
-        if OFF_BY_ONE:
-            m = tl.maximum(m, 0.0)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        if OFF_BY_ONE:
-            l += tl.exp2(-m)
-        o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC) * (w / l)[:, None]
-        row = sel * G + r_g
-        if ATOMIC:
-            tl.atomic_add(OUT + q_off[:, None] + offs_d[None, :], o_k, mask=tile_mask, sem="relaxed")
-        else:
-            tl.store(OUT + row[:, None] * D + offs_d[None, :], o_k.to(OUT.dtype.element_ty), mask=tile_mask)
-        tl.store(LSE + row, m + tl.log2(l), mask=r_mask)
+    start, end = _segment(OFFSETS, b, h, c, r, NC, NR, RP, HK)
+    if end > start:  # most programs of late chunks in early ranges have no pairs: no K/V traffic
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_s = tl.arange(0, S)
+        d_mask = offs_d < D
+        kv_base = b.to(tl.int64) * s_kb + h * s_kh
+        kc = _load_chunk(K + kv_base, c, s_kl, offs_s, offs_d, d_mask, S)
+        if OUT_ROWS != "p":
+            vc = _load_chunk(V + kv_base, c, s_kl, offs_s, offs_d, d_mask, S)
+        offs_r = tl.arange(0, BLOCK_P * BLOCK_G)
+        r_pair = offs_r // BLOCK_G
+        r_g = offs_r % BLOCK_G
+        r_mask = (start + r_pair < end) & (r_g < G)
+        pair = tl.load(PAIRS + start + r_pair, mask=r_mask, other=0)
+        for p0 in range(start, end, BLOCK_P):
+            t = (pair // TOPK).to(tl.int64)
+            slot = pair % TOPK
+            tile_mask = r_mask[:, None] & d_mask[None, :]
+            q_off = b.to(tl.int64) * s_qb + t * s_ql + (h * G + r_g) * s_qh
+            q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+            sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK + slot
+            w = tl.load(W + sel, mask=r_mask, other=0.0)
+            # the next tile's pairs, loaded while this tile computes (a dependent load off the critical path)
+            next_mask = (p0 + BLOCK_P + r_pair < end) & (r_g < G)
+            next_pair = tl.load(PAIRS + p0 + BLOCK_P + r_pair, mask=next_mask, other=0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            m = tl.max(s, 1)
+            if OFF_BY_ONE:
+                m = tl.maximum(m, 0.0)
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            if OFF_BY_ONE:
+                l += tl.exp2(-m)
+            row = sel * G + r_g
+            if OUT_ROWS == "p":
+                tl.store(OUT + row[:, None] * S + offs_s[None, :], (p * (w / l)[:, None]).to(OUT.dtype.element_ty),
+                         mask=r_mask[:, None])
+            else:
+                o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC) * (w / l)[:, None]
+                if OUT_ROWS == "o_atomic":
+                    tl.atomic_add(OUT + q_off[:, None] + offs_d[None, :], o_k, mask=tile_mask, sem="relaxed")
+                else:
+                    tl.store(OUT + row[:, None] * D + offs_d[None, :], o_k.to(OUT.dtype.element_ty), mask=tile_mask)
+            tl.store(LSE + row, m + tl.log2(l), mask=r_mask)
+            pair = next_pair
+            r_mask = next_mask
 
 
 @triton.jit
@@ -235,17 +269,20 @@ def _slot_sum_kernel(
 
 
 @triton.jit
-def _hsa_bwd_token_kernel(
-    Q, K, V, W, IDX, DO, LSE, DS, DQ, K_DESC, V_DESC,
-    qk_scale, sm_scale, L, batch_rows, kv_rows, h0, NH,
+def _hsa_token_rows_kernel(
+    Q, K, V, W, IDX, DO, LSE, ROWS, OUT, K_DESC, V_DESC,
+    qk_scale, out_scale, L, batch_rows, kv_rows, h0, NH,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DS_IN: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_IN: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq of one (token, KV head h0 + i < h0 + NH) = scale * sum_k dS_k K_k, gathering the selected K chunks as the
-    token forward does (TMA boxes or per-thread loads). With DS_IN, dS_k comes from the chunk backward's per-slot
-    rows DS [B, L, Hk, K, G, S]; otherwise the kernel recomputes it from q, dO and the gathered K/V.
-    Q, DO, DQ share strides."""
+    """One (token, KV head h0 + i < h0 + NH): OUT = out_scale * sum_k R_k X_k over the selected chunks X_k of K
+    (gathered as the token forward does: TMA boxes or per-thread loads), with rows R_k [G, S] either read from the
+    per-slot buffer ROWS [B, L, Hk, K, G, S] (ROWS_IN) or recomputed as dS_k from q, dO and the gathered K/V.
+
+    dq = scale * sum_k dS_k K_k with the chunk backward's dS rows or recomputed; the forward's output
+    O = sum_k (w_k P_k) V_k with the P-row chunk kernel's rows, K / K_DESC then being V / V_DESC and out_scale 1.
+    Q, DO, OUT share strides."""
     t = tl.program_id(0)
     b = tl.program_id(1) // NH
     h = h0 + tl.program_id(1) % NH
@@ -256,7 +293,7 @@ def _hsa_bwd_token_kernel(
     d_mask = offs_d < D
     tile_mask = g_mask[:, None] & d_mask[None, :]
     q_off = b.to(tl.int64) * s_qb + t.to(tl.int64) * s_ql + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :]
-    if not DS_IN:
+    if not ROWS_IN:
         q = tl.load(Q + q_off, mask=tile_mask, other=0.0)
         do = tl.load(DO + q_off, mask=tile_mask, other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + h * s_kh
@@ -273,8 +310,8 @@ def _hsa_bwd_token_kernel(
         else:
             kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
         rows = (sel + slot) * G + offs_g
-        if DS_IN:
-            ds = tl.load(DS + rows[:, None] * S + offs_s[None, :], mask=(g_mask & ok)[:, None], other=0.0)
+        if ROWS_IN:
+            ds = tl.load(ROWS + rows[:, None] * S + offs_s[None, :], mask=(g_mask & ok)[:, None], other=0.0)
         else:
             w = tl.where(ok, tl.load(W + sel + slot), 0.0)
             if TMA:
@@ -288,13 +325,13 @@ def _hsa_bwd_token_kernel(
             delta = tl.sum(p * dp, 1)  # = <O_k, dO>: one softmax block per chunk, so no O_k recompute is needed
             ds = (p * (dp - delta[:, None]) * w).to(kc.dtype)
         dq += tl.dot(ds, kc, input_precision=PREC)
-    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask)
+    tl.store(OUT + q_off, (dq * out_scale).to(OUT.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
 def _hsa_bwd_chunk_kernel(
     Q, K, V, W, DO, LSE, DW, PAIRS, OFFSETS, DK, DV, DQBUF,
-    qk_scale, sm_scale, L, NC, NR, h0, NH,
+    qk_scale, sm_scale, L, NC, NR, RP, h0, NH,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -306,17 +343,16 @@ def _hsa_bwd_chunk_kernel(
     into the fp32 dq DQBUF with Q's strides); "ds": each pair's dS (the operand of dq = dS K, in K's dtype) to its
     row of the per-slot buffer DQBUF [B, L, Hk, K, G, S], which the token kernel multiplies by the gathered K.
 
-    Without SPLIT there is one token range (NR = 1) and dK/dV are stored; with SPLIT the programs of one token range
-    run together (their q/dO and dq rows stay in L2) and add their partial dK/dV into fp32 DK/DV with atomics.
+    Without SPLIT there is one launch range (NR = 1, over all RP ranges of the index) and dK/dV are stored; with
+    SPLIT the programs of one token range run together (their q/dO and dq rows stay in L2) and add their partial
+    dK/dV into fp32 DK/DV with atomics.
     Q and DO share strides; K, V, DK, DV share strides.
     """
     c = tl.program_id(0)
     r = tl.program_id(1)
     b = tl.program_id(2) // NH
     h = h0 + tl.program_id(2) % NH
-    seg = ((b * HK + h) * NR + r) * NC + c
-    start = tl.load(OFFSETS + seg)
-    end = tl.load(OFFSETS + seg + 1)
+    start, end = _segment(OFFSETS, b, h, c, r, NC, NR, RP, HK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, S)
     d_mask = offs_d < D
@@ -377,28 +413,39 @@ def _hsa_bwd_chunk_kernel(
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_mask[None, :])
 
 
-def build_reverse_index(indices: torch.Tensor, num_chunks: int, token_range: int = 0):
-    """For every (batch, KV head, token range, chunk), the (token, slot) pairs that selected it.
+class ReverseIndex(NamedTuple):
+    """For every (batch, KV head, chunk, token range), the (token, slot) pairs that selected the chunk.
 
-    indices ``[B, L, Hk, K]`` -> ``pairs`` int32 (pair = t*K + slot; grouped by segment, tokens ascending) and
-    ``offsets`` int32 ``[B*Hk*NR*C + 1]``: the pairs of segment i = ((b*Hk + h)*NR + r)*C + c are
-    ``pairs[offsets[i]:offsets[i+1]]``, r = t // token_range (NR = 1 and r = 0 when ``token_range`` is 0).
-    Invalid slots (index < 0) are left out.
+    ``pairs`` int32 (pair = t*K + slot), sorted by (batch, KV head, chunk, token): the pairs of segment
+    i = ((b*Hk + h)*C + c)*NR + r, r = t // ``token_range``, are ``pairs[offsets[i]:offsets[i+1]]``; ``offsets``
+    int32 ``[B*Hk*C*NR + 1]``. The NR ranges of one chunk are consecutive, so a kernel can take a chunk's pairs range
+    by range or all at once from the same index (NR = 1 when ``token_range`` is 0).
     """
+
+    pairs: torch.Tensor
+    offsets: torch.Tensor
+    token_range: int
+
+
+def build_reverse_index(indices: torch.Tensor, num_chunks: int, token_range: int = 0) -> ReverseIndex:
+    """The reverse index of ``indices`` ``[B, L, Hk, K]`` (see ``ReverseIndex``); invalid slots (index < 0) are
+    left out."""
     B, L, Hk, K = indices.shape
-    n_ranges = 1 if token_range <= 0 else -(-L // token_range)
-    total = B * Hk * n_ranges * num_chunks
+    token_range = token_range if 0 < token_range < L else 0
+    n_ranges = 1 if token_range == 0 else -(-L // token_range)
+    chunks = B * Hk * num_chunks
     # int32 sort keys when they fit: the radix sort then makes half the passes of an int64 one
-    key_dtype = torch.int32 if total < 2**31 - 1 else torch.int64
+    key_dtype = torch.int32 if chunks * n_ranges < 2**31 - 1 else torch.int64
     idx = indices.permute(0, 2, 1, 3).reshape(B * Hk, L * K).to(key_dtype)
-    segment = torch.arange(B * Hk, device=indices.device, dtype=key_dtype)[:, None] * n_ranges
-    if n_ranges > 1:
-        segment = segment + torch.arange(L * K, device=indices.device, dtype=key_dtype)[None, :] // (K * token_range)
-    key = torch.where(idx >= 0, segment * num_chunks + idx, total).reshape(-1)
+    segment = torch.arange(B * Hk, device=indices.device, dtype=key_dtype)[:, None] * num_chunks
+    key = torch.where(idx >= 0, segment + idx, chunks).reshape(-1)
+    # stable: the pairs of a chunk keep their token order, so its token ranges are consecutive runs
     sorted_key, order = torch.sort(key, stable=True)
-    offsets = segment_offsets(sorted_key, total)
     pairs = (order % (L * K)).to(torch.int32)
-    return pairs, offsets
+    if n_ranges > 1:
+        ranges = (pairs // (K * token_range)).to(key_dtype)
+        sorted_key = torch.where(sorted_key < chunks, sorted_key * n_ranges + ranges, chunks * n_ranges)
+    return ReverseIndex(pairs, segment_offsets(sorted_key, chunks * n_ranges), token_range)
 
 
 def _pairs_per_tile(group_pad: int, rows_key: str) -> int:
@@ -513,6 +560,30 @@ def _bwd_dq_rows(group_size: int, chunk_size: int, head_dim: int) -> str:
     return mode
 
 
+TOKEN_SCHEDULE_MIN_GROUP = 16
+
+
+def auto_schedules(group_size: int, chunk_size: int, head_dim: int, for_backward: bool) -> tuple[str, str]:
+    """(forward, backward) loop orders of ``schedule="auto"``: forward "token" for G >= 16 (the group's query heads
+    fill the MMA rows), "rows" when moreover a backward follows and ``TUNING["fwd_p_rows"]`` allows it (see
+    ``_fwd_p_rows``), else "chunk"; backward "chunk" (the fastest measured for every group size)."""
+    if group_size < TOKEN_SCHEDULE_MIN_GROUP:
+        return "chunk", "chunk"
+    return ("rows" if for_backward and _fwd_p_rows(group_size, chunk_size, head_dim) else "token"), "chunk"
+
+
+def _fwd_p_rows(group_size: int, chunk_size: int, head_dim: int) -> bool:
+    """``TUNING["fwd_p_rows"]`` resolved for a pass that a backward follows: "auto" takes the P-row forward when a
+    P row is smaller than the K chunk rows it saves gathering (S < D), as the backward's dS rows do. Measured on the
+    H100 at 64K: config A (G 16, S 64, D 128) 16.8 -> 15.0 ms; B (S = D = 64) 1.03 -> 1.40 ms."""
+    mode = TUNING["fwd_p_rows"]
+    if mode not in ("auto", True, False):
+        raise ValueError(f'TUNING["fwd_p_rows"] must be "auto", True or False, got {mode!r}')
+    if mode == "auto":
+        return group_size >= TOKEN_SCHEDULE_MIN_GROUP and chunk_size < head_dim
+    return mode
+
+
 def _launch(name: str, block_d: int = 0, token_tile: int = 0) -> dict:
     """Launch parameters of kernel ``name`` for head-dim block ``block_d``; ``token_tile`` = rows x head-dim block
     of a token-schedule accumulator, whose warps scale with it (the fp32 accumulator lives in registers)."""
@@ -530,9 +601,12 @@ def hsa_attention_forward(
 ):
     """Launch the forward. All inputs contiguous; weights fp32, indices int32.
 
-    Returns ``(o [B, L, Hq, D], lse [B, L, Hk, K, G] fp32 base 2, reverse index or None)``. With ``for_backward``
+    ``schedule``: "token", "chunk" or "rows" (a chunk kernel by token ranges writes each pair's weighted softmax
+    rows w_k P_k, then the token kernel sums P_k V_k over the gathered V chunks: K is never gathered).
+    Returns ``(o [B, L, Hq, D], lse [B, L, Hk, K, G] fp32 base 2, ReverseIndex or None)``. With ``for_backward``
     the token schedule also builds the reverse index the backward will need, on a high-priority side stream beside
-    its kernel (a sort of small keys, hidden under the gather-bound kernel).
+    its kernel (a sort of small keys, hidden under the gather-bound kernel); "rows" builds one by token ranges, which
+    the backward reuses.
     """
     B, L, Hq, D = q.shape
     Hk = k.shape[2]
@@ -542,6 +616,7 @@ def hsa_attention_forward(
     prec = dot_precision(q.dtype)
     lse = empty_output(B, L, Hk, K, G, device=q.device, dtype=torch.float32)
     qk_scale = sm_scale * LOG2E
+    tma = _tma_loads(k, v, D, BLOCK_D)
     if schedule == "token":
         side = None
         if for_backward and reverse is None and TUNING["reverse_index_beside_fwd"] and NC > 0:
@@ -550,7 +625,6 @@ def hsa_attention_forward(
                 side = _SideStream(q.device, priority=-1)  # queued first, so it does not wait for the kernel
                 side.run(lambda: built.extend(build_reverse_index(indices, NC)))
         o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
-        tma = _tma_loads(k, v, D, BLOCK_D)
         descs = (_rows_descriptor(k, S, BLOCK_D), _rows_descriptor(v, S, BLOCK_D)) if tma else (None, None)
         _hsa_fwd_token_kernel[(L, B * Hk)](
             q, k, v, weights, indices, o, lse, *descs, qk_scale, L, k.shape[1], B * k.shape[1],
@@ -560,38 +634,53 @@ def hsa_attention_forward(
         )
         if side is not None:
             side.join()
-            reverse = side.adopt(*built)
+            reverse = ReverseIndex(*side.adopt(*built[:2]), built[2])
         return o, lse, reverse
     group_pad = next_power_of_2(G)
-    block_p = _pairs_per_tile(group_pad, "chunk_fwd_rows")
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+
+    def chunk_kernel(out, index, out_rows, tuning):
+        n_ranges = 1 if index.token_range == 0 else -(-L // index.token_range)
+        launch_ranges = 1 if out_rows == "o" else n_ranges  # "o" rows: one program per chunk over all ranges
+        if NC > 0:
+            _hsa_fwd_chunk_kernel[(NC, launch_ranges, B * Hk)](
+                q, k, v, weights, index.pairs, index.offsets, out, lse, qk_scale, L, NC, launch_ranges,
+                n_ranges // launch_ranges, 0, Hk, *strides, HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad,
+                BLOCK_P=_pairs_per_tile(group_pad, tuning + "_rows"), BLOCK_D=BLOCK_D, OFF_BY_ONE=off_by_one,
+                OUT_ROWS=out_rows, PREC=prec, **_launch(tuning, BLOCK_D),
+            )
+
+    if schedule == "rows":
+        if reverse is None or reverse.token_range != TUNING["fwd_p_rows_range"]:
+            reverse = build_reverse_index(indices, NC, TUNING["fwd_p_rows_range"])
+        # zeros need no fill: invalid slots are masked when read
+        rows = empty_output(B, L, Hk, K, G, S, device=q.device, dtype=q.dtype)
+        chunk_kernel(rows, reverse, "p", "chunk_fwd_p")
+        o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
+        v_desc = _rows_descriptor(v, S, BLOCK_D) if tma else None
+        _hsa_token_rows_kernel[(L, B * Hk)](
+            q, v, v, weights, indices, q, lse, rows, o, v_desc, v_desc, qk_scale, 1.0, L, k.shape[1],
+            B * k.shape[1], 0, Hk, *strides, HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
+            ROWS_IN=True, TMA=tma, PREC=prec, **_launch("token_fwd_rows", token_tile=BLOCK_G * BLOCK_D),
+        )
+        return o, lse, reverse
     # fp32 atomics add in no fixed order: torch.use_deterministic_algorithms(True) (Megatron's --deterministic-mode)
     # keeps the per-slot buffers
     token_range = 0 if torch.are_deterministic_algorithms_enabled() else TUNING["fwd_token_range"]
-    meta = dict(HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad, BLOCK_P=block_p, BLOCK_D=BLOCK_D,
-                OFF_BY_ONE=off_by_one, PREC=prec, **_launch("chunk_fwd", BLOCK_D))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     # One launch over all KV heads: launching head groups with their epilogues (zero-fill, conversion, slot sum)
     # on a side stream, as the backward does, measured slower for the forward (A and C at 64K, session 5).
-    if token_range > 0:
-        # Pairs add their weighted outputs into an fp32 output, token range by token range; the reverse index of
-        # these ranges is not the backward's, so it is not kept.
-        n_ranges = -(-L // token_range)
-        pairs, offsets = build_reverse_index(indices, NC, token_range)
+    if 0 < token_range < L:
+        # Pairs add their weighted outputs into an fp32 output, token range by token range; the index by token
+        # ranges serves the backward too (which takes each chunk's ranges at once)
+        if reverse is None or reverse.token_range != token_range:
+            reverse = build_reverse_index(indices, NC, token_range)
         out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        if NC > 0:
-            _hsa_fwd_chunk_kernel[(NC, n_ranges, B * Hk)](
-                q, k, v, weights, pairs, offsets, out, lse, qk_scale, L, NC, n_ranges, 0, Hk, *strides, ATOMIC=True,
-                **meta,
-            )
+        chunk_kernel(out, reverse, "o_atomic", "chunk_fwd")
         return out.to(q.dtype), lse, reverse
     if reverse is None:
         reverse = build_reverse_index(indices, NC)
-    pairs, offsets = reverse
     obuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
-    if NC > 0:
-        _hsa_fwd_chunk_kernel[(NC, 1, B * Hk)](
-            q, k, v, weights, pairs, offsets, obuf, lse, qk_scale, L, NC, 1, 0, Hk, *strides, ATOMIC=False, **meta,
-        )
+    chunk_kernel(obuf, reverse, "o", "chunk_fwd")
     o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
     _slot_sum(obuf, indices, o, 0, Hk, G, group_pad, BLOCK_D)
     return o, lse, reverse
@@ -617,10 +706,11 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     qk_scale = sm_scale * LOG2E
     token_range = _bwd_token_range(B * Hk * NC, L, q.device)
     split = token_range > 0
-    if reverse is None or split:
-        reverse = build_reverse_index(indices, NC, token_range if split else 0)
-    pairs, offsets = reverse
-    n_ranges = -(-L // token_range) if split else 1
+    # the forward's index serves unsplit (any token ranges: a chunk's are consecutive) or split by the same ranges
+    if reverse is None or (split and reverse.token_range != token_range):
+        reverse = build_reverse_index(indices, NC, token_range)
+    index_ranges = 1 if reverse.token_range == 0 else -(-L // reverse.token_range)
+    n_ranges = index_ranges if split else 1
     # zeros: invalid slots are never visited and their weight gradient is 0
     dw = torch.zeros((B, L, Hk, K), device=q.device, dtype=torch.float32)
     if split:  # fp32 accumulators for the atomic partial sums
@@ -647,15 +737,15 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     def chunk_kernel(dq_out, h0, nh, mode):
         if NC > 0:
             _hsa_bwd_chunk_kernel[(NC, n_ranges, B * nh)](
-                q, k, v, weights, do, lse, dw, pairs, offsets, dk, dv, dq_out, qk_scale, sm_scale, L, NC, n_ranges,
-                h0, nh, *strides, DQ_OUT=mode, **chunk_meta,
+                q, k, v, weights, do, lse, dw, reverse.pairs, reverse.offsets, dk, dv, dq_out, qk_scale, sm_scale, L,
+                NC, n_ranges, index_ranges // n_ranges, h0, nh, *strides, DQ_OUT=mode, **chunk_meta,
             )
 
     def token_kernel(ds, h0, nh):  # ds: per-slot dS rows, or None to recompute dS from q, dO, K, V
-        _hsa_bwd_token_kernel[(L, B * nh)](
+        _hsa_token_rows_kernel[(L, B * nh)](
             q, k, v, weights, indices, do, lse, q if ds is None else ds, dq, *descs, qk_scale, sm_scale, L,
             k.shape[1], B * k.shape[1], h0, nh, *strides, HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=token_g,
-            BLOCK_D=BLOCK_D, DS_IN=ds is not None, TMA=tma, PREC=prec,
+            BLOCK_D=BLOCK_D, ROWS_IN=ds is not None, TMA=tma, PREC=prec,
             **_launch("token_bwd", token_tile=token_g * BLOCK_D),
         )
 
@@ -706,9 +796,8 @@ class HSAAttentionFunction(torch.autograd.Function):
             q, k, v, w32, idx, chunk_size, sm_scale, off_by_one, fwd_schedule,
             for_backward=for_backward,
         )
-        saved_reverse = reverse if reverse is not None else (None, None)
-        ctx.save_for_backward(q, k, v, w32, idx, lse, *saved_reverse)
-        ctx.has_reverse = reverse is not None
+        ctx.save_for_backward(q, k, v, w32, idx, lse, *((None, None) if reverse is None else reverse[:2]))
+        ctx.token_range = None if reverse is None else reverse.token_range
         ctx.config = (chunk_size, sm_scale, bwd_schedule)
         ctx.weights_dtype = weights.dtype
         return o
@@ -717,7 +806,7 @@ class HSAAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, w32, idx, lse, pairs, offsets = ctx.saved_tensors
         chunk_size, sm_scale, schedule = ctx.config
-        reverse = (pairs, offsets) if ctx.has_reverse else None
+        reverse = None if ctx.token_range is None else ReverseIndex(pairs, offsets, ctx.token_range)
         dq, dk, dv, dw = hsa_attention_backward(
             q, k, v, w32, idx, do.contiguous(), lse, chunk_size, sm_scale, schedule, reverse
         )

@@ -19,10 +19,9 @@ __all__ = ["hsa_retrieval", "hsa_attention", "hsa_decode", "ATTENTION_SCHEDULES"
 # "chunk": one program per (chunk, KV head) visits the (token, slot) pairs that selected it (reverse index) and
 #   packs several tokens per tile, so small groups (G < 16) still fill the MMA rows; per-slot results are summed
 #   afterwards through a [B, L, Hk, K, G, D] buffer.
-# "auto": forward "token" when G >= 16 else "chunk"; backward "chunk" (fastest measured for every G).
+# "auto": the fastest measured per shape (megatron_ext.kernels.hsa.attention.auto_schedules).
 # "token" / "chunk" use that order in both passes ("token" is the one without per-slot buffers: least memory).
 ATTENTION_SCHEDULES = ("auto", "token", "chunk")
-TOKEN_SCHEDULE_MIN_GROUP = 16
 # Smallest chunk the Triton kernels take on a GPU ("auto" runs smaller chunks on the PyTorch reference).
 MIN_TRITON_CHUNK_SIZE = 16
 
@@ -120,16 +119,16 @@ def hsa_attention(
             q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=sm_scale,
             softmax_off_by_one=softmax_off_by_one,
         )
-    from megatron_ext.kernels.hsa.attention import HSAAttentionFunction
+    from megatron_ext.kernels.hsa.attention import HSAAttentionFunction, auto_schedules
 
-    group = q.shape[2] // k.shape[2]
+    # ctx.needs_input_grad ignores torch.no_grad(): whether a backward can follow is decided here
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, weights))
     if schedule == "auto":
-        fwd_schedule, bwd_schedule = ("token" if group >= TOKEN_SCHEDULE_MIN_GROUP else "chunk"), "chunk"
+        group = q.shape[2] // k.shape[2]
+        fwd_schedule, bwd_schedule = auto_schedules(group, chunk_size, q.shape[-1], for_backward)
     else:
         fwd_schedule = bwd_schedule = schedule
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    # ctx.needs_input_grad ignores torch.no_grad(): whether a backward can follow is decided here
-    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, weights))
     return HSAAttentionFunction.apply(
         q, k, v, weights, indices, chunk_size, scale, softmax_off_by_one, fwd_schedule, bwd_schedule, for_backward
     )
