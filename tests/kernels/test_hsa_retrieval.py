@@ -63,6 +63,35 @@ def test_weight_rules_closed_forms():
     assert torch.equal(none, torch.zeros_like(none))
 
 
+@pytest.mark.parametrize("weight_rule", ["softmax", "stick_breaking"])
+@pytest.mark.parametrize("decay", [None, 0.3, "tensor"])
+def test_chunk_weights_kernel_matches_reference(weight_rule, decay):
+    """The weights kernel (forward and backward) against ``chunk_weights``: K = 5, rows not a multiple of the
+    block, invalid slots anywhere (and rows with none valid), scores large enough for softplus's linear branch."""
+    from megatron_ext.kernels.hsa.retrieval import ChunkWeights
+
+    gen = torch.Generator().manual_seed(3)
+    N, K = 300, 5
+    scores = (torch.randn(N, K, generator=gen) * 8).to(DEVICE)
+    idx = torch.randint(0, 50, (N, K), generator=gen, dtype=torch.int32)
+    idx[torch.rand(N, K, generator=gen) < 0.3] = -1
+    idx[:3] = -1
+    idx = idx.to(DEVICE)
+    dw = torch.randn(N, K, generator=gen).to(DEVICE)
+    results = []
+    for fn in (ChunkWeights.apply, lambda s, i, r, d: chunk_weights(s, i >= 0, r, d)):
+        s = scores.clone().requires_grad_()
+        d = torch.tensor([0.3], device=DEVICE, requires_grad=True) if decay == "tensor" else decay
+        w = fn(s, idx, weight_rule, d)
+        grads = torch.autograd.grad(w, [s] + ([d] if decay == "tensor" else []), dw)
+        results.append((w, *grads))
+    (w, *g), (w_ref, *g_ref) = results
+    assert (w[idx < 0] == 0).all() and (w[:3] == 0).all()
+    assert rel_err(w, w_ref) < 1e-6
+    for a, b in zip(g, g_ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+
+
 def test_reference_selects_the_top_scores_most_recent_first():
     B, L, R, Dr, S, K = 1, 50, 2, 8, 8, 3
     q_r, lmk = (x.cpu() for x in inputs(B, L, R, Dr, S, torch.float32))

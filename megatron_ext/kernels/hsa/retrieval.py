@@ -5,7 +5,9 @@ blocks of BLOCK_C, scores them with one MMA per block, and merges them into a ru
 some row has a candidate above its current k-th best, every such row swaps its best candidate in for its worst kept
 chunk, then sorts what it kept most recent first. No [L, C] score matrix ever exists, so memory is linear in L.
 
-The weights are computed in PyTorch (``reference.chunk_weights``: O(L*K)).
+The weights (softmax or stick-breaking over the selected scores, with a rank decay) are one more kernel forward and
+backward (``ChunkWeights``; the oracle is ``reference.chunk_weights``): in PyTorch they were about fifteen element-wise
+launches on [B, L, R, K], whose launch overhead exceeded the top-k kernel's own time at 64K tokens (config B).
 Gradients reach q_r and the landmarks through the selected scores (``SelectedScores``), whose backward scatters the
 score gradients into [token block, C] tiles and runs two matmuls per block: memory O(block * C), linear in L.
 """
@@ -18,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ext.kernels.hsa.reference import chunk_weights, doc_start_chunks
+from megatron_ext.kernels.hsa.reference import WEIGHT_RULES, chunk_weights, doc_start_chunks
 from megatron_ext.kernels.utils import dot_precision, empty_output, interpreter_enabled, next_power_of_2
 
-__all__ = ["retrieval_triton", "topk_chunks", "SelectedScores"]
+__all__ = ["retrieval_triton", "topk_chunks", "SelectedScores", "ChunkWeights"]
 
 # Score-gradient tiles hold at most this many fp32 elements ([B, token block, R, C]).
 GRAD_TILE_ELEMENTS = 1 << 24
@@ -182,12 +184,120 @@ class SelectedScores(torch.autograd.Function):
         return dq.to(q_r.dtype), dl.to(landmarks.dtype), None, None
 
 
+@triton.jit
+def _weights_logits(SCORES, IDX, decay, rows, n_rows, TOPK: tl.constexpr, KP: tl.constexpr):
+    """(logits s_k + k*decay, valid mask, offsets) of a block of rows [BLOCK_N, KP]."""
+    offs_k = tl.arange(0, KP)
+    off = rows[:, None].to(tl.int64) * TOPK + offs_k[None, :]
+    in_bounds = (rows[:, None] < n_rows) & (offs_k[None, :] < TOPK)
+    valid = in_bounds & (tl.load(IDX + off, mask=in_bounds, other=-1) >= 0)
+    logits = tl.load(SCORES + off, mask=valid, other=0.0) + offs_k[None, :].to(tl.float32) * decay
+    return tl.where(valid, logits, 0.0), valid, off, in_bounds
+
+
+@triton.jit
+def _chunk_weights_fwd_kernel(
+    SCORES, IDX, DECAY, W, n_rows, decay_value,
+    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, STICK_BREAKING: tl.constexpr,
+    DECAY_PTR: tl.constexpr,
+):
+    """Weights of BLOCK_N rows (one (token, retrieval head) each): softmax over the valid slots, or stick-breaking
+    w_k = exp(x_k - sum_{j<=k, valid} softplus(x_j)); 0 in invalid slots."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    decay = tl.load(DECAY).to(tl.float32) if DECAY_PTR else decay_value
+    x, valid, off, in_bounds = _weights_logits(SCORES, IDX, decay, rows, n_rows, TOPK, KP)
+    if STICK_BREAKING:
+        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+        w = tl.exp(x - tl.cumsum(tl.where(valid, softplus, 0.0), 1))
+    else:
+        m = tl.max(tl.where(valid, x, -float("inf")), 1)
+        e = tl.exp(x - tl.where(m > -float("inf"), m, 0.0)[:, None])
+        e = tl.where(valid, e, 0.0)
+        denom = tl.sum(e, 1)
+        w = e / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(W + off, tl.where(valid, w, 0.0), mask=in_bounds)
+
+
+@triton.jit
+def _chunk_weights_bwd_kernel(
+    SCORES, IDX, DECAY, W, DW, DS, DDECAY, n_rows, decay_value,
+    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, STICK_BREAKING: tl.constexpr,
+    DECAY_PTR: tl.constexpr,
+):
+    """Score gradients of BLOCK_N rows, and the block's part of the rank-decay gradient (sum of k * dx_k):
+    softmax dx = w * (dw - sum_k w_k dw_k); stick-breaking dx_j = w_j dw_j - sigma(x_j) sum_{k>=j} w_k dw_k."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    decay = tl.load(DECAY).to(tl.float32) if DECAY_PTR else decay_value
+    x, valid, off, in_bounds = _weights_logits(SCORES, IDX, decay, rows, n_rows, TOPK, KP)
+    w = tl.load(W + off, mask=valid, other=0.0)
+    wdw = w * tl.load(DW + off, mask=valid, other=0.0)
+    if STICK_BREAKING:
+        # sum over k >= j: the row total minus the exclusive prefix sum
+        suffix = tl.sum(wdw, 1)[:, None] - tl.cumsum(wdw, 1) + wdw
+        dx = wdw - tl.sigmoid(x) * suffix
+    else:
+        dx = wdw - w * tl.sum(wdw, 1)[:, None]
+    dx = tl.where(valid, dx, 0.0)
+    tl.store(DS + off, dx, mask=in_bounds)
+    ranks = tl.arange(0, KP).to(tl.float32)
+    tl.store(DDECAY + pid, tl.sum(tl.sum(dx * ranks[None, :], 1), 0))
+
+
+class ChunkWeights(torch.autograd.Function):
+    """``reference.chunk_weights`` as one kernel each way: fp32 weights [..., K] from the selected scores (fp32) and
+    the indices (-1 = invalid slot); gradients to the scores and to a tensor rank decay."""
+
+    BLOCK_N = 128
+
+    @staticmethod
+    def forward(ctx, scores, indices, weight_rule, rank_decay):
+        if weight_rule not in WEIGHT_RULES:
+            raise ValueError(f"weight_rule must be one of {WEIGHT_RULES}, got {weight_rule!r}")
+        scores, indices = scores.float().contiguous(), indices.contiguous()
+        K = scores.shape[-1]
+        n_rows = scores.numel() // max(K, 1)
+        decay_ptr = torch.is_tensor(rank_decay)
+        decay = rank_decay.detach().float().reshape(1) if decay_ptr else scores
+        decay_value = 0.0 if decay_ptr or rank_decay is None else float(rank_decay)
+        w = torch.empty_like(scores)
+        meta = dict(TOPK=K, KP=max(2, next_power_of_2(K)), BLOCK_N=ChunkWeights.BLOCK_N,
+                    STICK_BREAKING=weight_rule == "stick_breaking", DECAY_PTR=decay_ptr)
+        if n_rows:
+            _chunk_weights_fwd_kernel[(triton.cdiv(n_rows, ChunkWeights.BLOCK_N),)](
+                scores, indices, decay, w, n_rows, decay_value, **meta
+            )
+        ctx.save_for_backward(scores, indices, w, decay if decay_ptr else None)
+        ctx.config = (n_rows, decay_value, meta, rank_decay if decay_ptr else None)
+        return w
+
+    @staticmethod
+    def backward(ctx, dw):
+        scores, indices, w, decay = ctx.saved_tensors
+        n_rows, decay_value, meta, rank_decay = ctx.config
+        blocks = triton.cdiv(n_rows, ChunkWeights.BLOCK_N)
+        ds = torch.empty_like(scores)
+        ddecay = torch.empty(max(blocks, 1), device=scores.device, dtype=torch.float32)
+        if n_rows:
+            _chunk_weights_bwd_kernel[(blocks,)](
+                scores, indices, decay if decay is not None else scores, w, dw.float().contiguous(), ds, ddecay,
+                n_rows, decay_value, **meta
+            )
+        else:
+            ddecay.zero_()
+        d_rank_decay = None
+        if rank_decay is not None:
+            d_rank_decay = ddecay.sum().to(rank_decay.dtype).reshape(rank_decay.shape)
+        return ds, None, None, d_rank_decay
+
+
 def retrieval_triton(q_r, landmarks, *, chunk_size, topk, weight_rule, gumbel, rank_decay, cu_seqlens, seed):
     """``hsa_retrieval`` on the Triton path: ``(indices int32 [B, L, R, K], weights fp32 [B, L, R, K])``."""
     idx, scores = topk_chunks(
         q_r, landmarks, chunk_size=chunk_size, topk=topk, gumbel=gumbel, cu_seqlens=cu_seqlens, seed=seed
     )
-    valid = idx >= 0
     if q_r.requires_grad or landmarks.requires_grad:
         scores = SelectedScores.apply(q_r, landmarks, idx, scores)
-    return idx, chunk_weights(scores, valid, weight_rule, rank_decay)
+    if torch.is_tensor(rank_decay) and rank_decay.numel() != 1:  # the kernel takes one decay for all slots' ranks
+        return idx, chunk_weights(scores, idx >= 0, weight_rule, rank_decay)
+    return idx, ChunkWeights.apply(scores, idx, weight_rule, rank_decay)
