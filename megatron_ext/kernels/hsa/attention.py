@@ -413,6 +413,35 @@ def _hsa_bwd_chunk_kernel(
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=d_mask[None, :])
 
 
+@triton.jit
+def _reverse_keys_kernel(IDX, KEYS, L, NC, LK, HK: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """Sort keys of the reverse index, [B*Hk, L*K]: (b*Hk + h)*NC + c for a valid slot, B*Hk*NC for an invalid one
+    (last after the sort). One launch for what took a transposing copy and five element-wise ops."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(1)
+    mask = offs < LK
+    t = offs // TOPK
+    c = tl.load(IDX + ((bh // HK * L + t).to(tl.int64) * HK + bh % HK) * TOPK + offs % TOPK, mask=mask, other=-1)
+    key = tl.where(c >= 0, bh.to(tl.int64) * NC + c, tl.num_programs(1).to(tl.int64) * NC)
+    tl.store(KEYS + bh.to(tl.int64) * LK + offs, key.to(KEYS.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reverse_pairs_kernel(
+    ORDER, SORTED, PAIRS, RANGE_KEYS, n, LK, chunks, pairs_per_range, n_ranges,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """pairs = t*K + slot of each sorted entry (int32) and, when SPLIT, its segment key chunk*NR + token range."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    pair = tl.load(ORDER + offs, mask=mask, other=0) % LK
+    tl.store(PAIRS + offs, pair.to(tl.int32), mask=mask)
+    if SPLIT:
+        key = tl.load(SORTED + offs, mask=mask, other=0).to(tl.int64)
+        range_key = tl.where(key < chunks, key * n_ranges + pair // pairs_per_range, chunks * n_ranges)
+        tl.store(RANGE_KEYS + offs, range_key.to(RANGE_KEYS.dtype.element_ty), mask=mask)
+
+
 class ReverseIndex(NamedTuple):
     """For every (batch, KV head, chunk, token range), the (token, slot) pairs that selected the chunk.
 
@@ -436,16 +465,23 @@ def build_reverse_index(indices: torch.Tensor, num_chunks: int, token_range: int
     chunks = B * Hk * num_chunks
     # int32 sort keys when they fit: the radix sort then makes half the passes of an int64 one
     key_dtype = torch.int32 if chunks * n_ranges < 2**31 - 1 else torch.int64
-    idx = indices.permute(0, 2, 1, 3).reshape(B * Hk, L * K).to(key_dtype)
-    segment = torch.arange(B * Hk, device=indices.device, dtype=key_dtype)[:, None] * num_chunks
-    key = torch.where(idx >= 0, segment + idx, chunks).reshape(-1)
+    n = B * Hk * L * K
+    block = 1024
+    keys = torch.empty(n, device=indices.device, dtype=key_dtype)
+    if n:
+        _reverse_keys_kernel[(triton.cdiv(L * K, block), B * Hk)](
+            indices, keys, L, num_chunks, L * K, HK=Hk, TOPK=K, BLOCK=block
+        )
     # stable: the pairs of a chunk keep their token order, so its token ranges are consecutive runs
-    sorted_key, order = torch.sort(key, stable=True)
-    pairs = (order % (L * K)).to(torch.int32)
-    if n_ranges > 1:
-        ranges = (pairs // (K * token_range)).to(key_dtype)
-        sorted_key = torch.where(sorted_key < chunks, sorted_key * n_ranges + ranges, chunks * n_ranges)
-    return ReverseIndex(pairs, segment_offsets(sorted_key, chunks * n_ranges), token_range)
+    sorted_key, order = torch.sort(keys, stable=True)
+    pairs = torch.empty(n, device=indices.device, dtype=torch.int32)
+    range_keys = torch.empty_like(sorted_key) if n_ranges > 1 else sorted_key
+    if n:
+        _reverse_pairs_kernel[(triton.cdiv(n, block),)](
+            order, sorted_key, pairs, range_keys, n, L * K, chunks, K * max(token_range, 1), n_ranges,
+            SPLIT=n_ranges > 1, BLOCK=block,
+        )
+    return ReverseIndex(pairs, segment_offsets(range_keys, chunks * n_ranges), token_range)
 
 
 def _pairs_per_tile(group_pad: int, rows_key: str) -> int:
