@@ -97,7 +97,7 @@ TUNING = {
     # tokens (their q rows stay in L2) writes each pair's weighted softmax rows w_k P_k [G, S] in q's dtype, then the
     # token kernel sums P_k V_k over the gathered V chunks: K is never gathered. Its per-slot buffer is as large as
     # the backward's dS rows, hence only when a backward follows; the index by token ranges serves the backward.
-    # A at 64K: 16.8 -> 15.0 ms (ranges of 512: 15.4, 2048: 15.1; unsplit: 19.6).
+    # A at 64K (hsa.md, run 9): 17.2 -> 15.2 ms (exploratory runs: ranges of 512 15.4, 2048 15.1, unsplit 19.6).
     "fwd_p_rows": "auto",
     "fwd_p_rows_range": 1024,
 }
@@ -611,7 +611,7 @@ def auto_schedules(group_size: int, chunk_size: int, head_dim: int, for_backward
 def _fwd_p_rows(group_size: int, chunk_size: int, head_dim: int) -> bool:
     """``TUNING["fwd_p_rows"]`` resolved for a pass that a backward follows: "auto" takes the P-row forward when a
     P row is smaller than the K chunk rows it saves gathering (S < D), as the backward's dS rows do. Measured on the
-    H100 at 64K: config A (G 16, S 64, D 128) 16.8 -> 15.0 ms; B (S = D = 64) 1.03 -> 1.40 ms."""
+    H100 at 64K: config A (G 16, S 64, D 128) 17.2 -> 15.2 ms; B (S = D = 64, forced on) 1.03 -> 1.40 ms."""
     mode = TUNING["fwd_p_rows"]
     if mode not in ("auto", True, False):
         raise ValueError(f'TUNING["fwd_p_rows"] must be "auto", True or False, got {mode!r}')
