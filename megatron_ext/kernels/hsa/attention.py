@@ -111,6 +111,21 @@ def _load_chunk(base, c, stride_l, offs_s, offs_d, d_mask, S: tl.constexpr):
 
 
 @triton.jit
+def _chunk_softmax(q, kc, qk_scale, OFF_BY_ONE: tl.constexpr, PREC: tl.constexpr):
+    """Unnormalised softmax of q against one chunk (base 2): (p = exp2(s - m), row max m, row sum l); with
+    OFF_BY_ONE a null logit 0 joins every row (m >= 0, l includes exp2(-m))."""
+    s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+    m = tl.max(s, 1)
+    if OFF_BY_ONE:
+        m = tl.maximum(m, 0.0)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    if OFF_BY_ONE:
+        l += tl.exp2(-m)
+    return p, m, l
+
+
+@triton.jit
 def _hsa_fwd_token_kernel(
     Q, K, V, W, IDX, O, LSE, K_DESC, V_DESC,
     qk_scale, L, batch_rows, kv_rows,
@@ -150,14 +165,7 @@ def _hsa_fwd_token_kernel(
         else:
             kc = _load_chunk(k_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
             vc = _load_chunk(v_base, c, s_kl, offs_s, offs_d, d_mask & ok, S)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        m = tl.max(s, 1)
-        if OFF_BY_ONE:
-            m = tl.maximum(m, 0.0)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        if OFF_BY_ONE:
-            l += tl.exp2(-m)
+        p, m, l = _chunk_softmax(q, kc, qk_scale, OFF_BY_ONE, PREC)
         o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
         acc += o_k * (w / l)[:, None]
         tl.store(LSE + (sel + slot) * G + offs_g, m + tl.log2(l), mask=g_mask & ok)
@@ -219,14 +227,7 @@ def _hsa_fwd_chunk_kernel(
             # the next tile's pairs, loaded while this tile computes (a dependent load off the critical path)
             next_mask = (p0 + BLOCK_P + r_pair < end) & (r_g < G)
             next_pair = tl.load(PAIRS + p0 + BLOCK_P + r_pair, mask=next_mask, other=0)
-            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-            m = tl.max(s, 1)
-            if OFF_BY_ONE:
-                m = tl.maximum(m, 0.0)
-            p = tl.exp2(s - m[:, None])
-            l = tl.sum(p, 1)
-            if OFF_BY_ONE:
-                l += tl.exp2(-m)
+            p, m, l = _chunk_softmax(q, kc, qk_scale, OFF_BY_ONE, PREC)
             row = sel * G + r_g
             if OUT_ROWS == "p":
                 tl.store(OUT + row[:, None] * S + offs_s[None, :], (p * (w / l)[:, None]).to(OUT.dtype.element_ty),
