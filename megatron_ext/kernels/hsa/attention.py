@@ -660,7 +660,7 @@ def hsa_attention_forward(
             if _bwd_token_range(B * Hk * NC, L, q.device) == 0:
                 built = []
                 side = _SideStream(q.device, priority=-1)  # queued first, so it does not wait for the kernel
-                side.run(lambda: built.extend(build_reverse_index(indices, NC)))
+                side.run(lambda: built.append(build_reverse_index(indices, NC)))
         o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         descs = (_rows_descriptor(k, S, BLOCK_D), _rows_descriptor(v, S, BLOCK_D)) if tma else (None, None)
         _hsa_fwd_token_kernel[(L, B * Hk)](
@@ -671,7 +671,8 @@ def hsa_attention_forward(
         )
         if side is not None:
             side.join()
-            reverse = ReverseIndex(*side.adopt(*built[:2]), built[2])
+            reverse = built[0]
+            side.adopt(reverse.pairs, reverse.offsets)
         return o, lse, reverse
     group_pad = next_power_of_2(G)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
