@@ -111,6 +111,28 @@ def test_reverse_index_lists_exactly_the_selecting_pairs():
                 assert got == want
 
 
+def with_out_of_range_slots(idx, w, num_chunks):
+    """(indices with batch row 0's empty slots pointing past the memory, the same slots marked -1, weights of 0.5 in
+    those slots): index C would alias the next (batch, KV head)'s chunk 0 in a flat layout, C + 1000 lies far out."""
+    oob = idx < 0
+    oob[1:] = False
+    far = torch.arange(idx.shape[1], device=idx.device)[None, :, None, None] % 2 == 1
+    idx_oob = torch.where(oob, torch.where(far, num_chunks + 1000, num_chunks), idx).to(idx.dtype)
+    return idx_oob, torch.where(oob, -1, idx_oob).to(idx.dtype), torch.where(oob, 0.5, w)
+
+
+def test_reference_skips_indices_past_the_memory():
+    """Indices >= C are skipped like -1: same output and gradients, whatever their weight (weight gradient 0)."""
+    q, k, v, w, idx = (x.cpu() for x in make_inputs(2, 48, 2, 1, 8, 16, 2, torch.float32))
+    idx_oob, idx_neg, w = with_out_of_range_slots(idx, w, k.shape[1] // 16)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    got = run_with_grads(hsa_attention_reference, q, k, v, w, idx_oob, do, chunk_size=16)
+    want = run_with_grads(hsa_attention_reference, q, k, v, w, idx_neg, do, chunk_size=16)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert (got[-1][idx_neg < 0] == 0).all()
+
+
 def test_bad_inputs_raise_clear_errors():
     q, k, v, w, idx = make_inputs(1, 32, 4, 2, 8, 8, 2, torch.float32)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
@@ -351,6 +373,28 @@ def test_both_schedules_agree_with_custom_scale():
     outs = [hsa_attention(q, k, v, w, idx, chunk_size=16, sm_scale=0.3, schedule=s) for s in ("token", "chunk")]
     assert rel_err(outs[0], outs[1]) < 1e-5
     assert rel_err(outs[0], hsa_attention_reference(q, k, v, w, idx, chunk_size=16, sm_scale=0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("Hq,schedule", [(2, "token"), (2, "chunk"), (16, "rows")])
+def test_indices_past_the_memory_are_skipped(monkeypatch, Hq, schedule):
+    """Every schedule treats an index >= C as an empty slot: the output and all gradients equal those with -1 in
+    that slot (dw 0), the reference's too. Index C used to read the next sample's rows in the token kernels and, in
+    the reverse index, alias the next sample's chunk 0, corrupting its dK/dV."""
+    from megatron_ext.kernels.hsa import attention
+
+    if schedule == "rows":  # P-row forward, then the chunk backward with dS rows (G >= 16, S < D)
+        monkeypatch.setitem(attention.TUNING, "fwd_p_rows", True)
+        schedule = "auto"
+    q, k, v, w, idx = make_inputs(2, 48, Hq, 1, 32, 16, 2, torch.float32, seed=Hq)
+    idx_oob, idx_neg, w = with_out_of_range_slots(idx, w, k.shape[1] // 16)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.device)
+    got = run_with_grads(hsa_attention, q, k, v, w, idx_oob, do, chunk_size=16, backend="triton", schedule=schedule)
+    same = run_with_grads(hsa_attention, q, k, v, w, idx_neg, do, chunk_size=16, backend="triton", schedule=schedule)
+    want = run_with_grads(hsa_attention_reference, q, k, v, w, idx_neg, do, chunk_size=16)
+    for name, a, b, c in zip(("o", "dq", "dk", "dv", "dw"), got, same, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+        assert rel_err(a, c) < 1e-5, name
+    assert (got[-1][idx_neg < 0] == 0).all()
 
 
 @pytest.mark.parametrize("R", [1, 2])

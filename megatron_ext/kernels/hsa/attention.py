@@ -30,7 +30,7 @@ Backward formulas (natural-log units; P_k recomputed from the saved log-sum-exp)
   dP_k = dO V_k^T,  Delta_k = <O_k, dO> = rowsum(P_k * dP_k) (each chunk is a single softmax block),
   dS_k = w_k P_k * (dP_k - Delta_k),  dq = scale sum_k dS_k K_k,  dK_c = scale sum dS_k^T q,
   dV_c = sum (w_k P_k)^T dO,  dw_k = sum_g Delta_k.
-Invalid slots (index < 0) are skipped everywhere; their weight gradient is 0.
+Invalid slots (index < 0 or >= C) are skipped everywhere; their weight gradient is 0.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _hsa_fwd_token_kernel(
 ):
     """With TMA, K/V chunks are loaded through the descriptors K_DESC / V_DESC over K and V seen as
     [kv_rows = B * batch_rows, Hk*D] (one bulk copy per chunk); an invalid slot reads rows past the end: zeros, no
-    memory traffic."""
+    memory traffic. Indices >= NC = batch_rows / S are invalid: they would read another sample's rows."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HK
@@ -151,11 +151,12 @@ def _hsa_fwd_token_kernel(
     k_base = K + b.to(tl.int64) * s_kb + h * s_kh
     v_base = V + b.to(tl.int64) * s_kb + h * s_kh
     sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK
+    nc = batch_rows // S
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for slot in range(TOPK):
-        # Branch-free so the loop pipelines: an invalid slot (index < 0) loads nothing and gets weight 0.
+        # Branch-free so the loop pipelines: an invalid slot (index < 0 or >= NC) loads nothing and gets weight 0.
         c = tl.load(IDX + sel + slot)
-        ok = c >= 0
+        ok = (c >= 0) & (c < nc)
         w = tl.where(ok, tl.load(W + sel + slot), 0.0)
         c = tl.maximum(c, 0)
         if TMA:
@@ -245,13 +246,13 @@ def _hsa_fwd_chunk_kernel(
 
 @triton.jit
 def _slot_sum_kernel(
-    BUF, IDX, OUT, L, h0, NH,
+    BUF, IDX, OUT, L, NC, h0, NH,
     s_ob, s_ol, s_oh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """OUT[b, t, h*G + g, :] = sum over valid slots of BUF[b, t, h, slot, g, :] (BUF is [B, L, Hk, K, G, D]), for
-    the NH KV heads from h0."""
+    """OUT[b, t, h*G + g, :] = sum over valid slots (0 <= index < NC) of BUF[b, t, h, slot, g, :] (BUF is
+    [B, L, Hk, K, G, D]), for the NH KV heads from h0; the chunk kernels write no row for other slots."""
     t = tl.program_id(0)
     b = tl.program_id(1) // NH
     h = h0 + tl.program_id(1) % NH
@@ -262,7 +263,7 @@ def _slot_sum_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for slot in range(TOPK):
         c = tl.load(IDX + sel + slot)
-        if c >= 0:
+        if (c >= 0) & (c < NC):
             row = (sel + slot) * G + offs_g
             acc += tl.load(BUF + row[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     o_off = b.to(tl.int64) * s_ob + t.to(tl.int64) * s_ol + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :]
@@ -300,10 +301,11 @@ def _hsa_token_rows_kernel(
     k_base = K + b.to(tl.int64) * s_kb + h * s_kh
     v_base = V + b.to(tl.int64) * s_kb + h * s_kh
     sel = ((b.to(tl.int64) * L + t) * HK + h) * TOPK
+    nc = batch_rows // S
     dq = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for slot in range(TOPK):
         c = tl.load(IDX + sel + slot)
-        ok = c >= 0
+        ok = (c >= 0) & (c < nc)  # indices >= NC would read another sample's rows
         c = tl.maximum(c, 0)
         if TMA:
             row = tl.where(ok, b * batch_rows + c * S, kv_rows).to(tl.int32)
@@ -417,13 +419,14 @@ def _hsa_bwd_chunk_kernel(
 @triton.jit
 def _reverse_keys_kernel(IDX, KEYS, L, NC, LK, HK: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr):
     """Sort keys of the reverse index, [B*Hk, L*K]: (b*Hk + h)*NC + c for a valid slot, B*Hk*NC for an invalid one
-    (last after the sort). One launch for what took a transposing copy and five element-wise ops."""
+    (index < 0 or >= NC: last after the sort; c = NC would alias the next KV head's chunk 0). One launch for what took
+    a transposing copy and five element-wise ops."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     bh = tl.program_id(1)
     mask = offs < LK
     t = offs // TOPK
     c = tl.load(IDX + ((bh // HK * L + t).to(tl.int64) * HK + bh % HK) * TOPK + offs % TOPK, mask=mask, other=-1)
-    key = tl.where(c >= 0, bh.to(tl.int64) * NC + c, tl.num_programs(1).to(tl.int64) * NC)
+    key = tl.where((c >= 0) & (c < NC), bh.to(tl.int64) * NC + c, tl.num_programs(1).to(tl.int64) * NC)
     tl.store(KEYS + bh.to(tl.int64) * LK + offs, key.to(KEYS.dtype.element_ty), mask=mask)
 
 
@@ -458,8 +461,8 @@ class ReverseIndex(NamedTuple):
 
 
 def build_reverse_index(indices: torch.Tensor, num_chunks: int, token_range: int = 0) -> ReverseIndex:
-    """The reverse index of ``indices`` ``[B, L, Hk, K]`` (see ``ReverseIndex``); invalid slots (index < 0) are
-    left out."""
+    """The reverse index of ``indices`` ``[B, L, Hk, K]`` (see ``ReverseIndex``); invalid slots (index < 0 or
+    >= ``num_chunks``) are left out."""
     B, L, Hk, K = indices.shape
     token_range = token_range if 0 < token_range < L else 0
     n_ranges = 1 if token_range == 0 else -(-L // token_range)
@@ -720,15 +723,15 @@ def hsa_attention_forward(
     obuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
     chunk_kernel(obuf, reverse, "o", "chunk_fwd")
     o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
-    _slot_sum(obuf, indices, o, 0, Hk, G, group_pad, BLOCK_D)
+    _slot_sum(obuf, indices, o, NC, 0, Hk, G, group_pad, BLOCK_D)
     return o, lse, reverse
 
 
-def _slot_sum(buf, indices, out, h0, nh, G, block_g, block_d):
+def _slot_sum(buf, indices, out, num_chunks, h0, nh, G, block_g, block_d):
     """out[:, :, heads of KV heads h0 .. h0+nh-1] = the sum of the per-slot buffer over the valid slots."""
     B, L, Hk, K = indices.shape
     _slot_sum_kernel[(L, B * nh)](
-        buf, indices, out, L, h0, nh, out.stride(0), out.stride(1), out.stride(2),
+        buf, indices, out, L, num_chunks, h0, nh, out.stride(0), out.stride(1), out.stride(2),
         HK=Hk, G=G, TOPK=K, D=out.shape[-1], BLOCK_G=block_g, BLOCK_D=block_d, **_launch("slot_sum"),
     )
 
@@ -810,7 +813,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
             if ds_rows:
                 side.run(lambda h0=h0, nh=nh: token_kernel(buf, h0, nh))
             else:
-                side.run(lambda h0=h0, nh=nh: _slot_sum(buf, indices, dq, h0, nh, G, group_pad, BLOCK_D))
+                side.run(lambda h0=h0, nh=nh: _slot_sum(buf, indices, dq, NC, h0, nh, G, group_pad, BLOCK_D))
         side.join()
     if NC == 0:
         dk.zero_()

@@ -101,7 +101,8 @@ def hsa_attention(
     """Sparse chunk attention: o[t, g] = sum_k w[t, h, k] * softmax(q[t, g] K_c^T * scale) V_c, c = indices[t, h, k].
 
     q ``[B, L, Hq, D]``, k/v ``[B, C*S, Hk, D]``, weights/indices ``[B, L, Hk, K]`` -> o ``[B, L, Hq, D]``.
-    Negative indices are skipped. Gradients flow to q, k, v and weights (fp32), never to indices.
+    Indices < 0 or >= C are skipped (no output, weight gradient 0); an empty memory (C = 0) gives zeros.
+    Gradients flow to q, k, v and weights (fp32), never to indices.
     ``schedule`` picks the Triton loop order: "auto" (fastest), "token" (least memory) or "chunk"; see
     ``ATTENTION_SCHEDULES``.
     """

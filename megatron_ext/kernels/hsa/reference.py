@@ -225,23 +225,26 @@ def hsa_attention_reference(
     """Reference sparse chunk attention.
 
     q ``[B, L, Hq, D]``, k/v ``[B, C*S, Hk, D]``, weights/indices ``[B, L, Hk, K]`` -> o ``[B, L, Hq, D]`` (q.dtype).
-    Slots with a negative index contribute nothing, whatever their weight.
+    Slots with an index < 0 or >= C are skipped: they contribute nothing, whatever their weight, and their weight
+    gradient is 0. An empty memory (C = 0) gives zeros.
     """
     _check_attention_inputs(q, k, v, weights, indices, chunk_size)
     B, L, Hq, D = q.shape
     Hk, K, S = k.shape[2], indices.shape[-1], chunk_size
+    C = k.shape[1] // S
     G = Hq // Hk
     scale = D**-0.5 if sm_scale is None else sm_scale
     qg = q.float().reshape(B, L, Hk, G, D)
-    kh, vh = k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B, Hk, C*S, D]
+    # one zero chunk (index C) after the memory: skipped slots read it, so an empty memory needs no special case
+    kh, vh = (F.pad(x.float(), (0, 0, 0, 0, 0, S)).transpose(1, 2) for x in (k, v))  # [B, Hk, (C+1)*S, D]
     b_ar = torch.arange(B, device=q.device)[:, None, None, None]
     h_ar = torch.arange(Hk, device=q.device)[None, None, :, None]
     tok = torch.arange(S, device=q.device)
     out = torch.zeros(B, L, Hk, G, D, device=q.device, dtype=torch.float32)
     for slot in range(K):
         idx = indices[..., slot].long()  # [B, L, Hk]
-        valid = idx >= 0
-        rows = idx.clamp(min=0)[..., None] * S + tok  # [B, L, Hk, S]
+        valid = (idx >= 0) & (idx < C)
+        rows = torch.where(valid, idx, C)[..., None] * S + tok  # [B, L, Hk, S]
         kc, vc = kh[b_ar, h_ar, rows], vh[b_ar, h_ar, rows]  # [B, L, Hk, S, D]
         logits = torch.einsum("blhgd,blhsd->blhgs", qg, kc) * scale
         if softmax_off_by_one:  # an extra null logit 0 with a zero value
