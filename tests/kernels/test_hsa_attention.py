@@ -133,6 +133,15 @@ def test_reference_skips_indices_past_the_memory():
     assert (got[-1][idx_neg < 0] == 0).all()
 
 
+def test_reference_with_an_empty_memory_gives_zeros():
+    """No chunk yet (C = 0, e.g. fewer tokens than a chunk): zero output and zero gradients, not an IndexError."""
+    q, k, v, w, idx = (x.cpu() for x in make_inputs(2, 12, 2, 1, 8, 16, 2, torch.float32))
+    assert k.shape[1] == 0 and (idx < 0).all()
+    o, dq, dk, dv, dw = run_with_grads(hsa_attention_reference, q, k, v, w, idx, torch.ones_like(q), chunk_size=16)
+    assert (o == 0).all() and (dq == 0).all() and (dw == 0).all()
+    assert dk.shape == k.shape and dv.shape == v.shape
+
+
 def test_bad_inputs_raise_clear_errors():
     q, k, v, w, idx = make_inputs(1, 32, 4, 2, 8, 8, 2, torch.float32)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
@@ -395,6 +404,30 @@ def test_indices_past_the_memory_are_skipped(monkeypatch, Hq, schedule):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
         assert rel_err(a, c) < 1e-5, name
     assert (got[-1][idx_neg < 0] == 0).all()
+
+
+@pytest.mark.parametrize("D,schedule", [(16, "token"), (32, "chunk"), (16, "auto")])
+def test_empty_memory_gives_zeros(D, schedule):
+    """C = 0 (fewer tokens than a chunk): zero output and gradients on every schedule, with TMA loads on (D = 16
+    and 32 are TMA widths, whose descriptor cannot cover an empty tensor)."""
+    q, k, v, w, idx = make_inputs(2, 12, 16, 1, D, 16, 2, torch.float32)
+    assert k.shape[1] == 0
+    do = torch.ones_like(q)
+    got = run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, backend="triton", schedule=schedule)
+    for name, g in zip(("o", "dq", "dk", "dv", "dw"), got):
+        assert torch.equal(g, torch.zeros_like(g)), name
+
+
+def test_decode_before_the_first_chunk_is_complete():
+    """Decode with an empty cache (no complete chunk yet) gives zeros and empty selections on both backends."""
+    B, Hq, Hk, D, S, K, Dr = 2, 4, 2, 16, 16, 2, 16
+    q, q_r = torch.randn(B, Hq, D).to(DEVICE), torch.randn(B, 1, Dr).to(DEVICE)
+    k = v = torch.zeros(B, 0, Hk, D).to(DEVICE)
+    lmk = torch.zeros(B, 0, 1, Dr).to(DEVICE)
+    pos = torch.tensor([3, 15], device=DEVICE)
+    for backend in ("triton", "reference"):
+        o, idx, w = hsa_decode(q, q_r, k, v, lmk, pos, chunk_size=S, topk=K, backend=backend)
+        assert (o == 0).all() and (idx == -1).all() and (w == 0).all(), backend
 
 
 @pytest.mark.parametrize("R", [1, 2])

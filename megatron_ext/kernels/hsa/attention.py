@@ -515,6 +515,8 @@ def _tma_loads(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
     most 256 bytes a row (the widths tested on the H100) and K/V start on 16 bytes (TMA's alignment)."""
     if not TUNING["token_fwd_tma"] or D != block_d or D * k.element_size() > 256:
         return False
+    if k.numel() == 0:  # no chunk rows (empty memory): a descriptor needs a non-empty tensor
+        return False
     if k.data_ptr() % 16 or v.data_ptr() % 16:
         return False
     if interpreter_enabled():
