@@ -17,6 +17,7 @@ __all__ = [
     "interpreter_enabled",
     "triton_available",
     "resolve_backend",
+    "backend_for_sizes",
     "next_power_of_2",
     "dot_precision",
     "check_dtype",
@@ -72,6 +73,19 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, auto_in_interpreter: b
     if not on_cuda and not auto_in_interpreter:
         return "reference"
     return "triton" if runnable else "reference"
+
+
+def backend_for_sizes(backend: str, unsupported: str | None, *tensors: torch.Tensor) -> str:
+    """``resolve_backend`` for kernels that cover only some sizes. ``unsupported`` says why the Triton kernels cannot
+    take these sizes, or is None: "auto" then runs the reference (which covers any), "triton" raises that reason."""
+    resolved = resolve_backend(backend, *tensors)
+    if resolved == "triton" and unsupported is not None:
+        if backend == "triton":
+            raise ValueError(
+                unsupported + "; use backend='reference' or 'auto' (which runs such sizes on the reference)"
+            )
+        return "reference"
+    return resolved
 
 
 def next_power_of_2(n: int) -> int:

@@ -430,6 +430,24 @@ def test_decode_before_the_first_chunk_is_complete():
         assert (o == 0).all() and (idx == -1).all() and (w == 0).all(), backend
 
 
+def test_chunk_sizes_that_are_not_a_power_of_two_run_on_the_reference_or_are_refused():
+    """A chunk is one Triton tile, so 24 or 48 tokens cannot be: "auto" gives the reference's output (training and
+    decode), "triton" is a clear error naming the sizes the kernels take."""
+    S = 24
+    q, k, v, w, idx = make_inputs(1, 72, 2, 1, 16, S, 2, torch.float32, seed=4)
+    torch.testing.assert_close(hsa_attention(q, k, v, w, idx, chunk_size=S),
+                               hsa_attention_reference(q, k, v, w, idx, chunk_size=S))
+    with pytest.raises(ValueError, match="power-of-two chunk_size .16, 32, 64"):
+        hsa_attention(q, k, v, w, idx, chunk_size=S, backend="triton")
+    lmk, q_r, pos = torch.randn(1, 3, 1, 8).to(DEVICE), torch.randn(1, 1, 8).to(DEVICE), torch.tensor([71]).to(DEVICE)
+    args = (q[:, -1], q_r, k, v, lmk, pos)
+    got = hsa_decode(*args, chunk_size=S, topk=2)
+    for a, b in zip(got, hsa_decode_reference(*args, chunk_size=S, topk=2)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="power-of-two chunk_size"):
+        hsa_decode(*args, chunk_size=S, topk=2, backend="triton")
+
+
 @pytest.mark.parametrize("R", [1, 2])
 def test_decode_matches_reference_and_full_attention(R):
     B, Hq, Hk, D, S, K, Dr = 2, 4, 2, 32, 16, 3, 16

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..utils import resolve_backend
+from ..utils import backend_for_sizes, resolve_backend
 from .reference import (
     gca_attention_reference,
     gca_decode_reference,
@@ -27,17 +27,14 @@ SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
 
 def _use_triton(backend: str, chunk_size: int, q, k, v) -> bool:
     """Whether to run the Triton kernels. Sizes they do not cover run on the reference under "auto" and are an
-    error under "triton"; dtype mismatches are an error either way."""
-    if resolve_backend(backend, q, k, v) != "triton":
+    error under "triton"; dtype mismatches are an error when the kernels run."""
+    if backend_for_sizes(backend, _kernel_unsupported(q, chunk_size), q, k, v) != "triton":
         return False
-    unsupported = _kernel_unsupported(q, chunk_size)
-    if unsupported and backend == "triton":
-        raise ValueError(unsupported + "; use backend='reference' or 'auto' (which runs such sizes on the reference)")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"q, k, v must share one dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
-    return unsupported is None
+    return True
 
 
 def _check_shapes(q, k, v, chunk_size: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from megatron_ext.kernels.hsa import reference as ref
-from megatron_ext.kernels.utils import check_dtype, resolve_backend
+from megatron_ext.kernels.utils import backend_for_sizes, check_dtype, resolve_backend
 
 __all__ = ["hsa_retrieval", "hsa_attention", "hsa_decode", "ATTENTION_SCHEDULES"]
 
@@ -22,7 +22,8 @@ __all__ = ["hsa_retrieval", "hsa_attention", "hsa_decode", "ATTENTION_SCHEDULES"
 # "auto": the fastest measured per shape (megatron_ext.kernels.hsa.attention.auto_schedules).
 # "token" / "chunk" use that order in both passes ("token" is the one without per-slot buffers: least memory).
 ATTENTION_SCHEDULES = ("auto", "token", "chunk")
-# Smallest chunk the Triton kernels take on a GPU ("auto" runs smaller chunks on the PyTorch reference).
+# Smallest chunk the Triton kernels take on a GPU ("auto" runs smaller chunks, and chunks that are not a power of
+# two, on the PyTorch reference).
 MIN_TRITON_CHUNK_SIZE = 16
 
 
@@ -70,19 +71,28 @@ def hsa_retrieval(
     )
 
 
+def _chunk_size_unsupported(chunk_size: int, on_gpu: bool) -> str | None:
+    """Why the chunk-attention kernels cannot take ``chunk_size``, or None. A chunk is one tile (``tl.arange`` needs
+    a power of two) and, on a GPU, the contraction of the per-chunk P @ V and dS @ K products, which tensor-core dots
+    need at least 16 elements long."""
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        return (
+            f"the Triton HSA kernels need a power-of-two chunk_size ({MIN_TRITON_CHUNK_SIZE}, 32, 64, 128, ...), "
+            f"got {chunk_size}"
+        )
+    if on_gpu and chunk_size < MIN_TRITON_CHUNK_SIZE:
+        return (
+            f"the Triton HSA kernels need chunk_size >= {MIN_TRITON_CHUNK_SIZE} on GPUs (a power of two: "
+            f"{MIN_TRITON_CHUNK_SIZE}, 32, 64, 128, ...; the models use 64), got {chunk_size}"
+        )
+    return None
+
+
 def _attention_backend(backend: str, chunk_size: int, *tensors: torch.Tensor) -> str:
-    """``resolve_backend`` for the chunk-attention kernels (training and decode), which on a GPU also need
-    ``chunk_size >= MIN_TRITON_CHUNK_SIZE``: their per-chunk P @ V and dS @ K products contract over the chunk, and
-    tensor-core dots contract over at least 16 elements. "auto" runs smaller chunks on the reference."""
-    resolved = resolve_backend(backend, *tensors)
-    if resolved == "triton" and tensors[0].is_cuda and chunk_size < MIN_TRITON_CHUNK_SIZE:
-        if backend == "triton":
-            raise ValueError(
-                f"the Triton HSA kernels need chunk_size >= {MIN_TRITON_CHUNK_SIZE} on GPUs, got {chunk_size}: "
-                f"use a chunk size of {MIN_TRITON_CHUNK_SIZE} or more (the models use 64), or backend='reference'"
-            )
-        return "reference"
-    return resolved
+    """``resolve_backend`` for the chunk-attention kernels (training and decode): chunk sizes they do not take run on
+    the reference under "auto" and are an error under "triton" (``_chunk_size_unsupported``)."""
+    unsupported = _chunk_size_unsupported(chunk_size, tensors[0].is_cuda)
+    return backend_for_sizes(backend, unsupported, *tensors)
 
 
 def hsa_attention(
