@@ -471,6 +471,30 @@ def test_decode_matches_reference_and_full_attention(R):
     assert rel_err(o, o_full[:, 0]) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_decode_rejects_inputs_that_do_not_fit_the_cache(backend):
+    """Both backends check the decode inputs as the attention op does; the Triton path used to return garbage (or
+    leave heads unwritten) for these."""
+    B, Hq, Hk, D, S, C, Dr = 2, 4, 2, 16, 16, 2, 8
+    q, q_r = torch.randn(B, Hq, D).to(DEVICE), torch.randn(B, 1, Dr).to(DEVICE)
+    k = v = torch.randn(B, C * S, Hk, D).to(DEVICE)
+    lmk, pos = torch.randn(B, C, 1, Dr).to(DEVICE), torch.tensor([20, 40], device=DEVICE)
+    cases = [
+        ("multiple of KV heads", (q[:, :3], q_r, k, v, lmk, pos)),
+        ("D=32", (torch.randn(B, Hq, 32).to(DEVICE), q_r, k, v, lmk, pos)),
+        ("B=1, C\\*S", (q[:1], q_r[:1], k, v, lmk, pos[:1])),  # q's batch differs from the cache's
+        ("same batch size", (q, q_r[:1], k, v, lmk[:1], pos)),
+        ("must agree in batch", (q, q_r, k, v, lmk[:1], pos)),
+        ("only 2", (q, q_r, k, v, torch.randn(B, C + 1, 1, Dr).to(DEVICE), pos)),
+        ("retrieval heads must be 1 or Hk", (q, q_r.expand(B, 3, Dr), k, v, lmk.expand(B, C, 3, Dr), pos)),
+    ]
+    for match, args in cases:
+        with pytest.raises(ValueError, match=match):
+            hsa_decode(*args, chunk_size=S, topk=2, backend=backend)
+    with pytest.raises(TypeError, match="must share a dtype"):
+        hsa_decode(q.half(), q_r, k, v, lmk, pos, chunk_size=S, topk=2, backend=backend)
+
+
 # ---------------------------------------------------------------- GPU
 
 

@@ -49,10 +49,7 @@ def hsa_retrieval(
     Gradients reach q_r, landmarks and a tensor ``rank_decay`` through the weights.
     """
     ref._check_retrieval_inputs(q_r, landmarks, chunk_size, topk)
-    check_dtype("q_r", q_r)
-    check_dtype("landmarks", landmarks)
-    if q_r.dtype != landmarks.dtype:
-        raise TypeError(f"q_r ({q_r.dtype}) and landmarks ({landmarks.dtype}) must share a dtype")
+    _check_retrieval_dtypes(q_r, landmarks)
     if cu_seqlens is not None and q_r.shape[0] != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {q_r.shape[0]}")
     if resolve_backend(backend, q_r, landmarks) == "reference":
@@ -69,6 +66,20 @@ def hsa_retrieval(
         q_r, landmarks, chunk_size=chunk_size, topk=topk, weight_rule=weight_rule, gumbel=gumbel,
         rank_decay=rank_decay, cu_seqlens=cu_seqlens, seed=seed,
     )
+
+
+def _check_retrieval_dtypes(q_r: torch.Tensor, landmarks: torch.Tensor) -> None:
+    check_dtype("q_r", q_r)
+    check_dtype("landmarks", landmarks)
+    if q_r.dtype != landmarks.dtype:
+        raise TypeError(f"q_r ({q_r.dtype}) and landmarks ({landmarks.dtype}) must share a dtype")
+
+
+def _check_attention_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def _chunk_size_unsupported(chunk_size: int, on_gpu: bool) -> str | None:
@@ -117,10 +128,7 @@ def hsa_attention(
     ``ATTENTION_SCHEDULES``.
     """
     ref._check_attention_inputs(q, k, v, weights, indices, chunk_size)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_dtype(name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_attention_dtypes(q, k, v)
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
     if schedule not in ATTENTION_SCHEDULES:
@@ -168,10 +176,10 @@ def hsa_decode(
     (c+1)*S <= position are eligible; caches may hold more chunks than that).
     Returns ``(o [B, Hq, D], indices [B, Hk, K] int32, weights [B, Hk, K] fp32)``.
     """
-    if q.dim() != 3 or q_r.dim() != 3:
-        raise ValueError(f"q must be [B, Hq, D] and q_r [B, R, Dr]; got {tuple(q.shape)} and {tuple(q_r.shape)}")
-    if positions.shape != (q.shape[0],):
-        raise ValueError(f"positions must be [B={q.shape[0]}], got {tuple(positions.shape)}")
+    # the attention op's checks: the Triton path would otherwise leave heads unwritten or read past the cache
+    ref._check_decode_inputs(q, q_r, k_cache, v_cache, landmarks, positions, chunk_size, topk)
+    _check_attention_dtypes(q, k_cache, v_cache)
+    _check_retrieval_dtypes(q_r, landmarks)
     if _attention_backend(backend, chunk_size, q, k_cache, v_cache) == "reference":
         return ref.hsa_decode_reference(
             q, q_r, k_cache, v_cache, landmarks, positions, chunk_size=chunk_size, topk=topk,

@@ -188,7 +188,8 @@ def hsa_retrieval_reference(
     return indices.to(torch.int32), weights
 
 
-def _check_attention_inputs(q, k, v, weights, indices, chunk_size):
+def _check_kv_inputs(q, k, v, chunk_size):
+    """q ``[B, L, Hq, D]`` against the memory k/v ``[B, C*S, Hk, D]`` (training and decode)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [B, L, Hq, D], [B, C*S, Hk, D], [B, C*S, Hk, D]; got {tuple(q.shape)}, "
@@ -204,6 +205,11 @@ def _check_attention_inputs(q, k, v, weights, indices, chunk_size):
         raise ValueError(
             f"k/v length {k.shape[1]} must be a multiple of chunk_size {chunk_size} (memory holds whole chunks)"
         )
+
+
+def _check_attention_inputs(q, k, v, weights, indices, chunk_size):
+    _check_kv_inputs(q, k, v, chunk_size)
+    B, L, Hk = q.shape[0], q.shape[1], k.shape[2]
     if weights.shape != indices.shape or weights.dim() != 4 or weights.shape[:3] != (B, L, Hk):
         raise ValueError(
             f"weights and indices must both be [B={B}, L={L}, Hk={Hk}, K]; got {tuple(weights.shape)} and "
@@ -258,6 +264,27 @@ def hsa_attention_reference(
     return out.reshape(B, L, Hq, D).to(q.dtype)
 
 
+def _check_decode_inputs(q, q_r, k_cache, v_cache, landmarks, positions, chunk_size, topk):
+    """The decode inputs' shapes (see ``hsa_decode_reference``); both backends run these checks."""
+    if q.dim() != 3 or q_r.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D] and q_r [B, R, Dr]; got {tuple(q.shape)} and {tuple(q_r.shape)}")
+    _check_kv_inputs(q[:, None], k_cache, v_cache, chunk_size)
+    _check_retrieval_inputs(q_r[:, None], landmarks, chunk_size, topk)
+    B, Hk = q.shape[0], k_cache.shape[2]
+    if positions.shape != (B,):
+        raise ValueError(f"positions must be [B={B}], got {tuple(positions.shape)}")
+    if q_r.shape[0] != B:
+        raise ValueError(f"q_r {tuple(q_r.shape)} and q {tuple(q.shape)} must have the same batch size")
+    if q_r.shape[1] not in (1, Hk):
+        raise ValueError(f"retrieval heads must be 1 or Hk={Hk}, got {q_r.shape[1]}")
+    cached_chunks = k_cache.shape[1] // chunk_size
+    if landmarks.shape[1] > cached_chunks:
+        raise ValueError(
+            f"landmarks hold {landmarks.shape[1]} chunks but the K/V cache only {cached_chunks} "
+            f"({k_cache.shape[1]} rows / chunk_size {chunk_size}): append a chunk's K/V before its landmark"
+        )
+
+
 def decode_retrieval(q_r, landmarks, positions, *, chunk_size, topk, weight_rule="softmax", rank_decay=None):
     """Retrieval for one new token per sequence: q_r ``[B, R, Dr]``, landmarks ``[B, C, R, Dr]``, positions ``[B]``
     -> indices int64 ``[B, R, K]`` and weights fp32 ``[B, R, K]``."""
@@ -291,14 +318,13 @@ def hsa_decode_reference(
     positions int ``[B]`` (the new token's index t: chunks with (c+1)*S <= t are eligible).
     Returns ``(o [B, Hq, D], indices [B, Hk, K] int32, weights [B, Hk, K] fp32)``.
     """
+    _check_decode_inputs(q, q_r, k_cache, v_cache, landmarks, positions, chunk_size, topk)
     B, R = q_r.shape[0], q_r.shape[1]
     Hk = k_cache.shape[2]
     indices, weights = decode_retrieval(
         q_r, landmarks, positions, chunk_size=chunk_size, topk=topk, weight_rule=weight_rule, rank_decay=rank_decay
     )
     if R != Hk:
-        if R != 1:
-            raise ValueError(f"retrieval heads must be 1 or Hk={Hk}, got {R}")
         indices, weights = indices.expand(B, Hk, topk), weights.expand(B, Hk, topk)
     o = hsa_attention_reference(
         q[:, None], k_cache, v_cache, weights[:, None], indices[:, None],
