@@ -189,6 +189,30 @@ def test_attention_weights_gradient_is_per_chunk_output_dot_upstream():
             torch.testing.assert_close(w.grad[0, c, slot], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_indices_past_the_kv_chunks_are_empty_slots():
+    """Indices >= ceil(Lkv/S) are skipped like -1 (as the kernels do): same output and gradients whatever their
+    weight, weight gradient 0; decode likewise."""
+    torch.manual_seed(8)
+    B, S, H, D, K, L, Lkv = 2, 4, 2, 8, 3, 20, 18  # 5 KV chunks, the last one partial
+    q, k, v = torch.randn(B, L, H, D), torch.randn(B, Lkv, H, D), torch.randn(B, Lkv, H, D)
+    idx, w = random_selection(B, L // S, -(-Lkv // S), K)
+    empty = idx < 0
+    idx_far = torch.where(empty, torch.tensor([5, 105], dtype=idx.dtype)[torch.arange(K) % 2], idx)
+    w_far = torch.where(empty, torch.full_like(w, 0.5), w)
+    grads = []
+    for selection in (idx_far, idx):
+        xs = [x.clone().requires_grad_() for x in (q, k, v, w_far)]
+        out = gca_attention_reference(*xs[:4], selection, chunk_size=S)
+        out.square().sum().backward()
+        grads.append([out] + [x.grad for x in xs])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (grads[0][-1][empty] == 0).all()
+    dec = [gca_decode(q[:, -2:], k, v, w_far[:, -1], sel[:, -1], chunk_size=S, backend="reference")
+           for sel in (idx_far, idx)]
+    torch.testing.assert_close(dec[0], dec[1], rtol=0, atol=0)
+
+
 def test_decode_reference_equals_training_reference_on_the_last_tokens():
     torch.manual_seed(8)
     B, S, Hq, Hk, D, K, L = 2, 4, 4, 1, 8, 2, 22

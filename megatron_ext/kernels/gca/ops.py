@@ -134,7 +134,8 @@ def gca_attention(
 
     q: [B, L, Hq, D]; k, v: [B, Lkv, Hk, D] (chunk e = rows [e*S, (e+1)*S); a trailing partial chunk is masked);
     weights, indices: [B, ceil(L/S), K], the selection serving each QUERY chunk (made by the previous chunk's
-    landmark: see `selection_for_query_chunks`); index -1 = empty slot. Indices must be < ceil(Lkv/S).
+    landmark: see `selection_for_query_chunks`); indices < 0 (-1) or >= ceil(Lkv/S) are empty slots: skipped,
+    whatever their weight, with weight gradient 0.
     Every token of query chunk c attends to each selected chunk with its own softmax (stage 1); the per-chunk
     outputs are summed with the weights (stage 2). `softmax_off_by_one` adds a null logit 0 to every per-chunk
     softmax; `landmark_null_slot` treats the last row of every chunk as a zero K/V slot (DRT's landmark).
@@ -175,7 +176,7 @@ def gca_decode(
 ) -> torch.Tensor:
     """GCA for a few new tokens (decode, no gradient): q [B, T, Hq, D] (T = 1 or 2 typically) against the cached
     chunk K/V [B, Lc, Hk, D]. weights/indices: [B, K] (one selection shared by the T tokens, the usual case: the
-    tokens lie in one chunk) or [B, T, K]. Returns o [B, T, Hq, D].
+    tokens lie in one chunk) or [B, T, K]; indices < 0 or >= ceil(Lc/S) are empty slots. Returns o [B, T, Hq, D].
     """
     _check_shapes(q, k_cache, v_cache, chunk_size)
     B, T = q.shape[:2]

@@ -169,8 +169,8 @@ def _grouped_chunk_attention(
         kf = kf * zero_last[None, None, :, None, None]
         vf = vf * zero_last[None, None, :, None, None]
 
-    valid = indices >= 0
-    idx = indices.clamp(min=0).long()  # [B, N, K]
+    valid = (indices >= 0) & (indices < num_kv_chunks)  # other indices are empty slots, as in the kernels
+    idx = torch.where(valid, indices, 0).long()  # [B, N, K]
     batch = torch.arange(B, device=k.device)[:, None, None]
     k_sel = kf[batch, idx]  # [B, N, K, S, Hk, D]
     v_sel = vf[batch, idx]
@@ -215,7 +215,8 @@ def gca_attention_reference(
     landmark_null_slot: bool = False,
 ) -> torch.Tensor:
     """GCA attention, training form: q [B, L, Hq, D], k/v [B, Lkv, Hk, D], weights/indices [B, ceil(L/S), K]
-    indexed by the QUERY chunk. Token t of query chunk c = t // S attends to chunks indices[b, c, :].
+    indexed by the QUERY chunk. Token t of query chunk c = t // S attends to chunks indices[b, c, :]; indices < 0 or
+    >= ceil(Lkv/S) are empty slots (skipped, weight gradient 0).
     Returns o [B, L, Hq, D] in q's dtype (computed in fp32). Differentiable in q, k, v and weights.
     """
     _check_heads(q, k, v)
