@@ -36,7 +36,8 @@ def packed_seq_params(cu_seqlens: torch.Tensor, seq_length: int):
 def flat_cu_seqlens(params, batch: int, seq_len: int, device) -> Optional[torch.Tensor]:
     """``cu_seqlens`` over the flattened ``batch * seq_len`` tokens, with every sample start added; None if unpacked.
 
-    Raises for the THD layout (not supported by these layers) and for offsets outside the batch.
+    Raises for the THD layout (not supported by these layers), for offsets outside the batch and for offsets out of
+    order.
     """
     if params is None:
         return None
@@ -58,6 +59,8 @@ def flat_cu_seqlens(params, batch: int, seq_len: int, device) -> Optional[torch.
     cu = given.to(device=device, dtype=torch.int64)
     if int(cu[0]) != 0 or int(cu[-1]) > total:
         raise ValueError(f"cu_seqlens {cu.tolist()} must start at 0 and stay within the batch's {total} tokens")
+    if bool((cu[1:] < cu[:-1]).any()):  # torch.unique below would sort them into other documents
+        raise ValueError(f"cu_seqlens {cu.tolist()} must be non-decreasing: document offsets in order")
     sample_starts = torch.arange(0, total + 1, seq_len, device=device, dtype=torch.int64)
     flat = torch.unique(torch.cat([cu, sample_starts]))  # sorted
     params._megatron_ext_flat_cu_seqlens = (key, flat)

@@ -58,3 +58,14 @@ def test_flat_offsets_are_computed_once_per_step_params():
     assert flat_cu_seqlens(params, 4, 32, "cpu").tolist() == [0, 16, 32, 48, 64, 96, 128]
     other = packed_seq_params(torch.tensor([0, 32, 128]), 64)
     assert flat_cu_seqlens(other, 2, 64, "cpu").tolist() == [0, 32, 64, 128]
+
+
+def test_flat_offsets_out_of_order_are_refused():
+    """Offsets out of order are an error, not silently sorted into other documents."""
+    from megatron_ext.layers.packing import flat_cu_seqlens, packed_seq_params
+
+    with pytest.raises(ValueError, match="non-decreasing"):
+        flat_cu_seqlens(packed_seq_params(torch.tensor([0, 64, 32, 128]), 64), 2, 64, "cpu")
+    assert flat_cu_seqlens(packed_seq_params(torch.tensor([0, 32, 32, 128]), 64), 2, 64, "cpu").tolist() == [
+        0, 32, 64, 128
+    ]
