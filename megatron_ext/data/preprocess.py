@@ -8,7 +8,8 @@ any ``--workers``.
 
 ``--partitions N`` splits the input files into N contiguous groups (balanced by size). Each group is written to a
 partial dataset that is finalized on its own with a stamp recording its inputs; a rerun after an interruption
-reuses finished partitions whose stamp still matches. The partials are then merged (``add_index``) in order.
+reuses finished partitions whose stamp (size and mtime of the inputs and tokenizer files, options) still matches.
+The partials are then merged (``add_index``) in order.
 
 Safety: datasets are written under ``*.bin.tmp``/``*.idx.tmp`` names and renamed at the end, ``.bin`` before
 ``.idx`` (an old ``.idx`` is removed first; see ``indexed.py``), so an interrupted run never leaves an ``.idx``
@@ -193,6 +194,20 @@ def _file_fingerprint(paths: Sequence[str]) -> list:
     return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
 
 
+def _tokenizer_fingerprint(spec: TokenizerSpec) -> list:
+    """Size and mtime of every file the tokenizer reads (a directory: of its files): a tokenizer changed in place
+    keeps its paths, and partials made with the old one must not be reused."""
+    files = []
+    for path in (spec.tokenizer_model, spec.vocab_file, spec.merge_file):
+        if not path or not os.path.exists(path):
+            continue
+        if os.path.isdir(path):
+            files.extend(sorted(e.path for e in os.scandir(path) if e.is_file()))
+        else:
+            files.append(path)
+    return _file_fingerprint([os.path.abspath(f) for f in files])
+
+
 class _Writers:
     """One atomic dataset writer per JSON key; ``commit`` publishes them all, ``discard`` removes them."""
 
@@ -259,7 +274,8 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
     totals = {"bytes": 0, "lines": 0}
     resumed = 0
     settings = {
-        "json_keys": options.json_keys, "tokenizer": asdict(options.tokenizer), "append_eod": options.append_eod,
+        "json_keys": options.json_keys, "tokenizer": asdict(options.tokenizer),
+        "tokenizer_files": _tokenizer_fingerprint(options.tokenizer), "append_eod": options.append_eod,
         "max_line_bytes": options.max_line_bytes, "dtype": np.dtype(dtype).name,
     }
 

@@ -315,3 +315,24 @@ def test_files_equal_a_plain_add_document_loop_byte_for_byte(tmp_path):
     ours = dataset_prefix(str(tmp_path / "out"), "text")
     for suffix in (".bin", ".idx"):
         assert open(ours + suffix, "rb").read() == open(str(tmp_path / "plain") + suffix, "rb").read()
+
+
+def test_rerun_with_a_changed_tokenizer_file_does_not_reuse_partials(tmp_path):
+    """A tokenizer rewritten in place keeps its paths; its partials must be made again, not reused."""
+    from megatron_ext.data.tokenizers import train_byte_level_bpe
+
+    texts = corpus_texts(60)
+    files = [write_jsonl(tmp_path / f"{i}.jsonl", [{"text": t} for t in texts[i * 20:(i + 1) * 20]])
+             for i in range(3)]
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    spec = TokenizerSpec("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    train_byte_level_bpe(texts, 10, vocab, merges)
+    run(tmp_path, files, spec=spec, name="kept", partitions=3, keep_partitions=True)
+    assert run(tmp_path, files, spec=spec, name="kept", partitions=3, keep_partitions=True).resumed_partitions == 3
+
+    train_byte_level_bpe(texts, 60, vocab, merges)  # same paths, other merges
+    summary = run(tmp_path, files, spec=spec, name="kept", partitions=3, keep_partitions=True)
+    assert summary.resumed_partitions == 0
+    expected = [spec.build().tokenize(t) for t in texts]  # the new tokenizer's ids, straight
+    listing = open(dataset_prefix(str(tmp_path / "kept"), "text") + ".data_path.txt").read().split()
+    assert [d for p in listing[1::2] for d in read_dataset(p)[1]] == expected
