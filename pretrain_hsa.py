@@ -27,7 +27,7 @@ runtime.prepare_process()  # CPU shims, single-process rendezvous defaults; befo
 
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
-from megatron.training import get_args, get_timers, pretrain, print_rank_0  # noqa: E402
+from megatron.training import get_args, get_timers, get_tokenizer, pretrain, print_rank_0  # noqa: E402
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.training import set_startup_timestamps  # noqa: E402
@@ -41,6 +41,7 @@ from megatron_ext.training import model as hsa_model  # noqa: E402
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
     """Build this rank's GPTModel (one pipeline stage, one virtual stage) from the parsed arguments."""
     args = get_args()
+    hsa_data.check_data_against_model(args, get_tokenizer())  # may pad the vocabulary for the landmark token
     print_rank_0(f"building {hsa_model.describe(args)} ...")
     model = hsa_model.build_model_from_args(args, pre_process=pre_process, post_process=post_process,
                                             vp_stage=vp_stage, pg_collection=pg_collection)

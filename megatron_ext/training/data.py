@@ -5,9 +5,13 @@
 HSA packing, ``--data-landmark-chunk-size`` for GCA landmarks) to ``megatron_ext.data.provider``. ``get_batch``
 moves one micro-batch to the model's device and turns packed samples' ``cu_seqlens`` into megatron's
 ``PackedSeqParams``.
+``check_data_against_model(args, tokenizer)`` is the one place where the data flags are checked against the model
+(chunk sizes, landmarks, vocabulary), before the model is built.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -60,3 +64,55 @@ def build_datasets(args, train_val_test_num_samples):
     datasets = build_train_valid_test_datasets(args, train_val_test_num_samples, get_tokenizer())
     print_rank_0("> finished creating datasets")
     return datasets
+
+
+def check_data_against_model(args, tokenizer) -> None:
+    """Check the data flags against the model's before the model is built; grow ``args.padded_vocab_size`` to
+    cover the GCA landmark token. Safe to call again (once per model chunk).
+
+    * ``--data-pack-chunk-size`` must be a multiple of ``--hsa-chunk-size`` when the model retrieves chunks: a
+      document starting inside a model chunk breaks the chunk-local masks at the first forward.
+    * ``--data-landmark-chunk-size`` must equal ``--hsa-chunk-size`` in a GCA model: the layers read the landmark
+      at the end of every model chunk. A GCA model without landmarks trains, but retrieves with an ordinary text
+      token in the landmark's place: warned.
+    * The landmark id (default: the tokenizer's vocab size) may lie past megatron's padded vocabulary, which is
+      only rounded up to ``make_vocab_size_divisible_by * TP``; the vocabulary is padded on to cover it.
+    """
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+    from megatron.training import print_rank_0
+
+    from megatron_ext.data.provider import DataConfig
+    from megatron_ext.models.pattern import parse_layer_pattern
+
+    pattern = getattr(args, "layer_pattern", None) or f"full*{args.num_layers}"
+    kinds = {plan.kind for plan in parse_layer_pattern(pattern)}
+    chunk = getattr(args, "hsa_chunk_size", None)
+    pack = getattr(args, "data_pack_chunk_size", None)
+    landmark = getattr(args, "data_landmark_chunk_size", None)
+    if kinds & {"hsa", "gca"} and pack and pack % chunk:
+        raise ValueError(
+            f"--data-pack-chunk-size {pack} is not a multiple of the model's --hsa-chunk-size {chunk}: documents "
+            f"would start inside a model chunk; use --data-pack-chunk-size {chunk}"
+        )
+    if "gca" in kinds:
+        if landmark is None:
+            warnings.warn(
+                f"layer pattern {pattern!r} has GCA layers but the data has no landmark tokens: GCA then retrieves "
+                f"with the last text token of each chunk. Pass --data-landmark-chunk-size {chunk} (DRT's 63 text "
+                f"tokens + 1 landmark per chunk of 64).", stacklevel=2)
+        elif landmark != chunk:
+            raise ValueError(
+                f"--data-landmark-chunk-size {landmark} differs from the model's --hsa-chunk-size {chunk}: GCA reads "
+                f"the landmark at the end of every model chunk; use --data-landmark-chunk-size {chunk}"
+            )
+    if not landmark or args.padded_vocab_size is None:
+        return
+    config = DataConfig.from_args(args)
+    needed = config.required_vocab_size(tokenizer)
+    if needed > args.padded_vocab_size:
+        padded = vocab_size_with_padding(needed, args, logging_enabled=False)
+        print_rank_0(
+            f" > padded vocab (size: {args.padded_vocab_size}) on to {padded} to cover the GCA landmark token id "
+            f"{config.landmark_id(tokenizer)} (--data-landmark-token-id)"
+        )
+        args.padded_vocab_size = padded
