@@ -148,8 +148,10 @@ class _BlockReader:
         self.pending = bytearray()  # a partial line cut off by the failure is dropped
 
     def blocks(self, stream) -> Iterator[LineBatch]:
+        # read1, not read: read() of a compressed stream gathers several decompression steps and, when a later one
+        # fails (a truncated file), raises and drops all it had decoded; read1() returns each step's output.
         while True:
-            chunk = stream.read(self.batch_bytes)
+            chunk = stream.read1(self.batch_bytes)
             if not chunk:
                 if self.pending:
                     yield self._emit(len(self.pending))
@@ -159,7 +161,7 @@ class _BlockReader:
             if cut < 0:
                 if len(self.pending) > self.max_line_bytes:  # one over-long line: skip to its end
                     while chunk:
-                        chunk = stream.read(self.batch_bytes)
+                        chunk = stream.read1(self.batch_bytes)
                         newline = chunk.find(b"\n")
                         if newline >= 0:
                             break
