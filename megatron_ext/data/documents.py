@@ -272,12 +272,50 @@ def _concatenate(docs: List, eod: Optional[int]) -> np.ndarray:
     return np.array(flat, dtype=np.int64)
 
 
+def _value_problem(record: dict, key: str) -> Optional[Tuple[str, str]]:
+    """(kind, detail) when ``record[key]`` is not a usable document, else None."""
+    if key not in record:
+        return "missing_key", f"no {key!r} (keys: {_short(', '.join(map(str, record)))})"
+    value = record[key]
+    if not isinstance(value, str):
+        return "non_string_value", f"{key!r} is {type(value).__name__}"
+    if not value.strip():
+        return "empty_document", f"{key!r} is {value!r}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return "invalid_unicode", f"{key!r} char {err.start}: {err.reason}"
+    return None
+
+
+def _tokenize_documents(tokenizer, texts: List[str], key: str) -> Tuple[List, Dict[int, Tuple[str, str]]]:
+    """Token ids per text (None where it failed) and, by text index, the (kind, detail) of each failure."""
+    failures: Dict[int, Tuple[str, str]] = {}
+    try:
+        token_lists = list(tokenizer.tokenize_batch(texts))
+    except Exception:  # find the documents at fault one by one
+        token_lists = []
+        for i, text in enumerate(texts):
+            try:
+                token_lists.append(tokenizer.tokenize(text))
+            except Exception as err:  # noqa: BLE001 - any tokenizer failure is bad input, logged
+                failures[i] = ("tokenizer_error", f"{type(err).__name__}: {_short(str(err))}")
+                token_lists.append(None)
+    for i, ids in enumerate(token_lists):
+        if ids is not None and len(ids) == 0:
+            failures[i] = ("no_tokens", f"{key!r} tokenized to nothing")
+            token_lists[i] = None
+    return token_lists, failures
+
+
 def tokenize_batch(batch: LineBatch, tokenizer, json_keys: Sequence[str], append_eod: bool,
                    max_samples: int = 5, out_dtype=np.int64) -> BatchResult:
     """Validate and tokenize every line of the batch; bad documents are logged and left out."""
     bad = BadInputLog(max_samples=max_samples)
+    # One record gives one document per key; a record bad under any key is left out under all of them (and counted
+    # once), so that document i of every key's dataset comes from the same record.
     texts: Dict[str, List[str]] = {k: [] for k in json_keys}
-    where: Dict[str, List[int]] = {k: [] for k in json_keys}
+    where: List[int] = []
     f = batch.file_index
     if batch.long_line:
         bad.add("line_too_long", f, batch.first_line, f"longer than {batch.max_line_bytes:,} bytes; skipped unread")
@@ -306,46 +344,26 @@ def tokenize_batch(batch: LineBatch, tokenizer, json_keys: Sequence[str], append
         if not isinstance(record, dict):
             bad.add("not_an_object", f, ln, f"got {type(record).__name__}")
             continue
+        problem = next(filter(None, (_value_problem(record, key) for key in json_keys)), None)
+        if problem is not None:
+            bad.add(problem[0], f, ln, problem[1])
+            continue
         for key in json_keys:
-            if key not in record:
-                bad.add("missing_key", f, ln, f"no {key!r} (keys: {_short(', '.join(map(str, record)))})")
-                continue
-            value = record[key]
-            if not isinstance(value, str):
-                bad.add("non_string_value", f, ln, f"{key!r} is {type(value).__name__}")
-                continue
-            if not value.strip():
-                bad.add("empty_document", f, ln, f"{key!r} is {value!r}")
-                continue
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as err:
-                bad.add("invalid_unicode", f, ln, f"{key!r} char {err.start}: {err.reason}")
-                continue
-            texts[key].append(value)
-            where[key].append(ln)
+            texts[key].append(record[key])
+        where.append(ln)
 
+    token_lists, failed = {}, {}
+    for key in json_keys:
+        token_lists[key], failures = _tokenize_documents(tokenizer, texts[key], key)
+        for i, (kind, detail) in failures.items():
+            failed.setdefault(i, (kind, detail))  # the record's first failing key
+    for i, (kind, detail) in sorted(failed.items()):
+        bad.add(kind, f, where[i], detail)
+    good = [i not in failed for i in range(len(where))]
     outputs: Dict[str, KeyOutput] = {}
     for key in json_keys:
-        try:
-            token_lists = tokenizer.tokenize_batch(texts[key])
-        except Exception:  # find the documents at fault one by one
-            token_lists = []
-            for text, ln in zip(texts[key], where[key]):
-                try:
-                    token_lists.append(tokenizer.tokenize(text))
-                except Exception as err:  # noqa: BLE001 - any tokenizer failure is bad input, logged
-                    bad.add("tokenizer_error", f, ln, f"{type(err).__name__}: {_short(str(err))}")
-                    token_lists.append(None)
-        kept, lengths = [], []
-        for ids, ln in zip(token_lists, where[key]):
-            if ids is None:
-                continue
-            if len(ids) == 0:
-                bad.add("no_tokens", f, ln, f"{key!r} tokenized to nothing")
-                continue
-            kept.append(ids)
-            lengths.append(len(ids) + int(append_eod))
+        kept = [ids for ids, ok in zip(token_lists[key], good) if ok]
+        lengths = [len(ids) + int(append_eod) for ids in kept]
         tokens = _concatenate(kept, tokenizer.eod if append_eod else None)
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= tokenizer.vocab_size):
             raise ValueError(f"token id {int(tokens.max())} outside the tokenizer's vocabulary of "

@@ -79,6 +79,44 @@ def test_several_json_keys_get_their_own_datasets(tmp_path):
         assert docs == [list(f"{word} {i}".encode()) + [256] for i in range(5)]
 
 
+def test_a_record_bad_under_one_key_is_left_out_of_every_key_and_counted_once(tmp_path):
+    records = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(8)]
+    del records[1]["a"]  # missing_key under a
+    records[3]["q"] = 7  # non_string_value under q
+    records[5]["a"] = "   "  # empty_document under a
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    summary = run(tmp_path, [path], json_keys=["q", "a"], append_eod=True)
+    assert summary.bad.counts == {"missing_key": 1, "non_string_value": 1, "empty_document": 1}
+    assert [(kind, ln) for kind, items in summary.bad.samples.items() for _, ln, _ in items] == [
+        ("missing_key", 2), ("non_string_value", 4), ("empty_document", 6)]
+    good = [0, 2, 4, 6, 7]
+    for key, word in (("q", "question"), ("a", "answer")):
+        _, docs = read_dataset(dataset_prefix(str(tmp_path / "out"), key))
+        assert docs == [list(f"{word} {i}".encode()) + [256] for i in good]  # document i: the same record
+
+
+def test_a_tokenizer_failure_under_one_key_drops_the_record_under_every_key():
+    from megatron_ext.data.documents import LineBatch, tokenize_batch
+    from megatron_ext.data.tokenizers import ByteLevelTokenizer
+
+    class FailsOnBoom(ByteLevelTokenizer):
+        def tokenize(self, text):
+            if "boom" in text:
+                raise RuntimeError("cannot encode boom")
+            return super().tokenize(text)
+
+        def tokenize_batch(self, texts):
+            return [self.tokenize(t) for t in texts]
+
+    lines = [json.dumps({"q": f"q{i}", "a": "boom" if i == 1 else f"a{i}"}).encode() for i in range(3)]
+    batch = LineBatch(0, 1, b"\n".join(lines) + b"\n", 3, 1 << 20)
+    result = tokenize_batch(batch, FailsOnBoom(), ["q", "a"], append_eod=False)
+    assert result.bad.counts == {"tokenizer_error": 1} and result.bad.samples["tokenizer_error"][0][1] == 2
+    for key in ("q", "a"):
+        assert result.outputs[key].lengths.tolist() == [2, 2]
+        assert bytes(result.outputs[key].tokens.astype(np.uint8)) == f"{key}0{key}2".encode()
+
+
 def test_workers_and_partitions_give_byte_identical_files(tmp_path):
     texts = corpus_texts(240)
     files = [write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:100]]),
