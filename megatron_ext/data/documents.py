@@ -180,12 +180,20 @@ class BadInputLog:
     counts: Dict[str, int] = field(default_factory=dict)
     samples: Dict[str, List[Tuple[int, int, str]]] = field(default_factory=dict)
     max_samples: int = 5
+    # The earliest bad record (file index, line, kind, detail), kept even with max_samples 0: --on-error fail names it.
+    first: Optional[Tuple[int, int, str, str]] = None
 
     def add(self, kind: str, file_index: int, line: int, detail: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         kept = self.samples.setdefault(kind, [])
         if len(kept) < self.max_samples:
             kept.append((file_index, line, detail))
+        if kind != BLANK_LINE:
+            self._note_first((file_index, line, kind, detail))
+
+    def _note_first(self, error: Optional[Tuple[int, int, str, str]]) -> None:
+        if error is not None and (self.first is None or error[:2] < self.first[:2]):
+            self.first = error
 
     def merge(self, other: "BadInputLog") -> None:
         for kind, n in other.counts.items():
@@ -193,17 +201,17 @@ class BadInputLog:
         for kind, items in other.samples.items():
             kept = self.samples.setdefault(kind, [])
             kept.extend(items[: max(0, self.max_samples - len(kept))])
+        self._note_first(other.first)
 
     @property
     def num_bad(self) -> int:
         return sum(n for kind, n in self.counts.items() if kind != BLANK_LINE)
 
     def first_error(self) -> Optional[Tuple[str, int, int, str]]:
-        """The earliest bad record (by file, then line) among the samples."""
-        found = [(f, ln, kind, d) for kind, items in self.samples.items() if kind != BLANK_LINE for f, ln, d in items]
-        if not found:
+        """The earliest bad record (by file, then line) as (kind, file index, line, detail); None if none."""
+        if self.first is None:
             return None
-        f, ln, kind, d = min(found)
+        f, ln, kind, d = self.first
         return kind, f, ln, d
 
     def to_json(self, paths: Sequence[str]) -> dict:

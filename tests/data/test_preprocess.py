@@ -192,6 +192,13 @@ def test_on_error_fail_stops_at_first_bad_document_and_leaves_no_idx(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl"]
 
 
+def test_on_error_fail_names_the_first_bad_document_even_with_no_error_samples(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "fine"}\n{"txt": "x"}\n{"text": 7}\n')
+    with pytest.raises(InputError, match=rf"{path}:3: missing_key"):
+        run(tmp_path, [path], on_error="fail", error_samples=0)
+
+
 def test_interrupted_run_leaves_no_complete_looking_idx_and_resumes_partitions(tmp_path, monkeypatch):
     texts = corpus_texts(90)
     files = [write_jsonl(tmp_path / f"{i}.jsonl", [{"text": t} for t in texts[i * 30:(i + 1) * 30]])
