@@ -74,7 +74,7 @@ class PreprocessOptions:
 
 @dataclass
 class PreprocessSummary:
-    output_prefixes: Dict[str, str]  # json key -> dataset prefix
+    output_prefixes: Dict[str, List[str]]  # json key -> the dataset prefixes written (one, or the kept partials)
     documents: Dict[str, int]
     tokens: Dict[str, int]
     input_bytes: int
@@ -83,6 +83,7 @@ class PreprocessSummary:
     bad: BadInputLog
     input_paths: List[str]
     resumed_partitions: int = 0
+    data_path_files: Dict[str, str] = field(default_factory=dict)  # json key -> its --data-path blend file
 
     def report_lines(self) -> List[str]:
         secs = max(self.seconds, 1e-9)
@@ -92,9 +93,14 @@ class PreprocessSummary:
             f"{self.input_bytes / 1e6:,.1f} MB in {self.seconds:.1f} s "
             f"({docs / secs:,.0f} docs/s, {toks / secs:,.0f} tokens/s, {self.input_bytes / 1e6 / secs:,.2f} MB/s)",
         ]
-        for key, prefix in self.output_prefixes.items():
-            lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens "
-                         f"-> {prefix}.bin/.idx")
+        for key, prefixes in self.output_prefixes.items():
+            if len(prefixes) == 1:
+                where = f"{prefixes[0]}.bin/.idx"
+            else:
+                where = f"{len(prefixes)} datasets" + (f" {prefixes[0]}.bin/.idx ..." if prefixes else "")
+            if key in self.data_path_files:
+                where += f" (--data-path $(cat {self.data_path_files[key]}))"
+            lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {where}")
         if self.bad.counts:
             lines.append(f"bad input: {self.bad.num_bad:,} skipped")
             lines.extend(self.bad.format(self.input_paths))
@@ -355,13 +361,18 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
         if tokenizers is not None:
             tokenizers.close()
 
-    if len(groups) > 1 and options.keep_partitions:
-        # Weighted by tokens, so a blend of the partials samples like the merged dataset would.
+    written = {k: [final] for k, final in finals.items()}
+    data_path_files: Dict[str, str] = {}
+    if options.keep_partitions:
+        # Weighted by tokens, so a blend of the partials samples like the merged dataset would. A partial without
+        # a document of the key has no dataset to name (megatron-core refuses empty ones in a blend).
         for key, final in finals.items():
-            blend = " ".join(f"{t[key]} {p[key]}" for t, p in zip(part_tokens, part_prefixes) if t[key])
-            with open(final + ".data_path.txt", "w") as f:
-                f.write(blend + "\n")
-            log(f"{key}: kept {len(groups)} partial datasets; pass --data-path $(cat {final}.data_path.txt)")
+            kept = [(t[key], p[key]) for t, p in zip(part_tokens, part_prefixes) if t[key]]
+            written[key] = [p for _, p in kept]
+            data_path_files[key] = final + ".data_path.txt"
+            with open(data_path_files[key], "w") as f:
+                f.write(" ".join(f"{t} {p}" for t, p in kept) + "\n")
+            log(f"{key}: kept {len(kept)} dataset(s); pass --data-path $(cat {data_path_files[key]})")
     elif len(groups) > 1:
         if sum(documents.values()) == 0:
             raise InputError("no valid document in the input: check --json-keys and the input format")
@@ -376,13 +387,13 @@ def preprocess(options: PreprocessOptions, log: Callable[[str], None] = _stderr)
             _remove(next(iter(prefixes.values())) + ".stamp.json")
 
     summary = PreprocessSummary(
-        output_prefixes=finals, documents=documents, tokens=tokens, input_bytes=totals["bytes"],
+        output_prefixes=written, documents=documents, tokens=tokens, input_bytes=totals["bytes"],
         lines=totals["lines"], seconds=time.perf_counter() - start, bad=bad, input_paths=paths,
-        resumed_partitions=resumed,
+        resumed_partitions=resumed, data_path_files=data_path_files,
     )
     _write_json_atomic(options.output_prefix + REPORT_SUFFIX, {
-        "inputs": paths, "outputs": finals, "documents": documents, "tokens": tokens,
-        "input_bytes": totals["bytes"], "lines": totals["lines"], "seconds": summary.seconds,
+        "inputs": paths, "outputs": written, "data_path_files": data_path_files, "documents": documents,
+        "tokens": tokens, "input_bytes": totals["bytes"], "lines": totals["lines"], "seconds": summary.seconds,
         "bad_input": bad.to_json(paths), "settings": settings,
     })
     for line in summary.report_lines():

@@ -325,6 +325,28 @@ def test_keep_partitions_writes_a_blend_that_reads_like_the_merged_dataset(tmp_p
     assert [d for docs in parts for d in docs] == read_dataset(dataset_prefix(str(tmp_path / "merged"), "text"))[1]
 
 
+@pytest.mark.parametrize("num_files", [1, 3])
+def test_keep_partitions_reports_the_datasets_it_wrote_and_always_writes_the_blend(tmp_path, num_files):
+    texts = corpus_texts(60)
+    size = len(texts) // num_files
+    files = [write_jsonl(tmp_path / f"{i}.jsonl", [{"text": t} for t in texts[i * size:(i + 1) * size]])
+             for i in range(num_files)]
+    summary = run(tmp_path, files, name="kept", partitions=3, keep_partitions=True)
+    final = dataset_prefix(str(tmp_path / "kept"), "text")
+    listing = open(final + ".data_path.txt").read().split()
+    prefixes = listing[1::2]
+    assert len(prefixes) == num_files  # never more partitions than files
+    assert [d for p in prefixes for d in read_dataset(p)[1]] == [list(t.encode()) for t in texts]
+    report = json.load(open(str(tmp_path / "kept") + preprocess_module.REPORT_SUFFIX))
+    assert summary.output_prefixes["text"] == report["outputs"]["text"] == prefixes
+    assert report["data_path_files"]["text"] == final + ".data_path.txt"
+    written = {os.path.join(str(tmp_path), n) for n in os.listdir(tmp_path)}
+    for line in summary.report_lines():
+        for word in line.split():
+            if word.endswith(".bin/.idx"):  # every dataset the summary names exists
+                assert {word[:-9] + ".bin", word[:-9] + ".idx"} <= written, line
+
+
 @pytest.mark.parametrize("batch_bytes", [4096, 1 << 20])
 def test_truncated_compressed_file_keeps_its_whole_lines_and_the_next_files(tmp_path, batch_bytes):
     import zlib
