@@ -29,12 +29,15 @@ class DataConfig:
     seq_length: int
     seed: int = 1234
     data_path: Optional[List[str]] = None  # --data-path: "w1 p1 w2 p2 ..." or "p1 p2 ..."
+    data_args_path: Optional[str] = None  # --data-args-path: a file holding the --data-path list
     split: Optional[str] = "969,30,1"  # --split
     train_data_path: Optional[List[str]] = None  # --train-data-path / --valid-data-path / --test-data-path
     valid_data_path: Optional[List[str]] = None
     test_data_path: Optional[List[str]] = None
+    per_split_data_args_path: Optional[str] = None  # --per-split-data-args-path: JSON {"train": ..., "valid": ...}
     mock_data: bool = False  # --mock-data
     data_cache_path: Optional[str] = None  # --data-cache-path
+    mmap_bin_files: bool = True  # --no-mmap-bin-files reads the .bin files instead of memory-mapping them
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
@@ -46,6 +49,11 @@ class DataConfig:
     pack_chunk_size: Optional[int] = None  # HSA: pack documents starting on chunk boundaries, with cu_seqlens
 
     def __post_init__(self) -> None:
+        for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+            paths = getattr(self, name)
+            if isinstance(paths, str):
+                paths = paths.split()
+            setattr(self, name, list(paths) if paths else None)
         for name in ("landmark_chunk_size", "pack_chunk_size"):
             size = getattr(self, name)
             if size is not None and self.seq_length % size:
@@ -63,18 +71,22 @@ class DataConfig:
                 "dense attention masks are not built for packed or landmark data: the HSA/GCA kernels mask causally "
                 "(and by cu_seqlens) themselves; pass --no-create-attention-mask-in-dataloader"
             )
-        if not self.mock_data and not (self.data_path or self.train_data_path or self.valid_data_path
-                                       or self.test_data_path):
-            raise ValueError("no data: give --data-path (or --train/valid/test-data-path), or --mock-data")
+        if not self.mock_data and not (self.data_path or self.data_args_path or self.train_data_path
+                                       or self.valid_data_path or self.test_data_path
+                                       or self.per_split_data_args_path):
+            raise ValueError("no data: give --data-path or --data-args-path (or --train/valid/test-data-path or "
+                             "--per-split-data-args-path), or --mock-data")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataConfig":
         get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         return cls(
             seq_length=args.seq_length, seed=get("seed", 1234), data_path=get("data_path"),
-            split=get("split") or "969,30,1", train_data_path=get("train_data_path"),
-            valid_data_path=get("valid_data_path"), test_data_path=get("test_data_path"),
+            data_args_path=get("data_args_path"), split=get("split") or "969,30,1",
+            train_data_path=get("train_data_path"), valid_data_path=get("valid_data_path"),
+            test_data_path=get("test_data_path"), per_split_data_args_path=get("per_split_data_args_path"),
             mock_data=bool(get("mock_data", False)), data_cache_path=get("data_cache_path"),
+            mmap_bin_files=bool(get("mmap_bin_files", True)),
             reset_position_ids=bool(get("reset_position_ids", False)),
             reset_attention_mask=bool(get("reset_attention_mask", False)),
             eod_mask_loss=bool(get("eod_mask_loss", False)),
@@ -115,31 +127,24 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _blend(path_list: Optional[Sequence[str]]):
-    from megatron.core.datasets.utils import get_blend_from_list
-
-    if not path_list:
-        return None
-    if isinstance(path_list, str):
-        path_list = path_list.split()
-    return get_blend_from_list(list(path_list))
-
-
 def gpt_dataset_config(config: DataConfig, tokenizer):
     """The megatron-core dataset config for this data config (GPTDatasetConfig, or the packed variant)."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     from megatron_ext.data.packing import PackedGPTDatasetConfig
 
-    per_split = [_blend(config.train_data_path), _blend(config.valid_data_path), _blend(config.test_data_path)]
-    use_per_split = any(b is not None for b in per_split)
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    # Megatron-LM's own reading of --data-path/--data-args-path and the per-split flags (same precedence).
+    blend, blend_per_split = (None, None) if config.mock_data else get_blend_and_blend_per_split(config)
     kwargs = dict(
         random_seed=config.seed,
         sequence_length=config.text_tokens_per_sample,
-        blend=None if (config.mock_data or use_per_split) else _blend(config.data_path),
-        blend_per_split=per_split if (use_per_split and not config.mock_data) else None,
-        split=None if use_per_split else config.split,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=None if blend_per_split is not None else config.split,
         path_to_cache=config.data_cache_path,
+        mmap_bin_files=config.mmap_bin_files,
         tokenizer=tokenizer,
         reset_position_ids=config.reset_position_ids,
         reset_attention_mask=config.reset_attention_mask,

@@ -1,7 +1,8 @@
 """Datasets and micro-batches for ``pretrain_hsa.py``.
 
-``build_datasets(args, num_samples)`` hands Megatron-LM's data flags (``--data-path`` blends, ``--split``,
-``--train/valid/test-data-path``, ``--mock-data``) and the project's (``--data-pack-chunk-size`` for chunk-aligned
+``build_datasets(args, num_samples)`` hands Megatron-LM's data flags (``--data-path``/``--data-args-path`` blends,
+``--split``, ``--train/valid/test-data-path``, ``--per-split-data-args-path``, ``--mock-data``,
+``--no-mmap-bin-files``) and the project's (``--data-pack-chunk-size`` for chunk-aligned
 HSA packing, ``--data-landmark-chunk-size`` for GCA landmarks) to ``megatron_ext.data.provider``. ``get_batch``
 moves one micro-batch to the model's device and turns packed samples' ``cu_seqlens`` into megatron's
 ``PackedSeqParams``.

@@ -241,3 +241,46 @@ def test_insert_landmarks_against_an_explicit_loop():
             pos += 1
     assert out["tokens"].tolist() == tokens and out["labels"].tolist() == want_labels
     assert out["loss_mask"].tolist() == want_mask and out["position_ids"].tolist() == want_pos
+
+
+def _megatron_args(argv, seq_length=32):
+    """Megatron-LM's own data flags (its parser, not a copy) plus ours."""
+    from megatron.training.arguments import _add_data_args
+
+    args = add_data_args(_add_data_args(argparse.ArgumentParser())).parse_args(argv)
+    args.seq_length, args.seed, args.mock_data = seq_length, 1234, False
+    return args
+
+
+def test_data_args_path_reads_the_blend_from_a_file(sources, tmp_path):
+    prefixes, cache = sources
+    blend = ["30", prefixes["first"], "70", prefixes["second"]]
+    (tmp_path / "blend.txt").write_text(" ".join(blend) + "\n")
+    common = ["--split", "90,5,5", "--data-cache-path", cache]
+    from_file = build_train_valid_test_datasets(
+        _megatron_args(["--data-args-path", str(tmp_path / "blend.txt")] + common), [200, 10, 10], TOK)[0]
+    direct = build_train_valid_test_datasets(_megatron_args(["--data-path", *blend] + common), [200, 10, 10], TOK)[0]
+    assert len(from_file) == len(direct) == 200
+    for i in range(0, 200, 7):  # the same blend as the list given on the command line
+        assert torch.equal(from_file[i]["tokens"], direct[i]["tokens"])
+        assert int(from_file[i]["dataset_id"]) == int(direct[i]["dataset_id"])
+
+
+def test_per_split_data_args_path_gives_each_split_its_own_data(sources, tmp_path):
+    prefixes, cache = sources
+    (tmp_path / "splits.json").write_text(json.dumps(
+        {"train": prefixes["first"], "valid": prefixes["second"], "test": prefixes["second"]}))
+    args = _megatron_args(["--per-split-data-args-path", str(tmp_path / "splits.json"), "--data-cache-path", cache])
+    train, valid, test = build_train_valid_test_datasets(args, [50, 10, 10], TOK)
+    letters = {n: set(ALPHABETS[n].encode()) | {TOK.eod} for n in ALPHABETS}
+    assert all(set(train[i]["tokens"].tolist()) <= letters["first"] for i in range(len(train)))
+    assert all(set(ds[i]["tokens"].tolist()) <= letters["second"] for ds in (valid, test) for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("flag, mmap", [([], True), (["--no-mmap-bin-files"], False)])
+def test_no_mmap_bin_files_reaches_the_indexed_dataset(sources, flag, mmap):
+    prefixes, cache = sources
+    args = _megatron_args(["--data-path", prefixes["first"], "--split", "90,5,5", "--data-cache-path", cache] + flag)
+    train = build_train_valid_test_datasets(args, [20, 2, 2], TOK)[0]
+    assert train.dataset.mmap is mmap  # the IndexedDataset under the GPTDataset
+    assert train[0]["tokens"].shape == (32,)
