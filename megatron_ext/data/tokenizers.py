@@ -123,6 +123,20 @@ class SentencePieceTokenizer(TextTokenizer):
         return {"class": type(self).__name__, "model": self.model_path, "vocab_size": self.vocab_size}
 
 
+def eos_token_name(path: str) -> Optional[str]:
+    """The ``eos_token`` of the ``tokenizer_config.json`` in the tokenizer directory ``path`` (or beside the
+    tokenizer.json file ``path``): a string or ``{"content": ...}``; None without the file or the entry."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
+
+
 class HuggingFaceTokenizer(TextTokenizer):
     """A Hugging Face tokenizer read from local files; special tokens are not added (EOD comes from --append-eod)."""
 
@@ -156,7 +170,11 @@ class HuggingFaceTokenizer(TextTokenizer):
         if self._fast is not None:
             self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
             vocab = self._fast.get_vocab(with_added_tokens=True)
-            eod = next((vocab[t] for t in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>") if t in vocab), None)
+            # The eos_token of tokenizer_config.json first (models whose vocab holds several of the usual names,
+            # e.g. Llama 3's <|end_of_text|> and <|eot_id|>, say there which one ends a document).
+            named = eos_token_name(path)
+            guesses = ([named] if named else []) + ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+            eod = next((vocab[t] for t in guesses if t in vocab), None)
             pad = next((vocab[t] for t in ("<pad>", "<|pad|>", "[PAD]") if t in vocab), None)
         else:
             self.vocab_size = len(self._auto)

@@ -156,3 +156,31 @@ def test_gpt2_bpe_equals_hugging_face_on_the_same_files(hf_tokenizer_json, tmp_p
         texts = [json.loads(line)["text"] for line in f][200:260] + SAMPLES
     for text in texts:
         assert ours.tokenize(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("eos", ["<|eot_id|>", {"content": "<|eot_id|>", "lstrip": False, "special": True}])
+def test_hf_end_of_document_is_the_eos_token_of_tokenizer_config(tmp_path, eos):
+    from megatron_ext.data.tokenizers import eos_token_name
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert eos_token_name(str(tmp_path / "tokenizer.json")) is None  # no tokenizer_config.json
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": eos}))
+    assert eos_token_name(str(tmp_path / "tokenizer.json")) == "<|eot_id|>"
+    assert eos_token_name(str(tmp_path)) == "<|eot_id|>"  # a tokenizer directory
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": None}))
+    assert eos_token_name(str(tmp_path)) is None
+
+
+def test_hf_tokenizer_takes_eod_from_tokenizer_config(hf_tokenizer_json, tmp_path):
+    """A vocab holding both <|endoftext|> and the configured <|eot_id|>: the config decides."""
+    import tokenizers
+
+    hf = tokenizers.Tokenizer.from_file(hf_tokenizer_json)
+    hf.add_special_tokens(["<|eot_id|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|eot_id|>"}}))
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tokenizer.json"))
+    assert tok.eod == hf.token_to_id("<|eot_id|>") != hf.token_to_id("<|endoftext|>")
+    (tmp_path / "tokenizer_config.json").unlink()  # without the config: the usual names, in order
+    assert build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tokenizer.json")).eod == hf.token_to_id(
+        "<|endoftext|>")
