@@ -45,7 +45,7 @@ class DataConfig:
     create_attention_mask: bool = False  # an [1, L, L] mask per sample: only for short contexts, never when packed
     # Extensions (flags in add_data_args):
     landmark_chunk_size: Optional[int] = None  # GCA: a landmark token ends every chunk of this many tokens
-    landmark_token_id: Optional[int] = None  # default: tokenizer.vocab_size (the model's vocab must cover it)
+    landmark_token_id: Optional[int] = None  # default: tokenizer.vocab_size (pretrain_hsa.py pads the vocab)
     pack_chunk_size: Optional[int] = None  # HSA: pack documents starting on chunk boundaries, with cu_seqlens
 
     def __post_init__(self) -> None:
@@ -121,7 +121,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--data-landmark-chunk-size", type=int, default=None,
                        help="GCA: insert a landmark token after every chunk_size-1 tokens (the model's chunk size)")
     group.add_argument("--data-landmark-token-id", type=int, default=None,
-                       help="id of the landmark token (default: the tokenizer's vocab size)")
+                       help="id of the landmark token (default: the tokenizer's vocab size; pretrain_hsa.py pads the "
+                            "model's vocabulary to cover it)")
     group.add_argument("--data-pack-chunk-size", type=int, default=None,
                        help="HSA: pack documents so each starts on a chunk boundary; batches carry cu_seqlens")
     return parser

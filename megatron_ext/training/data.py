@@ -2,10 +2,10 @@
 
 ``build_datasets(args, num_samples)`` hands Megatron-LM's data flags (``--data-path``/``--data-args-path`` blends,
 ``--split``, ``--train/valid/test-data-path``, ``--per-split-data-args-path``, ``--mock-data``,
-``--no-mmap-bin-files``) and the project's (``--data-pack-chunk-size`` for chunk-aligned
-HSA packing, ``--data-landmark-chunk-size`` for GCA landmarks) to ``megatron_ext.data.provider``. ``get_batch``
-moves one micro-batch to the model's device and turns packed samples' ``cu_seqlens`` into megatron's
-``PackedSeqParams``.
+``--no-mmap-bin-files``) and the project's (``--data-pack-chunk-size`` for chunk-aligned HSA packing,
+``--data-landmark-chunk-size`` for GCA landmarks) to ``megatron_ext.data.provider``. ``get_batch`` moves one
+micro-batch to the model's device and turns packed samples' ``cu_seqlens`` into megatron's ``PackedSeqParams``.
+
 ``check_data_against_model(args, tokenizer)`` is the one place where the data flags are checked against the model
 (chunk sizes, landmarks, vocabulary), before the model is built.
 """
