@@ -10,7 +10,7 @@ Every Megatron-LM flag keeps its name; the HSA/GCA options live in one argument 
 The same script runs a tiny config on the CPU over gloo (``megatron_ext.compat.cpu``) and a real one on GPUs::
 
     torchrun --nproc-per-node 8 pretrain_hsa.py --config examples/swa_hsa_345m.yaml --save ckpt --load ckpt
-    python pretrain_hsa.py --config examples/tiny_cpu.yaml          # one CPU process, gloo
+    python -m megatron_ext.demo     # one CPU process, gloo: a tiny SWA+HSA model (flags in megatron_ext/demo.py)
 """
 
 import time

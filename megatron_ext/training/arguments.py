@@ -212,8 +212,12 @@ def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     ``no-rope-fusion: true`` works as on the command line) or argument destinations (``apply_rope_fusion: false``),
     at the top level or under ``model:``/``training:``/``data:`` sections. Unknown keys are an error naming the key.
     """
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:  # argument parsing: a one-line message, as for a missing --config value
+        raise SystemExit(f"--config {path}: cannot read the file ({e.strerror}); give the path of a YAML file, "
+                         f"e.g. --config examples/swa_hsa_345m.yaml") from None
     if not isinstance(raw, dict):
         raise ValueError(f"--config {path}: expected a mapping of argument names to values, got {type(raw).__name__}")
     index = _name_index(parser)

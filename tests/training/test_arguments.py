@@ -68,3 +68,24 @@ def test_help_lists_the_hsa_group(monkeypatch, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "HSA / GCA / SWA" in text and "--hsa-topk" in text and "--no-hsa-bypass-residual" in text
+
+
+def test_missing_config_file_is_one_line_naming_it(monkeypatch, tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(monkeypatch, ["--config", str(missing)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"--config {missing}: ") and "\n" not in message
+
+
+def test_entry_point_docstring_names_files_that_exist():
+    import os
+    import re
+
+    from tests.training.runner import REPO, SCRIPT
+
+    text = open(SCRIPT).read().split('"""')[1]
+    paths = re.findall(r"\b((?:examples|megatron_ext)/[\w./-]+\.(?:yaml|py))", text)
+    assert paths, "the docstring shows how to run an example"
+    for path in paths:
+        assert os.path.exists(os.path.join(REPO, path)), f"pretrain_hsa.py's docstring names missing {path}"
