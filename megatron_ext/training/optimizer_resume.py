@@ -23,8 +23,14 @@ parameter's state (apex/TE's FusedAdam keeps it in the param group). Two bugs in
    values into them outside ``torch.no_grad()``: "a view of a leaf Variable that requires grad is being used in an
    in-place operation". Fix: run ``load_state_dict`` under ``torch.no_grad()`` (a load never needs autograd).
 
-:func:`install` applies fix 3 always and fixes 1-2 in the no-apex/TE configuration, where those bugs live; the
-exact-resume test ``tests/training/test_resume.py`` fails without them.
+4. The legacy format (``--ckpt-format torch``) loads the parameter state with ``load_parameter_state``, outside
+   ``torch.no_grad()`` too (bug 3 again), after ``load_state_dict`` has given every parameter state a ``step``
+   tensor that the legacy file does not hold: ``_set_main_param_and_optimizer_states`` then fails with
+   ``KeyError: 'step'``. Fix: run it under ``torch.no_grad()`` and let a missing ``step`` keep the state's own
+   (the value ``load_state_dict`` set from the saved param groups).
+
+:func:`install` applies fixes 3-4 always and fixes 1-2 in the no-apex/TE configuration, where those bugs live; the
+exact-resume tests ``tests/training/test_resume.py`` (both checkpoint formats) fail without them.
 """
 
 from __future__ import annotations
@@ -72,6 +78,20 @@ def install() -> bool:
             if "step" in param_state:
                 param_state["step"] = torch.full_like(param_state["step"], float(step))
 
+    original_load_parameter_state = cls.load_parameter_state
+    original_set_states = cls._set_main_param_and_optimizer_states
+
+    @torch.no_grad()  # bug 3, legacy format
+    def load_parameter_state(self, filename, **kwargs):
+        original_load_parameter_state(self, filename, **kwargs)
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        # bug 4: None (not a tensor) makes megatron skip the copy, keeping the step that load_state_dict set.
+        original_set_states(self, model_param, {"step": None, **tensors})
+
+    load_parameter_state.__doc__ = original_load_parameter_state.__doc__
+    cls.load_parameter_state = load_parameter_state
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     sharded_state_dict.__doc__ = original_sharded_state_dict.__doc__
     load_state_dict.__doc__ = original_load_state_dict.__doc__
     cls.sharded_state_dict = sharded_state_dict
