@@ -1,7 +1,8 @@
 """Small spec helpers shared by the layer kinds: self-attention, dense MLP and plain transformer-layer specs.
 
-Everything here uses megatron-core's local (non-TE) linear layers, our :class:`RMSNorm`, megatron's self-attention
-with our fused rotary embedding, and our core attention (which picks Transformer Engine when it is importable).
+Everything here uses megatron-core's local (non-TE) linear layers, the norm that ``config.normalization`` names (our
+:class:`RMSNorm` or :class:`LayerNorm`), megatron's self-attention with our fused rotary embedding, and our core
+attention (which picks Transformer Engine when it is importable).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_ext.layers.core_attention import core_attention_builder
-from megatron_ext.layers.norms import RMSNorm
+from megatron_ext.layers.norms import norm_builder
 from megatron_ext.layers.self_attention import FusedRotarySelfAttention
 
 __all__ = ["self_attention_spec", "dense_mlp_builder", "attention_layer_spec"]
@@ -30,6 +31,7 @@ def self_attention_spec(config, *, causal: bool = True, window_size: Optional[in
     """megatron ``SelfAttention`` (with the fused rotary embedding on GPUs) and our core attention; RoPE comes from the
     ``rotary_pos_emb`` it is given."""
     qk_norm = config.qk_layernorm if qk_norm is None else qk_norm
+    norm = norm_builder(config)
     return ModuleSpec(
         module=FusedRotarySelfAttention,
         params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
@@ -37,8 +39,8 @@ def self_attention_spec(config, *, causal: bool = True, window_size: Optional[in
             linear_qkv=ColumnParallelLinear,
             core_attention=core_attention_builder(config, window_size),
             linear_proj=RowParallelLinear,
-            q_layernorm=RMSNorm if qk_norm else IdentityOp,
-            k_layernorm=RMSNorm if qk_norm else IdentityOp,
+            q_layernorm=norm if qk_norm else IdentityOp,
+            k_layernorm=norm if qk_norm else IdentityOp,
         ),
     )
 
@@ -50,13 +52,14 @@ def dense_mlp_builder():
 
 def attention_layer_spec(config, attention: ModuleSpec, mlp) -> ModuleSpec:
     """A pre-norm ``TransformerLayer``: x + attn(norm x), then + mlp(norm x)."""
+    norm = norm_builder(config)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),

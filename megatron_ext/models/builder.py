@@ -1,8 +1,9 @@
 """Pattern -> megatron-core layer specs -> GPTModel.
 
 ``build_layer_specs(config)`` turns ``config.layer_pattern`` into a ``TransformerBlockSubmodules`` (one layer spec per
-layer of this pipeline stage, our RMSNorm as the final norm); ``build_model(config, vocab_size=...)`` passes it to
-:class:`HSAGPTModel`, megatron-core's ``GPTModel`` with the fused cross entropy of ``megatron_ext.kernels.fused``.
+layer of this pipeline stage, the norm of ``config.normalization`` as the final norm); ``build_model(config,
+vocab_size=...)`` passes it to :class:`HSAGPTModel`, megatron-core's ``GPTModel`` with the fused cross entropy of
+``megatron_ext.kernels.fused``.
 This is the one model provider of ``pretrain_hsa.py``, the tests and ``tools/model_summary.py``.
 
 The MLP slot of each layer is dense or MoE: a ``:moe``/``:dense`` suffix in the pattern decides, otherwise
@@ -81,7 +82,7 @@ def _stage_slice(config: HSAConfig, vp_stage: Optional[int], pp_rank: Optional[i
 def build_layer_specs(config: HSAConfig, pattern: Optional[str] = None, *, vp_stage: Optional[int] = None,
                       pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """One ``ModuleSpec(TransformerLayer...)`` per layer of this pipeline stage, from the layer pattern."""
-    from megatron_ext.layers.norms import RMSNorm
+    from megatron_ext.layers.norms import norm_builder
     from megatron_ext.models.pattern import parse_layer_pattern
 
     if pattern is None:
@@ -91,7 +92,8 @@ def build_layer_specs(config: HSAConfig, pattern: Optional[str] = None, *, vp_st
         if len(plans) != config.num_layers:
             raise ValueError(f"pattern {pattern!r} has {len(plans)} layers but config.num_layers={config.num_layers}")
     specs = [ATTENTION_KINDS[p.kind].build_spec(config, p, mlp_builder_for_layer(config, p)) for p in plans]
-    return TransformerBlockSubmodules(layer_specs=specs[_stage_slice(config, vp_stage, pp_rank)], layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=specs[_stage_slice(config, vp_stage, pp_rank)],
+                                      layer_norm=norm_builder(config))
 
 
 def build_model(config: HSAConfig, *, vocab_size: Optional[int] = None, pre_process: bool = True,

@@ -62,21 +62,22 @@ def _swa_spec(config, plan, mlp) -> ModuleSpec:
 
 
 def _retrieval_layer_spec(config, plan, mlp, *, inner_window, cross_attention, chunk_memory, retrieval):
-    from megatron_ext.layers.norms import RMSNorm
+    from megatron_ext.layers.norms import norm_builder
     from megatron_ext.layers.retrieval_layer import RetrievalLayerSubmodules, RetrievalTransformerLayer
     from megatron_ext.layers.specs import self_attention_spec
 
     inner = inner_window is not None
+    norm = norm_builder(config)
     return ModuleSpec(
         module=RetrievalTransformerLayer,
         params={"group": plan.group},
         submodules=RetrievalLayerSubmodules(
-            input_layernorm=RMSNorm if inner else IdentityOp,
+            input_layernorm=norm if inner else IdentityOp,
             self_attention=self_attention_spec(config, causal=True, window_size=inner_window) if inner else IdentityOp,
             self_attn_bda=get_bias_dropout_add,
-            pre_cross_attn_layernorm=RMSNorm,
+            pre_cross_attn_layernorm=norm,
             cross_attention=cross_attention,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             chunk_memory=chunk_memory if plan.memory_builder else None,

@@ -1,5 +1,6 @@
-"""RMSNorm: the formula, its dtype handling and the sequence-parallel tag megatron's grad reduction looks for."""
+"""RMSNorm and LayerNorm: the formula, dtype handling and the sequence-parallel tag megatron's grad reduction reads."""
 
+import pytest
 import torch
 
 from megatron_ext.layers.norms import RMSNorm
@@ -22,3 +23,15 @@ def test_rmsnorm_tags_sequence_parallel_weights(megatron_world):
     assert plain.weight.sequence_parallel is False
     sp_config = tiny_config("full", tensor_model_parallel_size=2, sequence_parallel=True)
     assert RMSNorm(sp_config, 64).weight.sequence_parallel is True
+
+
+def test_norm_builder_follows_normalization_and_refuses_what_it_lacks(megatron_world):
+    from megatron_ext.layers.norms import LayerNorm, norm_builder
+
+    assert norm_builder(tiny_config("full")) is RMSNorm
+    assert norm_builder(tiny_config("full", normalization="LayerNorm")) is LayerNorm
+    sp_config = tiny_config("full", normalization="LayerNorm", tensor_model_parallel_size=2, sequence_parallel=True)
+    norm = LayerNorm(sp_config, 64)
+    assert norm.weight.sequence_parallel is True and norm.bias.sequence_parallel is True
+    with pytest.raises(ValueError, match="layernorm_zero_centered_gamma"):
+        norm_builder(tiny_config("full", layernorm_zero_centered_gamma=True))
