@@ -3,7 +3,8 @@
 ``build_layer_specs(config)`` turns ``config.layer_pattern`` into a ``TransformerBlockSubmodules`` (one layer spec per
 layer of this pipeline stage, the norm of ``config.normalization`` as the final norm); ``build_model(config,
 vocab_size=...)`` passes it to :class:`HSAGPTModel`, megatron-core's ``GPTModel`` with the fused cross entropy of
-``megatron_ext.kernels.fused``.
+``megatron_ext.kernels.fused``, and the RoPE options (``rotary_percent``, ``use_rope_scaling``, ...) as
+Megatron-LM's ``pretrain_gpt.py`` passes them.
 This is the one model provider of ``pretrain_hsa.py``, the tests and ``tools/model_summary.py``.
 
 The MLP slot of each layer is dense or MoE: a ``:moe``/``:dense`` suffix in the pattern decides, otherwise
@@ -120,7 +121,11 @@ def build_model(config: HSAConfig, *, vocab_size: Optional[int] = None, pre_proc
         post_process=post_process,
         share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
         position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
+        rope_scaling=config.use_rope_scaling,
+        rope_scaling_factor=config.rope_scaling_factor,
+        seq_len_interpolation_factor=config.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )

@@ -46,6 +46,16 @@ class HSAConfig(TransformerConfig):
     max_position_embeddings: Optional[int] = None
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions that RoPE rotates (Megatron-LM's --rotary-percent)."""
+
+    rotary_seq_len_interpolation_factor: Optional[float] = None
+    """Linear RoPE position interpolation (Megatron-LM's --rotary-seq-len-interpolation-factor)."""
+
+    use_rope_scaling: bool = False
+    """Llama 3.x RoPE frequency scaling (Megatron-LM's --use-rope-scaling, with rope_scaling_factor)."""
+
+    rope_scaling_factor: float = 8.0
     untie_embeddings_and_output_weights: bool = True
 
     # ---------------- SWA / full attention ----------------
@@ -194,6 +204,13 @@ class HSAConfig(TransformerConfig):
         if any(p.mlp == "moe" for p in plans) and not self.num_moe_experts:
             self._fail("layer_pattern", "marks a layer ':moe' but num_moe_experts is not set",
                        "set num_moe_experts (YAML: num_experts) or drop ':moe'")
+        if self.window_size is not None:
+            # megatron's window applies to every layer; here each layer kind decides (swa: windowed, full: not).
+            self._fail("window_size", f"Megatron-LM's --window-size {self.window_size} is not used by this model",
+                       "drop --window-size and give the layers that slide the 'swa' kind in --layer-pattern, "
+                       "with --swa-window-size W")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            self._fail("rotary_percent", f"must be in (0, 1], got {self.rotary_percent}", "use e.g. 0.5")
         if self.swa_window_size < 1:
             self._fail("swa_window_size", f"must be >= 1, got {self.swa_window_size}", "use e.g. 512")
         if self.fused_kernel_backend not in KERNEL_BACKENDS:
