@@ -152,7 +152,26 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     if config_path is not None:
         defaults.update(load_yaml_config(config_path, parser))
     parser.set_defaults(**defaults)
+    _fill_derived_defaults_after_parsing(parser)
     return parser
+
+
+def _fill_derived_defaults_after_parsing(parser: argparse.ArgumentParser) -> None:
+    """After parsing (before megatron's validation), default ``--max-position-embeddings`` to ``--seq-length``.
+
+    megatron requires the flag, but with RoPE (every example model) it only sizes the position table; the model
+    builder already falls back to ``seq_length``. A parser default cannot depend on another flag, so the fill-in
+    happens on the parsed namespace; ``parse_args`` goes through ``parse_known_args``, so both are covered.
+    """
+    parse_known_args = parser.parse_known_args
+
+    def parse_known_args_filling_defaults(*args, **kwargs):
+        namespace, extras = parse_known_args(*args, **kwargs)
+        if getattr(namespace, "max_position_embeddings", None) is None:
+            namespace.max_position_embeddings = getattr(namespace, "seq_length", None)
+        return namespace, extras
+
+    parser.parse_known_args = parse_known_args_filling_defaults
 
 
 def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,7 @@
 """pretrain_hsa.py's arguments: Megatron-LM's parser + the HSA/GCA group + ``--config FILE.yaml`` with overrides."""
 
+import glob
+import os
 import sys
 
 import pytest
@@ -29,6 +31,30 @@ def test_yaml_sets_defaults_and_command_line_wins(monkeypatch, tmp_path):
     assert args.hsa_bypass_residual is False and args.apply_rope_fusion is False
     assert args.use_distributed_optimizer is True
     assert args.group_query_attention is True and args.num_query_groups == 2
+
+
+EXAMPLE_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "*.yaml")))
+
+
+@pytest.mark.parametrize("config", EXAMPLE_CONFIGS, ids=os.path.basename)
+def test_every_example_config_passes_megatron_validation(monkeypatch, config):
+    """What ``pretrain_hsa.py --config FILE --mock-data`` does before building anything: parse, then megatron's
+    ``validate_args`` (the two halves of ``parse_and_validate_args``; the third only sets globals)."""
+    import torch
+    from megatron.training.arguments import validate_args
+
+    # The example models are H100 configurations; validation asks the GPU's capability for --moe-grouped-gemm.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    args = _parse(monkeypatch, ["--config", config, "--mock-data", "--micro-batch-size", "1",
+                                "--global-batch-size", "8", "--train-iters", "10"])
+    validate_args(args, dict(arguments.ARGS_DEFAULTS))
+    assert args.max_position_embeddings >= args.seq_length
+
+
+def test_max_position_embeddings_defaults_to_seq_length(monkeypatch):
+    assert _parse(monkeypatch, ["--seq-length", "4096"]).max_position_embeddings == 4096
+    given = _parse(monkeypatch, ["--seq-length", "4096", "--max-position-embeddings", "8192"])
+    assert given.max_position_embeddings == 8192, "an explicit value is kept"
 
 
 def test_megatron_flags_keep_their_names(monkeypatch):
