@@ -215,11 +215,11 @@ def _flatten(raw: dict, path: str) -> dict:
         if str(key) in _SECTIONS and isinstance(value, dict):
             for inner_key, inner_value in _flatten(value, path).items():
                 if inner_key in flat:
-                    raise ValueError(f"--config {path}: '{inner_key}' is set twice")
+                    raise SystemExit(f"--config {path}: '{inner_key}' is set twice")
                 flat[inner_key] = inner_value
         else:
             if key in flat:
-                raise ValueError(f"--config {path}: '{key}' is set twice")
+                raise SystemExit(f"--config {path}: '{key}' is set twice")
             flat[key] = value
     return flat
 
@@ -230,6 +230,7 @@ def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     Keys are flag names without dashes (``seq-length``, ``seq_length``; a ``no-`` flag such as
     ``no-rope-fusion: true`` works as on the command line) or argument destinations (``apply_rope_fusion: false``),
     at the top level or under ``model:``/``training:``/``data:`` sections. Unknown keys are an error naming the key.
+    Errors are one line (``SystemExit`` with the message), as argparse reports a bad flag: no traceback.
     """
     try:
         with open(path) as f:
@@ -238,26 +239,31 @@ def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         raise SystemExit(f"--config {path}: cannot read the file ({e.strerror}); give the path of a YAML file, "
                          f"e.g. --config examples/swa_hsa_345m.yaml") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"--config {path}: expected a mapping of argument names to values, got {type(raw).__name__}")
+        raise SystemExit(f"--config {path}: expected a mapping of argument names to values, "
+                         f"got {type(raw).__name__}")
     index = _name_index(parser)
     defaults: dict[str, Any] = {}
     for key, value in _flatten(raw, path).items():
         name = str(key).lstrip("-").replace("-", "_")
         action, by_flag = index.get(name, (None, False))
         if action is None:
-            raise ValueError(f"--config {path}: unknown argument '{key}' (not a flag of pretrain_hsa.py; "
+            raise SystemExit(f"--config {path}: unknown argument '{key}' (not a flag of pretrain_hsa.py; "
                              f"see `python pretrain_hsa.py --help`)")
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
             if not isinstance(value, bool):
-                raise ValueError(f"--config {path}: '{key}' is a switch; give true or false, not {value!r}")
+                raise SystemExit(f"--config {path}: '{key}' is a switch; give true or false, not {value!r}")
             # By its flag (``no_rope_fusion: true``) a switch means "as if given on the command line"; by its
             # destination (``apply_rope_fusion: false``) the value is the value.
             if by_flag and isinstance(action, argparse._StoreFalseAction):  # noqa: SLF001
                 value = not value
         elif isinstance(value, list) and action.nargs is None:
-            raise ValueError(f"--config {path}: '{key}' takes one value, got a list")
+            raise SystemExit(f"--config {path}: '{key}' takes one value, got a list")
         elif action.type is not None and value is not None:
-            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            try:
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            except (TypeError, ValueError):
+                raise SystemExit(f"--config {path}: '{key}' takes a {getattr(action.type, '__name__', 'value')}, "
+                                 f"not {value!r}") from None
         defaults[action.dest] = value
     if defaults.get("num_query_groups") is not None and "group_query_attention" not in defaults:
         # Model files (examples/*.yaml) give num_query_groups alone; Megatron-LM reads it only with this switch.

@@ -80,12 +80,17 @@ def test_every_hsa_config_field_has_a_flag(monkeypatch):
     ("hsa_top_k: 4\n", "unknown argument 'hsa_top_k'"),
     ("use-distributed-optimizer: 1\n", "is a switch"),
     ("- a\n- b\n", "expected a mapping"),
+    ("model:\n  lr: 1.0\ntraining:\n  lr: 2.0\n", "'lr' is set twice"),
+    ("eval-iters: [1, 2]\n", "takes one value"),
+    ("lr: fast\n", "'lr' takes a float, not 'fast'"),
 ])
 def test_bad_yaml_is_named(monkeypatch, tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as exit_info:
         _parse(monkeypatch, ["--config", str(cfg)])
+    text = str(exit_info.value.code)
+    assert text.startswith(f"--config {cfg}: ") and message in text and "\n" not in text, "one line, no traceback"
 
 
 def test_help_lists_the_hsa_group(monkeypatch, capsys):
