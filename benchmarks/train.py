@@ -140,7 +140,7 @@ def markdown(rows: list[dict], env: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {', '.join(m[0] for m in MODELS)}")
     parser.add_argument("--train-iters", type=int, default=50)
@@ -155,13 +155,18 @@ def main() -> None:
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--out", default=None, help="append one JSON row per model")
     parser.add_argument("--markdown", default=None, help="append the table to this markdown file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    known = [m[0] for m in MODELS]
+    wanted = [name for name in args.models.split(",") if name]
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:  # a typo would otherwise run nothing and report success
+        parser.error(f"--models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(known)}")
     if args.smoke:
         args.train_iters, args.log_interval, args.skip_iters = 4, 1, 1
     log_dir = args.log_dir or os.path.join(REPO, "outputs", "bench_train")
     os.makedirs(log_dir, exist_ok=True)
     env = environment()
-    wanted = args.models.split(",")
     rows = []
     for name, label, config, *extra in MODELS:
         if name not in wanted:
@@ -186,7 +191,12 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(text + "\n")
+    failed = [row["model"] for row in rows if "error" in row]
+    if failed:  # the table is written either way; the status tells a script (or SLURM) that a run failed
+        print(f"benchmarks/train.py: failed: {', '.join(failed)} (logs in {log_dir})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="model YAML (examples/*.yaml)")
     parser.add_argument("--vocab-size", type=int, default=None, help="override the YAML's vocab_size")
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.config):  # checked before megatron starts: one line, not a traceback
+        parser.error(f"--config {args.config}: no such file; give a model YAML, e.g. examples/swa_hsa_345m.yaml")
 
     import torch
 

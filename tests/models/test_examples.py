@@ -73,3 +73,15 @@ def test_model_summary_tool_prints_the_counts(capsys):
     total = int(out.split("total parameters: ")[1].split()[0])
     active = int(out.split("active parameters: ")[1].split()[0])
     assert total == active and 3.0e8 < total < 4.0e8
+
+
+def test_model_summary_tool_names_a_missing_config_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    missing = str(tmp_path / "nonexistent.yaml")
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "model_summary.py"), "--config", missing],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"--config {missing}: no such file" in proc.stderr and "Traceback" not in proc.stderr
