@@ -138,8 +138,9 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                             "is installed; by default it is switched to torch's fused AdamW on GPUs (same update, "
                             "one pass over the optimizer state).")
     group.add_argument("--peak-tflops", type=float, default=None,
-                       help="Peak dense TFLOP/s per device for MFU (default: 989, the H100/H200 bf16 peak; "
-                            "no MFU on other devices).")
+                       help="Peak dense TFLOP/s per device for MFU (default: NVIDIA's bf16 peak of the GPU: "
+                            "989.4 H100 SXM and H200, 835 H100 NVL, 756 H100 PCIe; other devices need this flag "
+                            "for MFU).")
 
     _escape_bare_percent_signs(parser)
     defaults = environment_defaults()

@@ -24,7 +24,27 @@ from dataclasses import dataclass
 
 import torch
 
-H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100 SXM (the H200 has the same compute)
+# NVIDIA's published dense (not 2:4-sparse) bf16 tensor-core peaks, TFLOP/s, keyed by what
+# ``torch.cuda.get_device_name()`` reports; first match wins. The H100 SXM reports "H100 80GB HBM3" (or "SXM"); the
+# PCIe and NVL H100s run at lower clocks. Any other device needs --peak-tflops for MFU.
+DENSE_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100 SXM", 989.4),
+    ("H100 80GB HBM3", 989.4),
+    ("H200", 989.4),  # same compute as the H100 SXM
+)
+H200_NVL = "H200 NVL"  # a lower-power part whose peak we do not list: --peak-tflops
+
+
+def device_peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of the device named ``device_name`` (``torch.cuda.get_device_name()``), None if not listed."""
+    if H200_NVL in device_name:
+        return None
+    for needle, peak in DENSE_BF16_PEAK_TFLOPS:
+        if needle in device_name:
+            return peak
+    return None
 
 
 def window_attention_flops(seq_len: int, window: int, heads: int, head_dim: int) -> float:
@@ -159,9 +179,9 @@ class FlopModel:
 
 
 def peak_tflops(override: float | None = None) -> float | None:
-    """Peak dense TFLOP/s per device for MFU: the override, the bf16 peak of an H100/H200, else None (unknown)."""
+    """Peak dense TFLOP/s per device for MFU: the override, the listed bf16 peak of this GPU, else None (unknown)."""
     if override:
         return float(override)
-    if torch.cuda.is_available() and any(n in torch.cuda.get_device_name() for n in ("H100", "H200")):
-        return H100_BF16_PEAK_TFLOPS
+    if torch.cuda.is_available():
+        return device_peak_tflops(torch.cuda.get_device_name())
     return None

@@ -9,7 +9,7 @@ stay as they are. This module, installed once by :func:`install`:
   :class:`megatron_ext.training.flops.FlopModel`, which counts SWA, HSA/GCA and MoE layers as built, so megatron's
   ``throughput per GPU (TFLOP/s/GPU)`` and its progress log are right for these models;
 * prints a second line per interval: tokens/s, TFLOP/s per GPU, MFU (against ``--peak-tflops``, default the
-  H100 bf16 peak on CUDA) and peak memory, and writes ``tokens-per-sec``, ``tflops-per-gpu`` and ``mfu`` to
+  listed bf16 peak of the GPU: H100 SXM/PCIe/NVL, H200) and peak memory, and writes ``tokens-per-sec``, ``tflops-per-gpu`` and ``mfu`` to
   TensorBoard;
 * makes the interval after the first logged iteration start afresh. megatron logs the first iteration of every run
   without resetting its sums, so after a resume the next logged ``lm loss`` is the mean of two iterations
@@ -66,6 +66,10 @@ def _interval_line(args, iteration: int, elapsed_s: float, iterations: int) -> t
     if peak:
         values["mfu"] = tflops_per_gpu / peak
         line += f" MFU: {100 * values['mfu']:.1f}% |"
+    elif torch.cuda.is_available() and not _STATE.get("told_no_peak"):
+        _STATE["told_no_peak"] = True  # once per run: a wrong peak would make every MFU figure wrong
+        line = (f" [perf] no MFU: the bf16 peak of '{torch.cuda.get_device_name()}' is not listed in "
+                f"megatron_ext/training/flops.py; give --peak-tflops (dense TFLOP/s per GPU)\n") + line
     if torch.cuda.is_available():
         line += f" max memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |"
     return line, values

@@ -70,3 +70,28 @@ def test_linear_flops_match_a_counted_forward(megatron_world, pattern, overrides
     per_sequence = flop_model.attention_flops_per_sequence
     assert per_sequence == pytest.approx(config.num_layers * causal_attention_flops(SEQ, 4, 16))
     assert flop_model.training_flops(2) == pytest.approx(3 * (counted + 2 * per_sequence))
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4),  # the SXM part's reported name
+    ("NVIDIA H100 SXM5 80GB", 989.4),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4),
+    ("NVIDIA H200 NVL", None),  # not listed: --peak-tflops
+    ("NVIDIA H100", None),  # which H100 is unknown: no guess
+    ("NVIDIA A100-SXM4-80GB", None),
+])
+def test_device_peak_matches_the_exact_part(name, peak):
+    from megatron_ext.training.flops import device_peak_tflops
+
+    assert device_peak_tflops(name) == peak
+
+
+def test_peak_tflops_override_wins_and_reads_the_device(monkeypatch):
+    from megatron_ext.training.flops import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert peak_tflops() == 756.0
+    assert peak_tflops(500.0) == 500.0
