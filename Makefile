@@ -39,9 +39,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-# On the GPU machine: megatron-core comes from a carried wheel (see README), so no venv is built there.
-test-gpu:
-	python3 -m pytest -q -m gpu tests
+# The GPU tests need torch and megatron-core like the rest: the same virtualenv as `make test`.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
 
 clean-venv:
 	rm -rf $(VENV)
