@@ -54,6 +54,9 @@ def _skip_dataset_helper_compilation() -> None:
     dataset_utils.compile_helpers = lambda: None
 
 
+INTERRUPTED_STATUS = 128 + signal.SIGINT  # 130: the shell's status for a process ended by Ctrl-C
+
+
 def run_failing_fast(fn, *args, **kwargs):
     """Call ``fn``; if it raises, print the error and end the process at once with a non-zero status.
 
@@ -71,10 +74,15 @@ def run_failing_fast(fn, *args, **kwargs):
         code = exc.code if isinstance(exc.code, int) else 1
         if not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
-    except BaseException:  # noqa: BLE001 - any failure, KeyboardInterrupt included, ends the run
+    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler (else listen_for_preemption catches it)
+        print(f"pretrain_hsa.py: interrupted (Ctrl-C); exiting with status {INTERRUPTED_STATUS} without saving",
+              file=sys.stderr)
+        code = INTERRUPTED_STATUS
+    except BaseException:  # noqa: BLE001 - any failure ends the run
         traceback.print_exc()
         code = 1
-    print(f"pretrain_hsa.py: the run failed; exiting with status {code}", file=sys.stderr)
+    if code != INTERRUPTED_STATUS:
+        print(f"pretrain_hsa.py: the run failed; exiting with status {code}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -93,26 +101,51 @@ def install_training_hooks(args) -> None:
 
 
 # SLURM warns a job before preempting or timing it out with SIGUSR1 (``#SBATCH --signal=B:USR1@<seconds>``), then
-# sends SIGTERM; torchrun passes SIGTERM on to the workers.
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# sends SIGTERM; torchrun passes SIGTERM on to the workers. Ctrl-C (SIGINT) is a user's way to stop a run: the first
+# one is a preemption like the others, a second one aborts at once.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def listen_for_preemption(args) -> None:
-    """With ``--exit-signal-handler`` (on by default here) either preemption signal makes megatron save a checkpoint
-    at the end of the current iteration and exit with status 0.
+    """With ``--exit-signal-handler`` (on by default here) any preemption signal makes megatron save a checkpoint
+    (with ``--save``) at the end of the current iteration and exit with status 0.
 
     megatron's handler listens to one signal (``--exit-signal``, default SIGTERM); the others of
     ``PREEMPTION_SIGNALS`` are routed to the same flag, which every rank reads collectively after each iteration.
+    SIGINT always gets our handler, which says what will happen and makes a second Ctrl-C abort without saving
+    (status 130): a save can take minutes, and the ``latest`` marker only ever names complete checkpoints.
     """
     if not args.exit_signal_handler:
         return
     from megatron.training.global_vars import get_signal_handler
 
     handler = get_signal_handler()
+    main_pid = os.getpid()  # forked data-loader workers inherit these handlers; only the main process speaks
+    interrupts = [0]
 
     def note_signal(signum, frame):
         handler._signal_received = True  # noqa: SLF001 - the flag megatron's own handler sets
 
+    def note_interrupt(signum, frame):
+        if os.getpid() != main_pid:
+            return  # a data-loader worker: keep serving batches until the main process stops
+        interrupts[0] += 1
+        if interrupts[0] > 1:
+            _say("pretrain_hsa.py: second Ctrl-C: aborting now without saving; "
+                 f"exiting with status {INTERRUPTED_STATUS}")
+            os._exit(INTERRUPTED_STATUS)
+        handler._signal_received = True  # noqa: SLF001
+        then = "saving a checkpoint to --save and exiting" if args.save else "exiting (no --save: nothing is saved)"
+        if getattr(args, "rank", 0) == 0:
+            _say(f"pretrain_hsa.py: Ctrl-C: {then} at the end of this iteration; press Ctrl-C again to abort now")
+
     for sig in PREEMPTION_SIGNALS:
-        if sig != handler.sig:
+        if sig == signal.SIGINT:
+            signal.signal(sig, note_interrupt)
+        elif sig != handler.sig:
             signal.signal(sig, note_signal)
+
+
+def _say(message: str) -> None:
+    """Write one line to stderr from a signal handler (``os.write``: ``print`` there can re-enter the stream)."""
+    os.write(sys.stderr.fileno(), (message + "\n").encode())

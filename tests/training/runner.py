@@ -57,9 +57,11 @@ def env(threads: int = 1) -> dict:
     return e
 
 
-def start(args: list[str], *, nproc: int = 1, threads: int = 1, log_path: str | None = None) -> subprocess.Popen:
+def start(args: list[str], *, nproc: int = 1, threads: int = 1, log_path: str | None = None,
+          new_session: bool = False) -> subprocess.Popen:
     """Start the script; its output goes to a file (a pipe could fill up and stall it): ``log_path`` if given (to
-    watch it while the run goes on), else a temporary file."""
+    watch it while the run goes on), else a temporary file. ``new_session``: its own process group, which
+    ``os.killpg`` signals as a terminal's Ctrl-C does (the script and its data-loader workers)."""
     if nproc == 1:
         cmd = [sys.executable, SCRIPT, *args]
     else:
@@ -68,7 +70,8 @@ def start(args: list[str], *, nproc: int = 1, threads: int = 1, log_path: str | 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(free_port()), SCRIPT, *args]
     log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(threads), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(threads), stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
     proc.log = log
     return proc
 

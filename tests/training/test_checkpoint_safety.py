@@ -92,3 +92,33 @@ def test_preemption_then_kill_during_save(tmp_path):
     assert again.losses() == killed.losses()
     assert read_latest_iteration(ckpt) == 8
     assert os.listdir(os.path.join(ckpt, "iter_0000008")), "the re-done save must be complete"
+
+
+def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tmp_path):
+    """The first Ctrl-C (SIGINT to the process group, as a terminal sends it, data-loader workers included) is a
+    preemption: checkpoint at the current iteration, status 0, no traceback. A second Ctrl-C aborts at once (130)."""
+    ckpt, log_path = str(tmp_path / "ckpt"), str(tmp_path / "ctrl_c.log")
+    common = TINY_SWA_HSA + ["--train-iters", "200", "--save-interval", "1000", "--num-workers", "2"]
+
+    proc = start(common + ["--save", ckpt], log_path=log_path, new_session=True)
+    _wait_for(r"iteration\s+3/", log_path, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    stopped = finish(proc)
+    assert stopped.returncode == 0, stopped.output[-3000:]
+    assert "Ctrl-C: saving a checkpoint to --save and exiting at the end of this iteration" in stopped.output
+    assert "Traceback" not in stopped.output and "the run failed" not in stopped.output
+    stop = max(stopped.losses())
+    assert 3 <= stop < 200
+    assert read_latest_iteration(ckpt) == stop
+    assert os.listdir(os.path.join(ckpt, f"iter_{stop:07d}"))
+
+    log_path = str(tmp_path / "ctrl_c_twice.log")
+    proc = start(common, log_path=log_path, new_session=True)
+    _wait_for(r"iteration\s+2/", log_path, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _wait_for("press Ctrl-C again to abort now", log_path, proc)  # two signals before the handler runs count once
+    os.killpg(proc.pid, signal.SIGINT)
+    aborted = finish(proc)
+    assert aborted.returncode == 130, aborted.output[-3000:]
+    assert "second Ctrl-C: aborting now without saving" in aborted.output
+    assert "Traceback" not in aborted.output

@@ -25,6 +25,8 @@ SCRIPT = textwrap.dedent("""
             raise ValueError("sizes do not divide")
         if mode == "exit3":
             sys.exit(3)
+        if mode == "ctrl-c":  # a Ctrl-C that no preemption handler caught (--no-exit-signal-handler)
+            raise KeyboardInterrupt
 
     if __name__ == "__main__":
         run_failing_fast(train, sys.argv[1])
@@ -53,3 +55,10 @@ def test_an_exception_ends_the_process_with_its_traceback():
 def test_a_nonzero_sys_exit_keeps_its_status():
     done = _run("exit3")
     assert done.returncode == 3
+
+
+def test_an_uncaught_ctrl_c_is_one_line_and_status_130():
+    done = _run("ctrl-c")
+    assert done.returncode == 130
+    assert "interrupted (Ctrl-C); exiting with status 130 without saving" in done.stderr
+    assert "Traceback" not in done.stderr and "the run failed" not in done.stderr
