@@ -147,7 +147,8 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     # The attention layers mask causally (and by document, from cu_seqlens) themselves: no dense [s, s] masks,
     # which are unaffordable at long context (Megatron-LM's default builds one per sample).
     defaults["create_attention_mask_in_dataloader"] = False
-    # Preemption (SIGTERM, SIGUSR1, a first Ctrl-C) saves a checkpoint and exits cleanly (megatron_ext.training.runtime).
+    # Preemption (SIGTERM, SIGUSR1, a first Ctrl-C) saves a checkpoint and exits cleanly
+    # (megatron_ext.training.runtime).
     defaults["exit_signal_handler"] = True
     config_path = _config_path_from_argv(sys.argv[1:])
     if config_path is not None:

@@ -9,8 +9,8 @@ stay as they are. This module, installed once by :func:`install`:
   :class:`megatron_ext.training.flops.FlopModel`, which counts SWA, HSA/GCA and MoE layers as built, so megatron's
   ``throughput per GPU (TFLOP/s/GPU)`` and its progress log are right for these models;
 * prints a second line per interval: tokens/s, TFLOP/s per GPU, MFU (against ``--peak-tflops``, default the
-  listed bf16 peak of the GPU: H100 SXM/PCIe/NVL, H200) and peak memory, and writes ``tokens-per-sec``, ``tflops-per-gpu`` and ``mfu`` to
-  TensorBoard;
+  listed bf16 peak of the GPU: H100 SXM/PCIe/NVL, H200) and peak memory, and writes ``tokens-per-sec``,
+  ``tflops-per-gpu`` and ``mfu`` to TensorBoard;
 * makes the interval after the first logged iteration start afresh. megatron logs the first iteration of every run
   without resetting its sums, so after a resume the next logged ``lm loss`` is the mean of two iterations
   (megatron_core_notes.md, H100 appendix); with this, every logged value covers exactly its own interval, and a
