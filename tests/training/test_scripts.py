@@ -1,5 +1,5 @@
-"""The launch scripts: the SLURM job's preemption flow against stub srun/scontrol/torchrun, and the shell syntax of
-every example script."""
+"""The launch scripts and the image: the SLURM job's preemption flow against stub srun/scontrol/torchrun, the shell
+syntax of every example script, and what the Docker build copies and keeps."""
 
 import glob
 import os
@@ -152,3 +152,13 @@ def test_refuses_to_start_without_its_inputs(tmp_path, missing):
 def test_script_syntax(script):
     subprocess.run(["bash", "-n", script], check=True)
 
+
+def test_docker_build_context_and_pip_constraints():
+    with open(os.path.join(ROOT, ".dockerignore")) as f:
+        ignored = {line.strip().strip("/") for line in f if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "outputs"} <= ignored
+    with open(os.path.join(ROOT, "docker", "Dockerfile")) as f:
+        instructions = "".join(line for line in f if not line.lstrip().startswith("#"))
+    # The base image's PIP_CONSTRAINT pins its torch and numpy builds; overriding it would let pip replace them.
+    assert "PIP_CONSTRAINT" not in instructions
+    assert "--upgrade" not in instructions and " -U " not in instructions
