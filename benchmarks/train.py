@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 MODELS = [  # (name, label, config[, extra pretrain_hsa.py arguments])
-    ("swa_hsa_345m", "SWA+HSA-345M (swa*8 [hsa swa*3]*2)", "examples/swa_hsa_345m.yaml"),
+    ("swa_hsa_345m", "SWA+HSA-345M (swa*8 [hsa swa*4]*2)", "examples/swa_hsa_345m.yaml"),
     ("gpt_345m_swa", "GPT-345M SWA-only (W=512)", "examples/gpt_345m_swa.yaml"),
     ("gpt_345m_full", "GPT-345M dense causal", "examples/gpt_345m_full.yaml"),
     # Not run by default: the models without the fused RMSNorm / RoPE / cross entropy (megatron's own code), to

@@ -39,7 +39,7 @@ class HSAConfig(TransformerConfig):
 
     # ---------------- model shape ----------------
     layer_pattern: Optional[str] = None
-    """Per-layer attention kinds, e.g. 'swa*8 [hsa swa*3]*2'. None means 'full' on every layer."""
+    """Per-layer attention kinds, e.g. 'swa*8 [hsa swa*4]*2'. None means 'full' on every layer."""
 
     vocab_size: Optional[int] = None
     seq_length: int = 4096

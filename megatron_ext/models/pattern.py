@@ -3,7 +3,7 @@
 A pattern lists the decoder layers bottom to top, one attention *kind* per layer (see
 :data:`megatron_ext.models.registry.ATTENTION_KINDS`)::
 
-    "swa*8 [hsa swa*3]*2"      8 SWA layers, then two retrieval groups of (1 HSA + 3 SWA)   (SWA+HSA-345M)
+    "swa*8 [hsa swa*4]*2"      8 SWA layers, then two retrieval groups of (1 HSA + 4 SWA)   (SWA+HSA-345M)
     "swa*6 [gca*6]"            6 SWA layers, then one GCA group of 6 layers                 (DRT)
     "full*24"                  a dense GPT
 
@@ -58,7 +58,7 @@ def _tokenize(pattern: str) -> list[str]:
         if m is None:
             raise ValueError(
                 f"layer_pattern {pattern!r}: cannot read {text[pos:pos + 12]!r} at position {pos}; write layers as "
-                f"'kind', 'kind*N', 'kind:moe', and groups as '[ ... ]' or '[ ... ]*N' (e.g. 'swa*8 [hsa swa*3]*2')"
+                f"'kind', 'kind*N', 'kind:moe', and groups as '[ ... ]' or '[ ... ]*N' (e.g. 'swa*8 [hsa swa*4]*2')"
             )
         tokens.append(m.group(0))
         pos = m.end()
@@ -111,7 +111,7 @@ def _expand(pattern: str, tokens: list[str]) -> list[tuple[str, str | None, int 
 def parse_layer_pattern(pattern: str, retrieval_kinds: set[str] | frozenset[str] = frozenset({"hsa", "gca"})):
     """Parse a pattern into one :class:`LayerPlan` per layer (kinds are checked by the registry, not here)."""
     if not isinstance(pattern, str) or not pattern.strip():
-        raise ValueError(f"layer_pattern must be a non-empty string such as 'swa*8 [hsa swa*3]*2', got {pattern!r}")
+        raise ValueError(f"layer_pattern must be a non-empty string such as 'swa*8 [hsa swa*4]*2', got {pattern!r}")
     flat = _expand(pattern, _tokenize(pattern))
     plans: list[LayerPlan] = []
     group_ids: dict[object, int] = {}
