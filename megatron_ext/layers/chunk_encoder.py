@@ -47,6 +47,9 @@ def encoder_config(config):
     enc.num_moe_experts = None
     enc.moe_layer_freq = 1
     enc.recompute_granularity = None
+    # Each rank encodes its own whole chunks: attention must stay local. With CP > 1 TE's attention would take the
+    # CP group and treat each rank's chunk batch as one piece of a longer sequence (ring attention).
+    enc.context_parallel_size = 1
     # megatron's SwiGLU and bias-dropout-add fusions are torch.compile'd functions shared by every layer. Called
     # with the encoder's [S+1, b*C, h] shapes as well as the decoder's, torch.compile recompiles them for dynamic
     # shapes, and every decoder MLP then runs the slower dynamic kernels (H100, SWA+HSA-345M: the SwiGLU backward
