@@ -244,6 +244,21 @@ class HSAConfig(TransformerConfig):
                        f"{self.encoder_query_groups} does not divide num_attention_heads={heads}",
                        "pick a divisor of num_attention_heads")
         tp = self.tensor_model_parallel_size
+        if self.hsa_encoder_layers > 0:
+            # megatron's attention splits KV groups over TP, or replicates each over TP/groups ranks
+            groups = self.encoder_query_groups
+            if groups % tp != 0 and tp % groups != 0:
+                fits = [g for g in range(1, heads + 1) if heads % g == 0 and (g % tp == 0 or tp % g == 0)]
+                best = min(fits, key=lambda g: (abs(g - groups), g))
+                self._fail("hsa_encoder_num_query_groups",
+                           f"{groups} encoder KV groups cannot be split over tensor_model_parallel_size={tp}",
+                           f"use a multiple or a divisor of {tp} that divides num_attention_heads={heads}, "
+                           f"e.g. {best}")
+            ffn = self.encoder_ffn_size
+            if ffn % tp != 0:
+                self._fail("hsa_encoder_ffn_hidden_size",
+                           f"the encoder FFN width {ffn} is not divisible by tensor_model_parallel_size={tp}",
+                           f"use a multiple of {tp}, e.g. {-(-ffn // tp) * tp}")
         cp = self.context_parallel_size
         if cp > 1 and self.seq_length % (2 * cp * S) != 0:
             self._fail("seq_length", f"{self.seq_length} cannot be split in 2*CP={2 * cp} pieces of whole "

@@ -53,6 +53,10 @@ def test_bad_patterns(bad, needle):
     (dict(swa_window_size=0), "swa_window_size", "512"),
     (dict(swa_alibi=True), "swa_alibi", "position_embedding_type: none"),
     (dict(layer_pattern="swa [hsa:moe swa]"), "layer_pattern", "num_moe_experts"),
+    # Encoder shapes that megatron's TP split would reject with a raw error while building the model.
+    (dict(tensor_model_parallel_size=2, hidden_size=96, num_attention_heads=6, hsa_encoder_num_query_groups=3),
+     "hsa_encoder_num_query_groups", "e.g. 2"),
+    (dict(tensor_model_parallel_size=2, hsa_encoder_ffn_hidden_size=97), "hsa_encoder_ffn_hidden_size", "e.g. 98"),
 ])
 def test_invalid_configs_name_the_field_and_a_fix(overrides, field, fix):
     pattern = overrides.pop("layer_pattern", "swa [hsa swa]")
