@@ -7,12 +7,12 @@ from tests.models.tiny import tiny_config
 
 
 def test_345m_pattern_two_groups():
-    plans = parse_layer_pattern("swa*8 [hsa swa*3]*2")
-    assert [p.kind for p in plans] == ["swa"] * 8 + (["hsa"] + ["swa"] * 3) * 2
-    assert [p.group for p in plans] == [None] * 8 + [0] * 4 + [1] * 4
-    assert [p.index for p in plans if p.group_head] == [8, 12]
+    plans = parse_layer_pattern("swa*8 [hsa swa*4]*2")
+    assert [p.kind for p in plans] == ["swa"] * 8 + (["hsa"] + ["swa"] * 4) * 2
+    assert [p.group for p in plans] == [None] * 8 + [0] * 5 + [1] * 5
+    assert [p.index for p in plans if p.group_head] == [8, 13]
     assert [p.index for p in plans if p.memory_builder] == [8]
-    assert format_layer_pattern(plans) == "swa*8 [hsa swa*3] [hsa swa*3]"
+    assert format_layer_pattern(plans) == "swa*8 [hsa swa*4] [hsa swa*4]"
 
 
 def test_shared_group_mlp_suffix_and_lone_retrieval_layers():
