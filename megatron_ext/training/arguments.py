@@ -123,7 +123,7 @@ def add_hsa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """``extra_args_provider`` for ``megatron.training``: the HSA/GCA/SWA group, ``--config``, environment defaults."""
     group = parser.add_argument_group(
         "HSA / GCA / SWA", "sparse long-context attention (megatron_ext.models.HSAConfig): --layer-pattern "
-        f"(kinds {ATTENTION_KINDS_HELP}, e.g. 'swa*8 [hsa swa*3]*2'), --swa-*, --hsa-*, --gca-*")
+        f"(kinds {ATTENTION_KINDS_HELP}, e.g. 'swa*8 [hsa swa*4]*2'), --swa-*, --hsa-*, --gca-*")
     group.add_argument("--config", type=str, default=None, metavar="FILE",
                        help="YAML file of argument values (keys are flag names with - or _, optionally under "
                             "'model:', 'training:' or 'data:' sections); the command line overrides them.")
