@@ -149,13 +149,14 @@ def test_packed_documents_equal_separate_runs_end_to_end():
 
 
 def test_indices_past_the_kv_chunks_are_empty_slots_on_both_backends():
-    """An index >= ceil(Lkv/S) is an empty slot in the kernels and in the reference alike (output and gradients)."""
+    """An index >= ceil(Lkv/S) is an empty slot in the kernels and in the reference alike (output and gradients),
+    also one whose first row e*S would overflow int32."""
     gen = torch.Generator().manual_seed(9)
     S, D, L, Lkv = 16, 16, 64, 40  # 3 KV chunks, the last one partial
     q, k, v = (torch.randn(1, n, 2, D, generator=gen) for n in (L, Lkv, Lkv))
     idx, w = causal_selection(1, L // S, -(-Lkv // S), 2, gen)
     empty = idx < 0
-    idx = torch.where(empty, torch.tensor([3, 50], dtype=idx.dtype)[torch.arange(2) % 2], idx)
+    idx = torch.where(empty, torch.tensor([3, 2**28 + 1], dtype=idx.dtype)[torch.arange(2) % 2], idx)
     assert (idx >= 3).any()
     run_and_compare(q, k, v, torch.where(empty, torch.full_like(w, 0.5), w), idx, S, torch.float32)
 

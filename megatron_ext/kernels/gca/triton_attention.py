@@ -51,6 +51,8 @@ def _tile_rows(c, tile, seq_len, h, CHUNK: tl.constexpr, GROUP: tl.constexpr, BL
 def _chunk_rows(e, kv_len, CHUNK: tl.constexpr, NULL_SLOT: tl.constexpr):
     """Rows of KV chunk e: position, whether the row exists, whether its K/V are read (not the null slot)."""
     j = tl.arange(0, CHUNK)
+    # an index past the memory is an empty slot; clamped first, so that e * CHUNK cannot wrap around int32
+    e = tl.minimum(e, (kv_len + CHUNK - 1) // CHUNK)
     kv_row = e * CHUNK + j
     exists = kv_row < kv_len
     if NULL_SLOT:
