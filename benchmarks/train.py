@@ -31,8 +31,12 @@ sys.path.insert(0, REPO)
 
 MODELS = [  # (name, label, config[, extra pretrain_hsa.py arguments])
     ("swa_hsa_345m", "SWA+HSA-345M (swa*8 [hsa swa*4]*2)", "examples/swa_hsa_345m.yaml"),
-    ("gpt_345m_swa", "GPT-345M SWA-only (W=512)", "examples/gpt_345m_swa.yaml"),
-    ("gpt_345m_full", "GPT-345M dense causal", "examples/gpt_345m_full.yaml"),
+    ("gpt_345m_swa", "GPT-345M SWA-only (W=512, swa*18)", "examples/gpt_345m_swa.yaml"),
+    ("gpt_345m_full", "GPT-345M dense causal (full*18)", "examples/gpt_345m_full.yaml"),
+    # Not run by default: the 16-layer SWA-only baseline that runs 1-6 compared against (the SWA+HSA model had 16
+    # layers then, `swa*8 [hsa swa*3]*2`)
+    ("gpt_345m_swa_16", "GPT-345M SWA-only (W=512, swa*16)", "examples/gpt_345m_swa.yaml",
+     ["--num-layers", "16", "--layer-pattern", "swa*16"]),
     # Not run by default: the models without the fused RMSNorm / RoPE / cross entropy (megatron's own code), to
     # measure what those kernels give in the same invocation (--models swa_hsa_345m,swa_hsa_345m_unfused,...).
     ("swa_hsa_345m_unfused", "SWA+HSA-345M, megatron's norms/RoPE/loss", "examples/swa_hsa_345m.yaml",
@@ -137,6 +141,9 @@ def markdown(rows: list[dict], env: dict, args) -> str:
                       f"{'met' if ratio >= 0.85 else 'NOT met'}); SWA+HSA MFU: **"
                       f"{'-' if mfu is None else f'{100 * mfu:.1f}%'}** (bar: >= 30%, "
                       f"{'met' if mfu is not None and mfu >= 0.30 else 'NOT met'})."]
+    if "swa_hsa_345m" in by and "gpt_345m_swa_16" in by:
+        ratio = by["swa_hsa_345m"]["tokens_per_s"] / by["gpt_345m_swa_16"]["tokens_per_s"]
+        lines += ["", f"SWA+HSA / 16-layer SWA-only tokens/s (two layers fewer than SWA+HSA-345M): {ratio:.3f}."]
     return "\n".join(lines) + "\n"
 
 
