@@ -1,0 +1,193 @@
+"""Megatron checkpoints of ``pretrain_hsa.py`` -> Hugging Face model directories.
+
+``load_megatron_checkpoint(path)`` reads a checkpoint saved in any tensor/pipeline layout (``torch_dist``, resharded
+to one rank on load; or ``torch`` format when it was saved by one rank) into one CPU model built from the arguments
+stored in the checkpoint; ``save_hf_directory`` writes ``config.json``, ``model.safetensors`` and the model code
+(``configuration_hsa_gpt.py``, ``modeling_hsa_gpt.py``: ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`` loads it, as does ``megatron_ext.hf.HSAGPTForCausalLM.from_pretrained(dir)``).
+The CLI is ``tools/convert_checkpoint_to_hf.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from argparse import Namespace
+
+import torch
+
+__all__ = ["hf_config_fields", "hf_state_dict", "load_megatron_checkpoint", "save_hf_directory",
+           "resolve_checkpoint_dir"]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODEL_FILES = ("configuration_hsa_gpt.py", "modeling_hsa_gpt.py")
+
+
+def _unsupported(config) -> list[str]:
+    """What the Hugging Face model does not implement, as 'what (how to tell)' lines."""
+    problems = []
+    kinds = {plan.kind for plan in config.layer_plans}
+    if kinds - {"full", "swa", "hsa"}:
+        problems.append(f"layer kinds {sorted(kinds - {'full', 'swa', 'hsa'})} (only full, swa and hsa convert)")
+    if config.num_moe_experts:
+        problems.append("MoE layers (num_moe_experts is set)")
+    if getattr(config, "swa_alibi", False):
+        problems.append("ALiBi attention (swa_alibi)")
+    if config.position_embedding_type not in ("rope", "none"):
+        problems.append(f"position_embedding_type {config.position_embedding_type!r}")
+    if config.use_rope_scaling or config.rotary_seq_len_interpolation_factor or config.rotary_interleaved:
+        problems.append("RoPE scaling, interpolation or interleaving")
+    if config.multi_latent_attention or config.layernorm_zero_centered_gamma:
+        problems.append("multi-latent attention or zero-centred norms")
+    if config.activation_func not in (torch.nn.functional.silu, torch.nn.functional.gelu):
+        problems.append(f"activation {getattr(config.activation_func, '__name__', config.activation_func)}")
+    return problems
+
+
+def hf_config_fields(config, vocab_size: int) -> dict:
+    """The ``config.json`` fields (``HSAGPTConfig``) of a megatron ``HSAConfig``; ValueError if it has parts the
+    Hugging Face model does not implement."""
+    problems = _unsupported(config)
+    if problems:
+        raise ValueError("this model cannot be converted to the Hugging Face model of megatron_ext.hf: it has "
+                         + "; ".join(problems))
+    activation = "silu" if config.activation_func is torch.nn.functional.silu else "gelu"
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
+        num_layers=config.num_layers, layer_pattern=config.layer_pattern or f"full*{config.num_layers}",
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups or config.num_attention_heads, kv_channels=config.kv_channels,
+        normalization=config.normalization, layernorm_epsilon=config.layernorm_epsilon,
+        qk_layernorm=config.qk_layernorm, gated_linear_unit=config.gated_linear_unit, activation=activation,
+        add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,
+        position_embedding_type=config.position_embedding_type, rotary_base=config.rotary_base,
+        rotary_percent=config.rotary_percent, swa_window_size=config.swa_window_size,
+        tie_word_embeddings=not config.untie_embeddings_and_output_weights,
+    )
+    if config.retrieval_kind == "hsa":
+        fields.update(
+            hsa_chunk_size=config.hsa_chunk_size, hsa_topk=config.hsa_topk, hsa_num_kv_heads=config.hsa_num_kv_heads,
+            hsa_retrieval_heads=config.hsa_heads, hsa_retrieval_dim=config.hsa_retrieval_width,
+            hsa_weight_rule=config.hsa_weight_rule, hsa_softmax_off_by_one=config.hsa_softmax_off_by_one,
+            hsa_rank_decay=config.hsa_rank_decay, hsa_landmark_norm=config.hsa_landmark_norm,
+            hsa_qk_norm=config.hsa_qk_norm, hsa_inner_swa=config.hsa_inner_swa,
+            hsa_inner_window_size=config.hsa_inner_window_size, hsa_bypass_residual=config.hsa_bypass_residual,
+            hsa_encoder_layers=config.hsa_encoder_layers, hsa_encoder_cls=config.hsa_encoder_cls,
+            hsa_encoder_num_query_groups=config.encoder_query_groups,
+            hsa_encoder_ffn_hidden_size=config.encoder_ffn_size,
+        )
+    return fields
+
+
+def hf_state_dict(megatron_state: dict, tied: bool, dtype: torch.dtype | None = None) -> dict:
+    """The megatron model's state dict as the Hugging Face model's: the same names, without megatron's
+    ``_extra_state`` entries (and without the output layer when it is the embedding), contiguous CPU tensors."""
+    out = {}
+    for name, tensor in megatron_state.items():
+        if name.endswith("_extra_state") or tensor is None:
+            continue
+        if tied and name == "output_layer.weight":
+            continue
+        t = tensor.detach().to("cpu")
+        out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return out
+
+
+def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
+    """The iteration directory of a megatron ``--save`` directory (its ``latest_checkpointed_iteration.txt``, or
+    ``iteration``), or ``path`` itself when it already is one."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist: give pretrain_hsa.py's --save directory "
+                                f"or one of its iter_* directories")
+    if iteration is None and os.path.basename(os.path.normpath(path)).startswith("iter_"):
+        return path
+    if iteration is None:
+        tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+        if not os.path.isfile(tracker):
+            raise FileNotFoundError(f"{path} has no latest_checkpointed_iteration.txt: give an iter_* directory, or "
+                                    f"--iteration N")
+        text = open(tracker).read().strip()
+        if not text.isdigit():
+            raise ValueError(f"{tracker} holds {text!r}, not an iteration number: give --iteration N")
+        iteration = int(text)
+    directory = os.path.join(path, f"iter_{iteration:07d}")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist: no checkpoint of iteration {iteration} in {path}")
+    return directory
+
+
+def _single_rank_args(args: Namespace) -> Namespace:
+    """The saved training arguments, for building the whole model on one CPU rank."""
+    args = Namespace(**vars(args))
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size"):
+        if hasattr(args, name):
+            setattr(args, name, 1)
+    args.sequence_parallel = False
+    args.virtual_pipeline_model_parallel_size = None
+    args.use_cpu_initialization = True
+    args.perform_initialization = False
+    return args
+
+
+def load_megatron_checkpoint(path: str, iteration: int | None = None):
+    """(HSAConfig, padded vocabulary size, model state dict) of a ``pretrain_hsa.py`` checkpoint, on the CPU.
+
+    Needs megatron-core's parallel state at world size 1 (``megatron_ext.testing.initialize_megatron_parallel`` in
+    a one-process world; the CLI sets it up)."""
+    from megatron_ext.models import build_model
+    from megatron_ext.training.model import transformer_config_from_args
+
+    directory = resolve_checkpoint_dir(path, iteration)
+    single = os.path.join(directory, "mp_rank_00", "model_optim_rng.pt")
+    if os.path.isfile(single):  # --ckpt-format torch
+        if any(name.startswith("mp_rank_") and name != "mp_rank_00" for name in os.listdir(directory)):
+            raise ValueError(f"{directory} is a --ckpt-format torch checkpoint of several model-parallel ranks: "
+                             f"re-save it with --ckpt-format torch_dist (which this converter reshards)")
+        state = torch.load(single, map_location="cpu", weights_only=False)
+        args = _single_rank_args(state["args"])
+        model_state = state.get("model", state.get("model0"))
+        config = transformer_config_from_args(args)
+        model = build_model(config, vocab_size=args.padded_vocab_size)
+        model.load_state_dict(model_state, strict=False)
+    else:
+        from megatron.core import dist_checkpointing
+
+        if not os.path.isfile(os.path.join(directory, "metadata.json")):
+            raise FileNotFoundError(f"{directory} is neither a torch_dist checkpoint (metadata.json) nor a torch one "
+                                    f"(mp_rank_00/model_optim_rng.pt)")
+        common = dist_checkpointing.load_common_state_dict(directory)
+        if "args" not in common:
+            raise ValueError(f"{directory} stores no training arguments: it was not saved by pretrain_hsa.py")
+        args = _single_rank_args(common["args"])
+        config = transformer_config_from_args(args)
+        model = build_model(config, vocab_size=args.padded_vocab_size)
+        key = "model" if "model" in common or getattr(common["args"], "virtual_pipeline_model_parallel_size",
+                                                       None) is None else "model0"
+        loaded = dist_checkpointing.load({key: model.sharded_state_dict()}, directory)
+        model.load_state_dict(loaded[key], strict=False)
+    missing = [n for n in model.state_dict() if not n.endswith("_extra_state")
+               and n not in (model_state if os.path.isfile(single) else loaded[key])]
+    if missing:
+        raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
+    return config, args.padded_vocab_size, model.state_dict()
+
+
+def save_hf_directory(out_dir: str, fields: dict, state: dict, tokenizer_files: tuple[str, ...] = ()) -> None:
+    """Write a Hugging Face model directory: config.json (with ``auto_map`` to the model code copied beside it),
+    model.safetensors, and the given tokenizer files."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    config = dict(fields, model_type="megatron_hsa_gpt", architectures=["HSAGPTForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_hsa_gpt.HSAGPTConfig",
+                            "AutoModelForCausalLM": "modeling_hsa_gpt.HSAGPTForCausalLM"},
+                  torch_dtype=str(next(iter(state.values())).dtype).replace("torch.", ""))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    for name in MODEL_FILES:
+        shutil.copy(os.path.join(HERE, name), os.path.join(out_dir, name))
+    for path in tokenizer_files:
+        shutil.copy(path, os.path.join(out_dir, os.path.basename(path)))

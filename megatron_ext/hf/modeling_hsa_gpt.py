@@ -1,0 +1,434 @@
+"""Hugging Face model of the project's dense decoders: ``full``, ``swa`` and ``hsa`` layers (``model_type``
+"megatron_hsa_gpt"), for converted checkpoints (``tools/convert_checkpoint_to_hf.py``).
+
+Plain PyTorch modules whose parameter names are megatron-core's (``decoder.layers.3.self_attention.linear_qkv.weight``
+...), so a converted state dict loads without renaming; the math follows the spec (``docs/models.md``) and is
+checked against the megatron model's logits (``tests/hf/test_hf_model.py``). HSA retrieval and chunk attention run
+``megatron_ext.kernels.hsa`` (Triton on CUDA, the PyTorch reference elsewhere), RMSNorm the fused kernel: the package
+must be importable where the model is loaded. No KV cache: every forward recomputes the whole sequence (``generate``
+works, with ``use_cache=False``, at full cost per token).
+
+Not covered (the converter refuses them): GCA layers, MoE layers, ALiBi, RoPE scaling or interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_hsa_gpt import HSAGPTConfig
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        from megatron_ext.kernels.fused import rms_norm
+
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def _norm(config: HSAGPTConfig, width: int) -> nn.Module:
+    """The norm that ``config.normalization`` names (megatron's layer norms, QK-norms of full/swa layers)."""
+    if config.normalization not in ("RMSNorm", "LayerNorm"):
+        raise ValueError(f"normalization {config.normalization!r} is not supported: RMSNorm or LayerNorm")
+    return (RMSNorm if config.normalization == "RMSNorm" else LayerNorm)(width, config.layernorm_epsilon)
+
+
+class Linear(nn.Linear):
+    """megatron's linear layers store weight [out, in] like nn.Linear."""
+
+
+def rotary_angles(positions: int, dim: int, base: float, device) -> torch.Tensor:
+    """[positions, dim] angles of megatron's non-interleaved RoPE (frequencies repeated over the two halves)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs, freqs], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x [b, s, heads, d]; the first angles.shape[-1] dims rotate (rotate-half convention), the rest pass."""
+    r = angles.shape[-1]
+    rot, rest = x[..., :r].float(), x[..., r:]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    first, second = rot.chunk(2, dim=-1)
+    rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated.to(x.dtype), rest], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """megatron's SelfAttention: fused QKV laid out per query group [q heads of the group, k, v], optional QK-norm,
+    RoPE, GQA; causal with an optional window (query i sees keys j with 0 <= i - j <= W) or bidirectional."""
+
+    def __init__(self, config: HSAGPTConfig, *, num_query_groups: int, qkv_bias: bool, qk_norm: bool,
+                 qk_norm_factory=None):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.groups = num_query_groups
+        self.head_dim = config.kv_channels
+        width = self.heads * self.head_dim
+        self.linear_qkv = Linear(config.hidden_size, (self.heads + 2 * self.groups) * self.head_dim, bias=qkv_bias)
+        self.linear_proj = Linear(width, config.hidden_size, bias=config.add_bias_linear)
+        factory = qk_norm_factory or (lambda: _norm(config, self.head_dim))
+        self.q_layernorm = factory() if qk_norm else None
+        self.k_layernorm = factory() if qk_norm else None
+
+    def forward(self, x, angles: Optional[torch.Tensor], *, causal: bool, window: Optional[int]):
+        b, s, _ = x.shape
+        per_group = self.heads // self.groups
+        qkv = self.linear_qkv(x).view(b, s, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = q.reshape(b, s, self.heads, self.head_dim)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if angles is not None:
+            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        # query head n belongs to KV group n // per_group
+        k, v = (t.repeat_interleave(per_group, dim=2) for t in (k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if causal:
+            i = torch.arange(s, device=x.device)[:, None]
+            j = torch.arange(s, device=x.device)[None, :]
+            mask = j <= i
+            if window is not None:
+                mask = mask & (i - j <= window)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        return self.linear_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """megatron's MLP: linear_fc1 (gate and up halves concatenated with a gated unit), activation, linear_fc2."""
+
+    def __init__(self, config: HSAGPTConfig, ffn: int, *, gated: bool, activation: str):
+        super().__init__()
+        self.gated = gated
+        self.act = ACTIVATIONS[activation]
+        self.linear_fc1 = Linear(config.hidden_size, ffn * (2 if gated else 1), bias=config.add_bias_linear)
+        self.linear_fc2 = Linear(ffn, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x):
+        h = self.linear_fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.linear_fc2(h)
+
+
+class DecoderLayer(nn.Module):
+    """A pre-norm transformer layer: x + attn(norm x), then + mlp(norm x) (``full`` and ``swa``)."""
+
+    def __init__(self, config: HSAGPTConfig, window: Optional[int]):
+        super().__init__()
+        self.window = window
+        self.input_layernorm = _norm(config, config.hidden_size)
+        self.self_attention = SelfAttention(config, num_query_groups=config.num_query_groups,
+                                            qkv_bias=config.add_qkv_bias or config.add_bias_linear,
+                                            qk_norm=config.qk_layernorm)
+        self.pre_mlp_layernorm = _norm(config, config.hidden_size)
+        self.mlp = MLP(config, config.ffn_hidden_size, gated=config.gated_linear_unit, activation=config.activation)
+
+    def forward(self, x, angles, memory=None):
+        x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window)
+        return x + self.mlp(self.pre_mlp_layernorm(x)), memory
+
+
+class ChunkEncoder(nn.Module):
+    """Bidirectional encoder of every chunk on its own: Qwen2-style layers (q/k/v bias, QK-norm with hsa_qk_norm,
+    SwiGLU of the encoder width), RoPE at positions local to the chunk, then a final RMSNorm."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        ffn = config.hsa_encoder_ffn_hidden_size or max(64, int(8 * config.hidden_size / 3 / 64) * 64)
+        eps = config.layernorm_epsilon
+        # the encoder's QK-norm is the model's norm where the model has QK-norm, else an RMSNorm
+        qk_factory = None if config.qk_layernorm else (lambda: RMSNorm(config.kv_channels, eps))
+        self.layers = nn.ModuleList()
+        for _ in range(config.hsa_encoder_layers):
+            layer = nn.Module()
+            layer.input_layernorm = _norm(config, config.hidden_size)
+            layer.self_attention = SelfAttention(config, num_query_groups=config.hsa_encoder_num_query_groups,
+                                                 qkv_bias=True, qk_norm=config.hsa_qk_norm,
+                                                 qk_norm_factory=qk_factory)
+            layer.pre_mlp_layernorm = _norm(config, config.hidden_size)
+            layer.mlp = MLP(config, ffn, gated=True, activation="silu")
+            self.layers.append(layer)
+        self.final_norm = RMSNorm(config.hidden_size, eps)
+        self.rotary_base = config.rotary_base
+        self.head_dim = config.kv_channels
+
+    def forward(self, chunks):  # [b*C, S', h]
+        angles = rotary_angles(chunks.shape[1], self.head_dim, self.rotary_base, chunks.device)
+        y = chunks
+        for layer in self.layers:
+            y = y + layer.self_attention(layer.input_layernorm(y), angles, causal=False, window=None)
+            y = y + layer.mlp(layer.pre_mlp_layernorm(y))
+        return self.final_norm(y)
+
+
+class HSAChunkMemory(nn.Module):
+    """Landmarks [b, C, R, Dr] and the shared memory K/V [b, C*S, Hk, D] of the residual stream x [b, s, h]."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.chunk_size = config.hsa_chunk_size
+        self.retrieval_heads = config.hsa_retrieval_heads
+        self.kv_heads = config.hsa_num_kv_heads
+        self.head_dim = config.kv_channels
+        self.encoder = ChunkEncoder(config) if config.hsa_encoder_layers else None
+        self.input_norm = None if self.encoder is not None else RMSNorm(h, eps)
+        self.use_cls = bool(config.hsa_encoder_cls and self.encoder is not None)
+        if self.use_cls:
+            self.cls_token = nn.Parameter(torch.zeros(h))
+        self.landmark_proj = Linear(h, config.hsa_retrieval_dim, bias=False)
+        self.key_proj = Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.value_proj = Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.key_norm = RMSNorm(self.head_dim, eps) if config.hsa_qk_norm else None
+
+    def forward(self, x):
+        b, s, h = x.shape
+        S = self.chunk_size
+        C = s // S
+        chunks = x.reshape(b * C, S, h)
+        if self.encoder is not None:
+            if self.use_cls:  # a learned CLS token closes every chunk; its output is the chunk's summary
+                chunks = torch.cat([chunks, self.cls_token.to(chunks.dtype).expand(b * C, 1, h)], dim=1)
+            encoded = self.encoder(chunks)
+            if self.use_cls:
+                summary, encoded = encoded[:, -1], encoded[:, :-1]
+            else:
+                summary = encoded.mean(dim=1)
+        else:
+            encoded = self.input_norm(chunks)
+            summary = encoded.mean(dim=1)
+        landmarks = self.landmark_proj(summary).reshape(b, C, self.retrieval_heads, -1)
+        tokens = encoded.reshape(b, C * S, h)
+        keys = self.key_proj(tokens).reshape(b, C * S, self.kv_heads, self.head_dim)
+        values = self.value_proj(tokens).reshape(b, C * S, self.kv_heads, self.head_dim)
+        if self.key_norm is not None:
+            keys = self.key_norm(keys)
+        return landmarks, keys, values
+
+
+class HSARetrieval(nn.Module):
+    """Each token's top-k past chunks and their weights: q_r = W_r RMSNorm(x) against the landmarks."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.config = config
+        self.norm = RMSNorm(h, eps)
+        self.query_proj = Linear(h, config.hsa_retrieval_dim, bias=False)
+        head_dim = config.hsa_retrieval_dim // config.hsa_retrieval_heads
+        self.query_norm = RMSNorm(head_dim, eps) if config.hsa_landmark_norm else None
+        self.landmark_norm = RMSNorm(head_dim, eps) if config.hsa_landmark_norm else None
+        self.rank_decay = nn.Parameter(torch.zeros(1)) if config.hsa_rank_decay else None
+
+    def forward(self, x, landmarks):
+        from megatron_ext.kernels.hsa import hsa_retrieval
+
+        c = self.config
+        b, s, _ = x.shape
+        q_r = self.query_proj(self.norm(x)).reshape(b, s, c.hsa_retrieval_heads, -1)
+        if self.query_norm is not None:
+            q_r, landmarks = self.query_norm(q_r), self.landmark_norm(landmarks)
+        indices, weights = hsa_retrieval(
+            q_r.contiguous(), landmarks.to(q_r.dtype).contiguous(), chunk_size=c.hsa_chunk_size, topk=c.hsa_topk,
+            weight_rule=c.hsa_weight_rule, gumbel=False,
+            rank_decay=self.rank_decay[0] if self.rank_decay is not None else None, backend=c.hsa_kernel_backend,
+        )
+        if c.hsa_retrieval_heads == 1:  # one selection shared by every KV head
+            indices = indices.expand(-1, -1, c.hsa_num_kv_heads, -1)
+            weights = weights.expand(-1, -1, c.hsa_num_kv_heads, -1)
+        return indices.contiguous(), weights.contiguous()
+
+
+class HSAAttention(nn.Module):
+    """q = W_q x (per-head RMSNorm with hsa_qk_norm, no RoPE) attends to each selected chunk of the shared memory;
+    the per-chunk outputs are summed with the retrieval weights; then W_o."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        self.config = config
+        width = config.num_attention_heads * config.kv_channels
+        self.query_proj = Linear(config.hidden_size, width, bias=False)
+        self.query_norm = RMSNorm(config.kv_channels, config.layernorm_epsilon) if config.hsa_qk_norm else None
+        self.output_proj = Linear(width, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x, keys, values, indices, weights):
+        from megatron_ext.kernels.hsa import hsa_attention
+
+        c = self.config
+        b, s, _ = x.shape
+        q = self.query_proj(x).reshape(b, s, c.num_attention_heads, c.kv_channels)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        o = hsa_attention(q.contiguous(), keys.to(q.dtype).contiguous(), values.to(q.dtype).contiguous(), weights,
+                          indices, chunk_size=c.hsa_chunk_size, softmax_off_by_one=c.hsa_softmax_off_by_one,
+                          backend=c.hsa_kernel_backend)
+        return self.output_proj(o.reshape(b, s, -1))
+
+
+class HSALayer(nn.Module):
+    """The HSA layer. The model's first one builds the chunk memory and each group's first one retrieves, both from
+    the layer's input; an optional inner SWA runs first; with the bypass residual the HSA output reaches the
+    residual stream only through the MLP: out = x + MLP(norm(x + HSA(norm x)))."""
+
+    def __init__(self, config: HSAGPTConfig, *, builds_memory: bool, retrieves: bool):
+        super().__init__()
+        self.config = config
+        self.chunk_memory = HSAChunkMemory(config) if builds_memory else None
+        self.retrieval = HSARetrieval(config) if retrieves else None
+        self.window = (config.hsa_inner_window_size or config.swa_window_size) if config.hsa_inner_swa else None
+        if config.hsa_inner_swa:
+            self.input_layernorm = _norm(config, config.hidden_size)
+            self.self_attention = SelfAttention(config, num_query_groups=config.num_query_groups,
+                                                qkv_bias=config.add_qkv_bias or config.add_bias_linear,
+                                                qk_norm=config.qk_layernorm)
+        self.pre_cross_attn_layernorm = _norm(config, config.hidden_size)
+        self.cross_attention = HSAAttention(config)
+        self.pre_mlp_layernorm = _norm(config, config.hidden_size)
+        self.mlp = MLP(config, config.ffn_hidden_size, gated=config.gated_linear_unit, activation=config.activation)
+
+    def forward(self, x, angles, memory):
+        if self.chunk_memory is not None:
+            memory = dict(zip(("landmarks", "keys", "values"), self.chunk_memory(x)))
+        if self.retrieval is not None:
+            memory = dict(memory)
+            memory["indices"], memory["weights"] = self.retrieval(x, memory["landmarks"])
+        if memory is None or "indices" not in memory:
+            raise RuntimeError("an HSA layer got no chunk memory or selection from the layers below")
+        if self.window is not None:
+            x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window)
+        a = self.cross_attention(self.pre_cross_attn_layernorm(x), memory["keys"], memory["values"],
+                                 memory["indices"], memory["weights"])
+        if self.config.hsa_bypass_residual:
+            return x + self.mlp(self.pre_mlp_layernorm(x + a)), memory
+        x = x + a
+        return x + self.mlp(self.pre_mlp_layernorm(x)), memory
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: HSAGPTConfig):
+        from megatron_ext.models.pattern import parse_layer_pattern
+
+        super().__init__()
+        plans = parse_layer_pattern(config.layer_pattern, frozenset({"hsa", "gca"}))
+        if len(plans) != config.num_layers:
+            raise ValueError(f"layer_pattern {config.layer_pattern!r} has {len(plans)} layers, num_layers is "
+                             f"{config.num_layers}")
+        layers = []
+        for plan in plans:
+            if plan.kind == "full":
+                layers.append(DecoderLayer(config, None))
+            elif plan.kind == "swa":
+                layers.append(DecoderLayer(config, config.swa_window_size))
+            elif plan.kind == "hsa":
+                layers.append(HSALayer(config, builds_memory=plan.memory_builder, retrieves=plan.group_head))
+            else:
+                raise ValueError(f"layer kind {plan.kind!r} (layer {plan.index}) has no Hugging Face implementation "
+                                 f"here: full, swa and hsa layers are supported")
+        self.layers = nn.ModuleList(layers)
+        self.chunked = any(plan.kind == "hsa" for plan in plans)
+        self.final_layernorm = _norm(config, config.hidden_size)
+
+    def forward(self, x, angles):
+        memory = None
+        for layer in self.layers:
+            x, memory = layer(x, angles, memory)
+        return self.final_layernorm(x)
+
+
+class HSAGPTPreTrainedModel(PreTrainedModel):
+    config_class = HSAGPTConfig
+    base_model_prefix = "decoder"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DecoderLayer", "HSALayer"]
+
+    def _init_weights(self, module):
+        # converted checkpoints set every weight; fresh models start like megatron's (normal(0, 0.02))
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+
+class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
+    """Embedding -> decoder layers of ``config.layer_pattern`` -> final norm -> logits (the output layer shares
+    the embedding's weight when ``tie_word_embeddings``). Positions are 0..s-1 of each sequence (RoPE); padding is
+    not masked: batch sequences of equal length."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__(config)
+        if config.position_embedding_type not in ("rope", "none"):
+            raise ValueError(f"position_embedding_type {config.position_embedding_type!r}: rope or none")
+        self.embedding = nn.Module()
+        self.embedding.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.decoder = Decoder(config)
+        self.output_layer = (None if config.tie_word_embeddings
+                             else Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embedding.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.output_layer
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.LongTensor] = None, use_cache: Optional[bool] = None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding (attention_mask with zeros) is not supported: batch sequences of equal length")
+        c = self.config
+        length = input_ids.shape[1]
+        if self.decoder.chunked and length % c.hsa_chunk_size:
+            # HSA works on whole chunks: pad to the next one. The padding only fills the last, incomplete chunk,
+            # which no real token may retrieve (only complete chunks before a token's own are eligible), and every
+            # other layer is causal: the real tokens' outputs are exact.
+            pad = c.hsa_chunk_size - length % c.hsa_chunk_size
+            input_ids = F.pad(input_ids, (0, pad))
+        x = self.embedding.word_embeddings(input_ids)
+        angles = None
+        if c.position_embedding_type == "rope":
+            rot_dim = int(c.kv_channels * c.rotary_percent)
+            angles = rotary_angles(input_ids.shape[1], rot_dim, c.rotary_base, x.device)
+        h = self.decoder(x, angles)[:, :length]
+        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        logits = F.linear(h, weight)
+        loss = None
+        if labels is not None:  # Hugging Face convention: labels are the inputs, shifted here
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

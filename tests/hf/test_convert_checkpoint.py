@@ -1,0 +1,68 @@
+"""tools/convert_checkpoint_to_hf.py end to end: a checkpoint saved by pretrain_hsa.py becomes a Hugging Face
+directory that AutoModelForCausalLM loads (trust_remote_code) and whose logits are the checkpointed model's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from tests.training import runner  # noqa: E402
+
+TOOL = os.path.join(runner.REPO, "tools", "convert_checkpoint_to_hf.py")
+
+
+def _convert(*args):
+    return subprocess.run([sys.executable, TOOL, *args], cwd=runner.REPO, env=runner.env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny SWA+HSA model trained 3 iterations, saved (torch_dist) at iteration 3; untied output layer so both
+    embedding and output weights must come through."""
+    save = tmp_path_factory.mktemp("ckpt")
+    runner.run([*runner.TINY_SWA_HSA, "--train-iters", "3", "--save", str(save), "--save-interval", "3",
+                "--untie-embeddings-and-output-weights", "--hsa-rank-decay"]).check()
+    return save
+
+
+def test_converted_model_gives_the_checkpoint_logits(checkpoint, tmp_path, megatron_world):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ext.hf.convert import load_megatron_checkpoint
+    from megatron_ext.models import build_model
+
+    out = tmp_path / "hf"
+    proc = _convert("--load", str(checkpoint), "--save", str(out), "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote" in proc.stdout
+    assert {"config.json", "model.safetensors", "modeling_hsa_gpt.py", "configuration_hsa_gpt.py"} <= set(
+        os.listdir(out))
+    fields = json.load(open(out / "config.json"))
+    assert fields["layer_pattern"] == "swa [hsa swa]" and fields["tie_word_embeddings"] is False
+
+    config, vocab, state = load_megatron_checkpoint(str(checkpoint))
+    model = build_model(config, vocab_size=vocab).eval()
+    model.load_state_dict(state)
+    assert model.decoder.layers[1].retrieval.rank_decay.item() != 0.0  # trained: not the initial value
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(hf).__name__ == "HSAGPTForCausalLM"
+    tokens = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(64).expand(2, 64), None)
+        got = hf(tokens).logits
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_bad_inputs_get_one_line_errors(checkpoint, tmp_path):
+    proc = _convert("--load", str(tmp_path / "nope"), "--save", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _convert("--load", str(checkpoint), "--iteration", "7", "--save", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "no checkpoint of iteration 7" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,107 @@
+"""The Hugging Face model of megatron_ext.hf against the megatron model it is converted from: same logits (CPU,
+fp32) for every convertible family and option, and a clear refusal of what it does not implement."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from megatron_ext.hf import HSAGPTConfig, HSAGPTForCausalLM  # noqa: E402
+from megatron_ext.hf.convert import hf_config_fields, hf_state_dict  # noqa: E402
+from megatron_ext.models import build_model  # noqa: E402
+from tests.models.tiny import FAMILIES, SEQ, VOCAB, tiny_config  # noqa: E402
+
+CASES = {
+    "gpt_full": dict(FAMILIES["gpt_full"]),
+    "gpt_swa": dict(FAMILIES["gpt_swa"]),
+    "swa_hsa": dict(FAMILIES["swa_hsa"]),
+    "swa_hsa_options": dict(FAMILIES["swa_hsa_options"]),
+    # Megatron-LM's defaults where the families set others: LayerNorm, untied output layer, biases, SiLU gate,
+    # partial RoPE; an encoder with its own query groups and FFN, two KV heads with their own retrieval heads
+    "swa_hsa_layernorm_untied": dict(pattern="swa [hsa swa]*2", normalization="LayerNorm",
+                                     untie_embeddings_and_output_weights=True, add_bias_linear=True,
+                                     activation_func=torch.nn.functional.silu, rotary_percent=0.5,
+                                     hsa_inner_swa=True, hsa_inner_window_size=10, hsa_num_kv_heads=2,
+                                     hsa_encoder_num_query_groups=4, hsa_encoder_ffn_hidden_size=64,
+                                     hsa_encoder_layers=2, hsa_rank_decay=True),
+}
+
+
+def _megatron_and_hf(case):
+    spec = dict(CASES[case])
+    pattern = spec.pop("pattern")
+    config = tiny_config(pattern, **spec)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        # non-default values in every parameter, so that a wrongly mapped one shows, and matrices 5x megatron's
+        # init so that every path (HSA's output through the bypass MLP too) moves the logits well above tolerance
+        for name, p in model.named_parameters():
+            if "rank_decay" in name:
+                p.fill_(0.3)
+            elif p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(5.0)
+    fields = hf_config_fields(config, VOCAB)
+    hf = HSAGPTForCausalLM(HSAGPTConfig(**fields, hsa_kernel_backend="reference")).eval()
+    state = hf_state_dict(model.state_dict(), tied=fields["tie_word_embeddings"])
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert not missing, missing
+    return model, hf
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_logits_equal_megatron_logits(megatron_world, case):
+    model, hf = _megatron_and_hf(case)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
+        got = hf(tokens).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if "hsa" in case:  # the comparison covers the HSA path: without its output the logits move far
+        with torch.no_grad():
+            for layer in hf.decoder.layers:
+                if hasattr(layer, "cross_attention"):
+                    layer.cross_attention.output_proj.weight.zero_()
+            assert (hf(tokens).logits - got).abs().max() > 0.05
+
+
+def test_hf_loss_is_the_shifted_cross_entropy(megatron_world):
+    model, hf = _megatron_and_hf("swa_hsa")
+    tokens = torch.randint(0, VOCAB, (1, SEQ + 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        # megatron's labels are the next tokens; Hugging Face's are the inputs, shifted inside
+        per_token = model(tokens[:, :-1], torch.arange(SEQ)[None], None, labels=tokens[:, 1:])
+        got = hf(tokens, labels=tokens).loss
+    torch.testing.assert_close(got, per_token.mean(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 7, 9, SEQ - 3])
+def test_lengths_that_are_not_whole_chunks(megatron_world, length):
+    # megatron's model takes whole chunks only; the causal model's first `length` outputs are those of any longer
+    # input with the same prefix, which the HF model must give for the prefix alone (generation grows one by one)
+    model, hf = _megatron_and_hf("swa_hsa")
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)[:, :length]
+        got = hf(tokens[:, :length]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_extends_with_the_argmax_of_each_step(megatron_world):
+    _, hf = _megatron_and_hf("swa_hsa")
+    prompt = torch.randint(0, VOCAB, (1, 13), generator=torch.Generator().manual_seed(6))
+    out = hf.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    assert out.shape == (1, 18) and torch.equal(out[:, :13], prompt)
+    with torch.no_grad():
+        for t in range(13, 18):
+            assert out[0, t] == hf(out[:, :t]).logits[0, -1].argmax()
+
+
+def test_unconvertible_models_are_refused_by_name(megatron_world):
+    for family, what in (("drt_gca", "layer kinds ['gca']"), ("swa_hsa_moe", "MoE layers")):
+        spec = dict(FAMILIES[family])
+        config = tiny_config(spec.pop("pattern"), **spec)
+        with pytest.raises(ValueError, match=r"cannot be converted .*" + what.replace("[", r"\[").replace("]", r"\]")):
+            hf_config_fields(config, VOCAB)
