@@ -172,6 +172,27 @@ class HSAConfig(TransformerConfig):
     def gca_kv_heads(self) -> int:
         return self.gca_num_kv_heads or self.num_attention_heads
 
+    def _validate_moe_sizes(self):
+        """MoE sizes that megatron would only reject while building (a bare assert / divide) or at the first
+        forward (torch.topk), checked here with the field and a fix."""
+        E, ep = self.num_moe_experts, self.expert_model_parallel_size
+        if E % ep != 0:
+            self._fail("num_moe_experts", f"{E} experts cannot be split over expert_model_parallel_size={ep}",
+                       f"use a multiple of {ep} experts, e.g. {-(-E // ep) * ep}, or a divisor of {E} as EP size")
+        if not 1 <= self.moe_router_topk <= E:
+            self._fail("moe_router_topk", f"{self.moe_router_topk} experts per token out of {E} experts",
+                       f"use a top-k of at least 1 and at most {E}")
+        etp = self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+        ffn = self.moe_ffn_hidden_size
+        if ffn is not None and ffn % etp != 0:
+            self._fail("moe_ffn_hidden_size", f"the expert FFN width {ffn} is not divisible by "
+                       f"expert_tensor_parallel_size={etp}", f"use a multiple of {etp}, e.g. {-(-ffn // etp) * etp}")
+        shared, tp = self.moe_shared_expert_intermediate_size, self.tensor_model_parallel_size
+        if shared is not None and shared % tp != 0:
+            self._fail("moe_shared_expert_intermediate_size", f"the shared expert's FFN width {shared} is not "
+                       f"divisible by tensor_model_parallel_size={tp}",
+                       f"use a multiple of {tp}, e.g. {-(-shared // tp) * tp}")
+
     def _validate_hsa(self):
         from megatron_ext.models.registry import ATTENTION_KINDS  # late import: the registry imports the layers
 
@@ -204,6 +225,8 @@ class HSAConfig(TransformerConfig):
         if any(p.mlp == "moe" for p in plans) and not self.num_moe_experts:
             self._fail("layer_pattern", "marks a layer ':moe' but num_moe_experts is not set",
                        "set num_moe_experts (YAML: num_experts) or drop ':moe'")
+        if self.num_moe_experts:
+            self._validate_moe_sizes()
         if self.window_size is not None:
             # megatron's window applies to every layer; here each layer kind decides (swa: windowed, full: not).
             self._fail("window_size", f"Megatron-LM's --window-size {self.window_size} is not used by this model",

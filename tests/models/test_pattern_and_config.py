@@ -90,3 +90,30 @@ def test_moe_per_layer_from_pattern_or_moe_layer_freq():
     assert [layer_is_moe(suffix, p) for p in suffix.layer_plans] == [False, True, True, False, True]
     dense = tiny_config("swa*3 [hsa swa]")
     assert not any(layer_is_moe(dense, p) for p in dense.layer_plans)
+
+
+_MOE = dict(num_moe_experts=6, moe_router_topk=2, moe_ffn_hidden_size=32)
+
+
+@pytest.mark.parametrize("overrides, field, fix", [
+    # megatron's MoELayer asserts `num_moe_experts % ep_size == 0` (no message) when the model is built.
+    (dict(_MOE, expert_model_parallel_size=4), "num_moe_experts", "e.g. 8"),
+    # torch.topk fails with 'selected index k out of range' at the first forward.
+    (dict(_MOE, moe_router_topk=8), "moe_router_topk", "at most 6"),
+    # The experts' fc1/fc2 and the shared expert's linears are split over (expert) TP: megatron's bare divide().
+    (dict(_MOE, tensor_model_parallel_size=2, moe_ffn_hidden_size=33), "moe_ffn_hidden_size", "e.g. 34"),
+    (dict(_MOE, tensor_model_parallel_size=2, moe_shared_expert_intermediate_size=33),
+     "moe_shared_expert_intermediate_size", "e.g. 34"),
+])
+def test_moe_sizes_that_do_not_divide_name_the_field_and_a_fix(overrides, field, fix):
+    with pytest.raises(ValueError) as err:
+        tiny_config("swa [hsa swa]", **overrides)
+    msg = str(err.value)
+    assert f"HSAConfig.{field}" in msg and "Fix:" in msg and fix in msg, msg
+
+
+def test_moe_sizes_that_divide_are_accepted():
+    config = tiny_config("swa [hsa swa]", num_moe_experts=8, moe_router_topk=8, moe_ffn_hidden_size=34,
+                         moe_shared_expert_intermediate_size=34, expert_model_parallel_size=4,
+                         tensor_model_parallel_size=2)
+    assert config.num_moe_experts == 8
