@@ -243,6 +243,11 @@ class HSAConfig(TransformerConfig):
         if self.swa_alibi and self.position_embedding_type != "none":
             self._fail("swa_alibi", f"ALiBi replaces the decoder's position embedding, but position_embedding_type="
                        f"{self.position_embedding_type!r}", "set position_embedding_type: none")
+        if self.swa_alibi and self.context_parallel_size > 1:
+            # Our core attention has no ALiBi under CP, and Transformer Engine's (the CP path) has no ALiBi here.
+            self._fail("swa_alibi", f"ALiBi attention has no context-parallel path (context_parallel_size="
+                       f"{self.context_parallel_size})", "set context_parallel_size: 1 (use tensor or pipeline "
+                       "parallelism for long sequences), or drop swa_alibi and use position_embedding_type: rope")
         if self.position_embedding_type not in ("rope", "none", "learned_absolute"):
             self._fail("position_embedding_type", f"{self.position_embedding_type!r} is not supported here",
                        "use 'rope' (SWA/full layers rotate, HSA is NoPE regardless)")

@@ -52,6 +52,10 @@ def test_bad_patterns(bad, needle):
      "recompute_granularity", "selective"),
     (dict(swa_window_size=0), "swa_window_size", "512"),
     (dict(swa_alibi=True), "swa_alibi", "position_embedding_type: none"),
+    # DRT's ALiBi decoder has no context-parallel attention: the first forward failed, suggesting TE attention,
+    # which ALiBi refuses.
+    (dict(layer_pattern="swa [gca]", swa_alibi=True, position_embedding_type="none", context_parallel_size=2),
+     "swa_alibi", "context_parallel_size: 1"),
     (dict(layer_pattern="swa [hsa:moe swa]"), "layer_pattern", "num_moe_experts"),
     # Encoder shapes that megatron's TP split would reject with a raw error while building the model.
     (dict(tensor_model_parallel_size=2, hidden_size=96, num_attention_heads=6, hsa_encoder_num_query_groups=3),
