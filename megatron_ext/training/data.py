@@ -5,6 +5,7 @@
 ``--no-mmap-bin-files``) and the project's (``--data-pack-chunk-size`` for chunk-aligned HSA packing,
 ``--data-landmark-chunk-size`` for GCA landmarks) to ``megatron_ext.data.provider``. ``get_batch`` moves one
 micro-batch to the model's device and turns packed samples' ``cu_seqlens`` into megatron's ``PackedSeqParams``.
+``build_tokenizer(args)`` is megatron's, but also reads a Hugging Face ``tokenizer.json`` file.
 
 ``check_data_against_model(args, tokenizer)`` is the one place where the data flags are checked against the model
 (chunk sizes, landmarks, vocabulary), before the model is built.
@@ -53,6 +54,27 @@ def get_batch(data_iterator):
     from megatron_ext.parallel.context import batch_for_this_cp_rank
 
     return batch_for_this_cp_rank(out)  # context parallelism: this rank's two pieces of every sequence
+
+
+def build_tokenizer(args):
+    """megatron's tokenizer for ``--tokenizer-type``, except for ``HuggingFaceTokenizer`` with ``--tokenizer-model``
+    a ``tokenizer.json`` file, as ``tools/preprocess_data.py`` and the example scripts take it: megatron's wrapper
+    hands the path to ``AutoTokenizer.from_pretrained``, which takes only a directory. That case gets the tokenizer
+    that wrote the data (``megatron_ext.data.tokenizers``: the same ids and end-of-document id)."""
+    import os
+
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer as megatron_build_tokenizer
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+
+    from megatron_ext.data.tokenizers import HuggingFaceTokenizer
+
+    path = getattr(args, "tokenizer_model", None)
+    if args.tokenizer_type != "HuggingFaceTokenizer" or not path or not os.path.isfile(path):
+        return megatron_build_tokenizer(args)
+    tokenizer = HuggingFaceTokenizer(path)
+    if getattr(args, "pad_vocab_size", True) and getattr(args, "padded_vocab_size", None) is None:  # as megatron's
+        args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
+    return tokenizer
 
 
 def build_datasets(args, train_val_test_num_samples):

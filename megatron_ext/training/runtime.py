@@ -1,7 +1,8 @@
 """Process set-up for ``pretrain_hsa.py`` and the hooks it adds to ``megatron.training``.
 
 ``prepare_process()`` runs before megatron builds anything: the CPU shims of ``megatron_ext.compat.cpu`` (no-op with
-CUDA) and, for a plain ``python pretrain_hsa.py`` without a launcher, a world of one process.
+CUDA), a Hugging Face ``tokenizer.json`` file as ``--tokenizer-model`` and, for a plain ``python pretrain_hsa.py``
+without a launcher, a world of one process.
 
 ``install_training_hooks(args)`` wires our pieces into megatron's own loop, each in its one module:
 
@@ -32,6 +33,7 @@ def prepare_process() -> None:
             torch.set_num_threads(1)
     cpu_compat.apply_training()
     _skip_dataset_helper_compilation()
+    _read_tokenizer_json_files()
     if "RANK" not in os.environ:  # `python pretrain_hsa.py ...` without torchrun: a world of one
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -52,6 +54,16 @@ def _skip_dataset_helper_compilation() -> None:
     from megatron.core.datasets import utils as dataset_utils
 
     dataset_utils.compile_helpers = lambda: None
+
+
+def _read_tokenizer_json_files() -> None:
+    """``--tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json``, as preprocessing takes it, through
+    ``megatron_ext.training.data.build_tokenizer``; megatron builds the tokenizer in ``parse_and_validate_args``."""
+    from megatron.training import global_vars
+
+    from megatron_ext.training import data
+
+    global_vars.build_tokenizer = data.build_tokenizer
 
 
 INTERRUPTED_STATUS = 128 + signal.SIGINT  # 130: the shell's status for a process ended by Ctrl-C

@@ -1,0 +1,42 @@
+"""``pretrain_hsa.py`` reads data written by ``tools/preprocess_data.py`` with the tokenizer flags given to both."""
+
+import json
+
+from megatron_ext.data.corpus import CORPUS_FILE
+from megatron_ext.data.preprocess import PreprocessOptions, dataset_prefix, preprocess
+from megatron_ext.data.tokenizers import TokenizerSpec
+from tests.training.runner import TINY_SWA_HSA, run
+
+# The runner's tiny model and optimiser, on a real dataset: no mock data, no NullTokenizer.
+TINY = [a for a in TINY_SWA_HSA if a not in ("--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+                                              "128")]
+TRAIN = ["--train-iters", "3", "--split", "90,10,0", "--data-pack-chunk-size", "8"]
+
+
+def _preprocess(tmp_path, spec: TokenizerSpec) -> str:
+    output_prefix = str(tmp_path / "data" / "corpus")
+    preprocess(PreprocessOptions(inputs=[CORPUS_FILE], output_prefix=output_prefix, tokenizer=spec, append_eod=True,
+                                 workers=1, log_interval=0), log=lambda msg: None)
+    return dataset_prefix(output_prefix, "text")
+
+
+def test_hugging_face_tokenizer_json_file_trains(tmp_path):
+    """examples/train_swa_hsa_345m.sh and slurm_multinode.sbatch pass TOKENIZER=tokenizer.json to
+    ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model``, as preprocessing takes it; megatron's wrapper only
+    takes a transformers directory ("Repo id must be in the form ...")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    with open(CORPUS_FILE) as f:
+        texts = [json.loads(line)["text"] for line in f][:50]
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer_json = str(tmp_path / "tokenizer.json")
+    hf.save(tokenizer_json)
+    prefix = _preprocess(tmp_path, TokenizerSpec("HuggingFaceTokenizer", tokenizer_model=tokenizer_json))
+
+    result = run(TINY + TRAIN + ["--data-path", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
+                                 "--tokenizer-model", tokenizer_json]).check()
+    assert sorted(result.losses()) == [1, 2, 3]
