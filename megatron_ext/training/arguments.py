@@ -187,14 +187,16 @@ def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_path_from_argv(argv: list[str]) -> str | None:
+    """The last ``--config`` given: argparse keeps the last value of a repeated flag, so ``args.config`` names it."""
+    path = None
     for i, token in enumerate(argv):
         if token == "--config":
             if i + 1 >= len(argv):
                 raise SystemExit("--config needs a file name: --config examples/model.yaml")
-            return argv[i + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
+            path = argv[i + 1]
+        elif token.startswith("--config="):
+            path = token.split("=", 1)[1]
+    return path
 
 
 def _name_index(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, bool]]:

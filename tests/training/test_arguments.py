@@ -109,6 +109,15 @@ def test_missing_config_file_is_one_line_naming_it(monkeypatch, tmp_path):
     assert message.startswith(f"--config {missing}: ") and "\n" not in message
 
 
+def test_the_last_config_flag_wins_as_for_any_flag(monkeypatch, tmp_path):
+    """Two ``--config`` flags (a base file, then a run's file): argparse keeps the last, so must the values."""
+    base, run = tmp_path / "base.yaml", tmp_path / "run.yaml"
+    base.write_text("hidden_size: 128\n")
+    run.write_text("hidden_size: 256\n")
+    args = _parse(monkeypatch, ["--config", str(base), f"--config={run}"])
+    assert (args.config, args.hidden_size) == (str(run), 256)
+
+
 def test_entry_point_docstring_names_files_that_exist():
     import os
     import re
