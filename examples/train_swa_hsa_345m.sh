@@ -2,7 +2,8 @@
 # SWA+HSA-345M on one node, the papers' recipe: AdamW (0.9, 0.95), wd 1e-3, peak LR 2e-3, 2% warm-up then cosine
 # to 10%, bf16, 8K tokens, chunk-aligned document packing for HSA. The model is examples/swa_hsa_345m.yaml;
 # any flag given here (or appended on the command line) overrides the file.
-# Usage: bash examples/train_swa_hsa_345m.sh DATA_PREFIX CHECKPOINT_DIR [extra pretrain_hsa.py flags ...]
+# Usage: TOKENIZER=<tokenizer.json or HF tokenizer directory of the data> \
+#            bash examples/train_swa_hsa_345m.sh DATA_PREFIX CHECKPOINT_DIR [extra pretrain_hsa.py flags ...]
 set -euo pipefail
 DATA_PATH=${1:?data prefix from tools/preprocess_data.py}
 CHECKPOINT_PATH=${2:?checkpoint directory}
