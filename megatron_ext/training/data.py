@@ -6,6 +6,7 @@
 ``--data-landmark-chunk-size`` for GCA landmarks) to ``megatron_ext.data.provider``. ``get_batch`` moves one
 micro-batch to the model's device and turns packed samples' ``cu_seqlens`` into megatron's ``PackedSeqParams``.
 ``build_tokenizer(args)`` is megatron's, but also reads a Hugging Face ``tokenizer.json`` file.
+``skip_validation_without_data()`` turns validation off when the validation split is empty.
 
 ``check_data_against_model(args, tokenizer)`` is the one place where the data flags are checked against the model
 (chunk sizes, landmarks, vocabulary), before the model is built.
@@ -75,6 +76,26 @@ def build_tokenizer(args):
     if getattr(args, "pad_vocab_size", True) and getattr(args, "padded_vocab_size", None) is None:  # as megatron's
         args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
     return tokenizer
+
+
+def skip_validation_without_data() -> None:
+    """No validation when the validation split is empty (``--split 100,0,0``). megatron-core 0.19.2 puts the
+    validation loader in a list and tests the list, not the loader, for None: it validated on no batch. Idempotent."""
+    from megatron.training import get_args
+    from megatron.training import training as megatron_training
+
+    original = megatron_training.build_train_valid_test_data_loaders
+    if getattr(original, "skips_empty_validation", False):
+        return
+
+    def build_train_valid_test_data_loaders(*args, **kwargs):
+        train, valid, test = original(*args, **kwargs)
+        if isinstance(valid, list) and all(loader is None for loader in valid):
+            get_args().do_valid = False  # every rank builds the datasets (is_distributed), so all agree
+        return train, valid, test
+
+    build_train_valid_test_data_loaders.skips_empty_validation = True
+    megatron_training.build_train_valid_test_data_loaders = build_train_valid_test_data_loaders
 
 
 def build_datasets(args, train_val_test_num_samples):

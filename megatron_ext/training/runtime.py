@@ -10,7 +10,8 @@ without a launcher, a world of one process.
 * ``fused_adam``: torch's fused AdamW in place of megatron's foreach torch-AdamW fallback (``--no-torch-fused-adam``
   keeps the latter);
 * ``checkpointing``: atomic ``latest`` marker, keep-last-K, crash-safe saves;
-* ``logging``: tokens/s and MFU per log line from our FLOP model (``flops``), MoE aux losses.
+* ``logging``: tokens/s and MFU per log line from our FLOP model (``flops``), MoE aux losses;
+* ``data``: no validation on an empty validation split.
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def run_failing_fast(fn, *args, **kwargs):
 
 def install_training_hooks(args) -> None:
     """Install the workarounds and additions to ``megatron.training`` that ``args`` asks for."""
-    from megatron_ext.training import checkpointing, fused_adam, logging as hsa_logging, optimizer_resume
+    from megatron_ext.training import checkpointing, data, fused_adam, logging as hsa_logging, optimizer_resume
 
     optimizer_resume.install()
+    data.skip_validation_without_data()
     if args.torch_fused_adam:
         fused_adam.install()
     checkpointing.install(keep_last=args.keep_last_checkpoints, async_save=args.async_save)

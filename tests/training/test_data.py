@@ -79,3 +79,15 @@ def test_pack_chunk_smaller_than_the_model_chunk_fails_at_startup_naming_both_fl
     assert result.returncode != 0
     assert "--data-pack-chunk-size 32 is not a multiple of the model's --hsa-chunk-size 64" in result.output
     assert result.losses() == {}
+
+
+def test_split_without_validation_documents_skips_validation(tmp_path):
+    """``--split 100,0,0``: megatron-core 0.19.2 wraps the missing validation loader in a list, so it validated
+    anyway, on no batch (``embedding(): argument 'indices' ... must be Tensor, not NoneType``)."""
+    from megatron_ext.data.corpus import build_demo_data
+
+    prefix, _ = build_demo_data(str(tmp_path / "data"))
+    args = [a for a in TINY_GCA if a not in ("--eval-interval", "1000")]
+    result = run(args + ["--data-path", prefix, "--split", "100,0,0", "--eval-interval", "1"]).check()
+    assert sorted(result.losses()) == [1, 2]
+    assert "validation loss" not in result.output
