@@ -171,9 +171,26 @@ def _fill_derived_defaults_after_parsing(parser: argparse.ArgumentParser) -> Non
         namespace, extras = parse_known_args(*args, **kwargs)
         if getattr(namespace, "max_position_embeddings", None) is None:
             namespace.max_position_embeddings = getattr(namespace, "seq_length", None)
+        _check_lr_schedule(namespace)
         return namespace, extras
 
     parser.parse_known_args = parse_known_args_filling_defaults
+
+
+def _check_lr_schedule(args) -> None:
+    """Warm-up must end before the LR decay does: megatron-core checks it with a bare ``assert`` only once the model
+    and optimizer are built. Iteration-based schedules (``--train-iters``) are checked here, at parse time."""
+    train_iters = getattr(args, "train_iters", None)
+    if not train_iters:
+        return
+    decay = getattr(args, "lr_decay_iters", None) or train_iters
+    fraction = getattr(args, "lr_warmup_fraction", None)
+    warmup = fraction * decay if fraction is not None else (getattr(args, "lr_warmup_iters", 0) or 0)
+    if warmup >= decay:
+        given = f"--lr-warmup-fraction {fraction}" if fraction is not None else f"--lr-warmup-iters {warmup}"
+        source = "--lr-decay-iters" if getattr(args, "lr_decay_iters", None) else "--train-iters"
+        raise SystemExit(f"{given} leaves no LR decay: the warm-up must end before the {decay} decay iterations "
+                         f"({source}); use fewer warm-up iterations or more {source}")
 
 
 def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:

@@ -129,3 +129,16 @@ def test_entry_point_docstring_names_files_that_exist():
     assert paths, "the docstring shows how to run an example"
     for path in paths:
         assert os.path.exists(os.path.join(REPO, path)), f"pretrain_hsa.py's docstring names missing {path}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-iters", "2", "--lr-warmup-iters", "2"], "--lr-warmup-iters 2 leaves no LR decay"),
+    (["--train-iters", "100", "--lr-decay-iters", "10", "--lr-warmup-iters", "10"], "10 decay iterations (--lr-decay-iters)"),
+    (["--train-iters", "10", "--lr-warmup-fraction", "1.0"], "--lr-warmup-fraction 1.0 leaves no LR decay"),
+])
+def test_warmup_that_outlasts_the_decay_is_one_line_at_parse_time(monkeypatch, argv, message):
+    # megatron-core would build the model and optimizer, then fail on a bare assert in OptimizerParamScheduler
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(monkeypatch, argv)
+    assert message in str(exit_info.value)
+    assert _parse(monkeypatch, ["--train-iters", "3", "--lr-warmup-iters", "2"]).lr_warmup_iters == 2
