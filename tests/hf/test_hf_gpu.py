@@ -1,0 +1,29 @@
+"""The converted Hugging Face model on a GPU (run with `make test-gpu`): bf16, the HSA Triton kernels, logits of the
+megatron model it came from (FlexAttention windows, fused norms, the same kernels)."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from megatron_ext.hf import HSAGPTConfig, HSAGPTForCausalLM  # noqa: E402
+from megatron_ext.hf.convert import hf_config_fields, hf_state_dict  # noqa: E402
+from tests.models.test_gpu import SEQ, _gpu_model  # noqa: E402
+from tests.models.tiny import VOCAB  # noqa: E402
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["swa_hsa", "gpt_swa"])
+def test_hf_model_matches_megatron_in_bf16_on_gpu(megatron_world, family):
+    torch.manual_seed(0)
+    model = _gpu_model(family, bf16=True, params_dtype=torch.bfloat16).eval()
+    fields = hf_config_fields(model.config, VOCAB)
+    hf = HSAGPTForCausalLM(HSAGPTConfig(**fields)).to("cuda", torch.bfloat16).eval()
+    hf.load_state_dict(hf_state_dict(model.state_dict(), tied=fields["tie_word_embeddings"]))
+    tokens = torch.randint(0, VOCAB, (2, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(SEQ, device="cuda").expand(2, SEQ), None).float()
+        got = hf(tokens).logits.float()
+    err = (got - expected).norm() / expected.norm()
+    assert err < 2e-2, f"relative logits difference {err:.2e}"
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
