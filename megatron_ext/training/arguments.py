@@ -172,6 +172,10 @@ def _fill_derived_defaults_after_parsing(parser: argparse.ArgumentParser) -> Non
         if getattr(namespace, "max_position_embeddings", None) is None:
             namespace.max_position_embeddings = getattr(namespace, "seq_length", None)
         _check_lr_schedule(namespace)
+        keep = getattr(namespace, "keep_last_checkpoints", None)
+        if keep is not None and keep < 1:
+            raise SystemExit(f"--keep-last-checkpoints {keep}: keep at least 1 (the checkpoint just saved); leave "
+                             f"the flag out to keep every checkpoint")
         return namespace, extras
 
     parser.parse_known_args = parse_known_args_filling_defaults

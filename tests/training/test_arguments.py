@@ -142,3 +142,12 @@ def test_warmup_that_outlasts_the_decay_is_one_line_at_parse_time(monkeypatch, a
         _parse(monkeypatch, argv)
     assert message in str(exit_info.value)
     assert _parse(monkeypatch, ["--train-iters", "3", "--lr-warmup-iters", "2"]).lr_warmup_iters == 2
+
+
+@pytest.mark.parametrize("keep", ["0", "-2"])
+def test_keeping_no_checkpoint_is_refused(monkeypatch, keep):
+    # 0 or less used to keep every checkpoint, the opposite of what it reads as
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(monkeypatch, ["--keep-last-checkpoints", keep])
+    assert f"--keep-last-checkpoints {keep}: keep at least 1" in str(exit_info.value)
+    assert _parse(monkeypatch, ["--keep-last-checkpoints", "1"]).keep_last_checkpoints == 1
