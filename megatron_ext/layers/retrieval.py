@@ -41,6 +41,25 @@ class _Retrieval(MegatronModule):
         self.backend = config.hsa_kernel_backend
         self._grad_tp_group = pg_collection.tp if pg_collection is not None else None
 
+    def _noise_seed(self, device) -> int | None:
+        """Seed of this call's Gumbel noise (None without noise). Retrieval is replicated over tensor parallelism, so
+        every TP rank must draw the same noise and pick the same chunks, whatever each rank's generators went through
+        before: TP rank 0's draw is broadcast. Drawn from the CPU generator, which megatron's activation
+        recomputation restores, so a recomputed forward picks the chunks of the first."""
+        if not (self.gumbel and self.training):
+            return None
+        seed = torch.randint(0, 2**30, (1,), dtype=torch.int64)
+        group = self._grad_tp_group
+        if group is None and torch.distributed.is_initialized():
+            from megatron.core import parallel_state
+
+            group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            on_device = seed.to(device if torch.distributed.get_backend(group) == "nccl" else "cpu")
+            torch.distributed.broadcast(on_device, src=torch.distributed.get_global_rank(group, 0), group=group)
+            seed = on_device.cpu()
+        return int(seed.item())
+
 
 class HSARetrieval(_Retrieval):
     """forward(x [s, b, h], memory) -> Selection(indices/weights [b, s, Hk_local, K])."""
@@ -85,7 +104,7 @@ class HSARetrieval(_Retrieval):
             q_r.contiguous(), landmarks.contiguous(), chunk_size=self.chunk_size, topk=self.topk,
             weight_rule=self.weight_rule, gumbel=self.gumbel and self.training,
             rank_decay=self.rank_decay[0] if self.rank_decay is not None else None, cu_seqlens=memory.cu_seqlens,
-            backend=self.backend,
+            backend=self.backend, seed=self._noise_seed(q_r.device),
         )
         indices, weights = indices.reshape(b, s, *indices.shape[2:]), weights.reshape(b, s, *weights.shape[2:])
         indices, weights = local_rows(indices, dim=1), local_rows(weights, dim=1)  # ... and keep this rank's tokens
@@ -130,8 +149,10 @@ class GCARetrieval(_Retrieval):
         cu = memory.cu_seqlens
         if cu is not None:  # packed: one flat sequence for the kernels (chunk ids become b*C + c)
             query, landmarks = query.reshape(1, b * C, h), landmarks.reshape(1, b * C, h)
+        seed = self._noise_seed(query.device)
         made_by, weights_made_by = gca_retrieval(
-            query, landmarks, topk=self.topk, chunk_size=S, gumbel=self.gumbel and self.training, cu_seqlens=cu,
+            query, landmarks, topk=self.topk, chunk_size=S, gumbel=seed is not None, cu_seqlens=cu,
+            generator=None if seed is None else torch.Generator(device=query.device).manual_seed(seed),
             backend=self.backend,
         )
         indices, weights = selection_for_query_chunks(made_by, weights_made_by, chunk_size=S, cu_seqlens=cu)

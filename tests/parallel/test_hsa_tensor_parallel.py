@@ -79,3 +79,44 @@ def test_tp2_with_sequence_parallel_matches_tp1():
             for name, g1 in grads1.items():
                 err = (grads2[name] - g1).norm() / g1.norm().clamp_min(1e-12)
                 assert err < 1e-4, f"{case} {name}: relative gradient error {err:.2e}"
+
+
+def _selections(case, gumbel):
+    """Every retrieval layer's chunk indices in one training-mode forward (Gumbel noise on or off)."""
+    from megatron.core import parallel_state
+
+    from megatron_ext.models import build_model
+    from tests.models.tiny import tiny_config
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    spec = dict(CASES[case])
+    pattern = spec.pop("pattern")
+    config = tiny_config(pattern, tensor_model_parallel_size=tp, sequence_parallel=tp > 1, vocab_size=VOCAB,
+                         hsa_encoder_num_query_groups=2, hsa_gumbel_noise=gumbel, **spec)
+    model = build_model(config)
+    if parallel_state.get_tensor_model_parallel_rank() == 1:
+        torch.rand(7)  # ranks' CPU generators need not agree: the selection still must
+    got = []
+    for layer in model.decoder.layers:
+        if getattr(layer, "retrieval", None) is not None:
+            layer.retrieval.register_forward_hook(lambda module, args, out: got.append(out.indices.clone()))
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
+    return [g[:, :, 0] if g.dim() == 4 else g for g in got]  # HSA: one retrieval head shared by the local KV heads
+
+
+def _selections_with_and_without_noise():
+    return {case: (_selections(case, True), _selections(case, False)) for case in CASES}
+
+
+def test_gumbel_noise_picks_the_same_chunks_on_every_tp_rank():
+    # Retrieval is replicated over TP: ranks that drew different noise would attend to different chunks for the
+    # query heads each holds (it happened: each rank drew from its own generator).
+    rank0, rank1 = run_on_ranks(_selections_with_and_without_noise, 2,
+                                parallel_sizes={"tensor_model_parallel_size": 2})
+    for case in CASES:
+        (noisy0, plain0), (noisy1, _) = rank0[case], rank1[case]
+        assert len(noisy0) == len(noisy1) > 0
+        for a, b, plain in zip(noisy0, noisy1, plain0):
+            assert torch.equal(a, b), case
+            assert not torch.equal(a, plain), f"{case}: the noise changed no selection"
