@@ -1,6 +1,7 @@
 """SWA+HSA (with MoE) and DRT (GCA) models at tensor-parallel size 2 with sequence parallelism compute the same loss
 and gradients as at size 1."""
 
+import pytest
 import torch
 
 from megatron_ext.testing import gather_full_grads, run_on_ranks
@@ -81,7 +82,7 @@ def test_tp2_with_sequence_parallel_matches_tp1():
                 assert err < 1e-4, f"{case} {name}: relative gradient error {err:.2e}"
 
 
-def _selections(case, gumbel):
+def _selections(case, gumbel, cuda=False):
     """Every retrieval layer's chunk indices in one training-mode forward (Gumbel noise on or off)."""
     from megatron.core import parallel_state
 
@@ -91,29 +92,45 @@ def _selections(case, gumbel):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     spec = dict(CASES[case])
     pattern = spec.pop("pattern")
+    if cuda:  # the Triton kernels and NCCL
+        spec.update(use_cpu_initialization=False, hsa_kernel_backend="auto", hsa_chunk_size=16, hsa_topk=3)
     config = tiny_config(pattern, tensor_model_parallel_size=tp, sequence_parallel=tp > 1, vocab_size=VOCAB,
                          hsa_encoder_num_query_groups=2, hsa_gumbel_noise=gumbel, **spec)
-    model = build_model(config)
+    model = build_model(config).to("cuda" if cuda else "cpu")
     if parallel_state.get_tensor_model_parallel_rank() == 1:
         torch.rand(7)  # ranks' CPU generators need not agree: the selection still must
     got = []
     for layer in model.decoder.layers:
         if getattr(layer, "retrieval", None) is not None:
             layer.retrieval.register_forward_hook(lambda module, args, out: got.append(out.indices.clone()))
-    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
-    return [g[:, :, 0] if g.dim() == 4 else g for g in got]  # HSA: one retrieval head shared by the local KV heads
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0)).to("cuda" if cuda else "cpu")
+    positions = torch.arange(SEQ, device=tokens.device).expand(2, SEQ)
+    model(tokens, positions, None)
+    # HSA: one retrieval head shared by the local KV heads
+    return [(g[:, :, 0] if g.dim() == 4 else g).cpu() for g in got]
 
 
-def _selections_with_and_without_noise():
-    return {case: (_selections(case, True), _selections(case, False)) for case in CASES}
+def _selections_with_and_without_noise(cuda=False):
+    return {case: (_selections(case, True, cuda), _selections(case, False, cuda)) for case in CASES}
 
 
 def test_gumbel_noise_picks_the_same_chunks_on_every_tp_rank():
     # Retrieval is replicated over TP: ranks that drew different noise would attend to different chunks for the
     # query heads each holds (it happened: each rank drew from its own generator).
-    rank0, rank1 = run_on_ranks(_selections_with_and_without_noise, 2,
-                                parallel_sizes={"tensor_model_parallel_size": 2})
+    _check_same_selections(run_on_ranks(_selections_with_and_without_noise, 2,
+                                        parallel_sizes={"tensor_model_parallel_size": 2}))
+
+
+@pytest.mark.gpu
+def test_gumbel_noise_picks_the_same_chunks_on_every_tp_rank_over_nccl():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _check_same_selections(run_on_ranks(_selections_with_and_without_noise, 2, True,
+                                        parallel_sizes={"tensor_model_parallel_size": 2}))
+
+
+def _check_same_selections(ranks):
+    rank0, rank1 = ranks
     for case in CASES:
         (noisy0, plain0), (noisy1, _) = rank0[case], rank1[case]
         assert len(noisy0) == len(noisy1) > 0
