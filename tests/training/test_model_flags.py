@@ -27,7 +27,7 @@ def _config(monkeypatch, *extra, normalization=None):
     del argv[at: at + 2]  # no flag: Megatron-LM's default
     if normalization is not None:
         argv += ["--normalization", normalization]
-    argv += ["--mock-data", "--vocab-size", str(VOCAB), "--train-iters", "2", *extra]
+    argv += ["--mock-data", "--vocab-size", str(VOCAB), "--train-iters", "10", *extra]
     monkeypatch.setattr(sys, "argv", ["pretrain_hsa.py", *argv])
     args = parse_args(extra_args_provider=arguments.add_hsa_arguments)
     validate_args(args, arguments.ARGS_DEFAULTS)
