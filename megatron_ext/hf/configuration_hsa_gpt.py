@@ -23,6 +23,7 @@ class HSAGPTConfig(PretrainedConfig):
         num_attention_heads: int = 16,
         num_query_groups: int | None = None,
         kv_channels: int | None = None,
+        softmax_scale: float | None = None,
         normalization: str = "RMSNorm",
         layernorm_epsilon: float = 1e-5,
         qk_layernorm: bool = False,
@@ -63,6 +64,8 @@ class HSAGPTConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_query_groups = num_query_groups or num_attention_heads
         self.kv_channels = kv_channels or hidden_size // num_attention_heads
+        # of full/swa and chunk-encoder attention (None: 1/sqrt(kv_channels)); HSA attention always uses the latter
+        self.softmax_scale = softmax_scale
         self.normalization = normalization
         self.layernorm_epsilon = layernorm_epsilon
         self.qk_layernorm = qk_layernorm

@@ -58,6 +58,7 @@ def hf_config_fields(config, vocab_size: int) -> dict:
         num_layers=config.num_layers, layer_pattern=config.layer_pattern or f"full*{config.num_layers}",
         num_attention_heads=config.num_attention_heads,
         num_query_groups=config.num_query_groups or config.num_attention_heads, kv_channels=config.kv_channels,
+        softmax_scale=config.softmax_scale,
         normalization=config.normalization, layernorm_epsilon=config.layernorm_epsilon,
         qk_layernorm=config.qk_layernorm, gated_linear_unit=config.gated_linear_unit, activation=activation,
         add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,

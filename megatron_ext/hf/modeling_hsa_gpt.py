@@ -88,6 +88,8 @@ class SelfAttention(nn.Module):
         self.heads = config.num_attention_heads
         self.groups = num_query_groups
         self.head_dim = config.kv_channels
+        # megatron's config.softmax_scale, else 1/sqrt(d)
+        self.scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         width = self.heads * self.head_dim
         self.linear_qkv = Linear(config.hidden_size, (self.heads + 2 * self.groups) * self.head_dim, bias=qkv_bias)
         self.linear_proj = Linear(width, config.hidden_size, bias=config.add_bias_linear)
@@ -115,7 +117,7 @@ class SelfAttention(nn.Module):
             mask = j <= i
             if window is not None:
                 mask = mask & (i - j <= window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.linear_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 

@@ -24,6 +24,8 @@ CASES = {
                                      hsa_inner_swa=True, hsa_inner_window_size=10, hsa_num_kv_heads=2,
                                      hsa_encoder_num_query_groups=4, hsa_encoder_ffn_hidden_size=64,
                                      hsa_encoder_layers=2, hsa_rank_decay=True),
+    # megatron's softmax_scale replaces 1/sqrt(kv_channels) in the decoder's and the chunk encoder's attention
+    "swa_hsa_softmax_scale": dict(pattern="full [hsa swa]*2", softmax_scale=0.5, hsa_inner_swa=True),
 }
 
 
