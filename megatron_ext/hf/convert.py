@@ -53,6 +53,8 @@ def hf_config_fields(config, vocab_size: int) -> dict:
         raise ValueError("this model cannot be converted to the Hugging Face model of megatron_ext.hf: it has "
                          + "; ".join(problems))
     activation = "silu" if config.activation_func is torch.nn.functional.silu else "gelu"
+    if activation == "gelu" and config.bias_activation_fusion and not config.use_te_activation_func:
+        activation = "gelu_tanh"  # megatron's MLP then runs its fused GeLU: the tanh approximation
     fields = dict(
         vocab_size=vocab_size, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
         num_layers=config.num_layers, layer_pattern=config.layer_pattern or f"full*{config.num_layers}",

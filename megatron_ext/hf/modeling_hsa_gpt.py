@@ -24,7 +24,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_hsa_gpt import HSAGPTConfig
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+# gelu_tanh: megatron's fused bias-GeLU / GeGLU (bias_activation_fusion) compute the tanh approximation
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class RMSNorm(nn.Module):

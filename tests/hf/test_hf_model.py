@@ -25,6 +25,12 @@ CASES = {
                                      hsa_encoder_num_query_groups=4, hsa_encoder_ffn_hidden_size=64,
                                      hsa_encoder_layers=2, hsa_rank_decay=True),
     # megatron's softmax_scale replaces 1/sqrt(kv_channels) in the decoder's and the chunk encoder's attention
+    # Megatron-LM's GPT default (GeLU MLP with biases, --bias-gelu-fusion): the fused bias-GeLU is the tanh
+    # approximation; so is the fused GeGLU
+    "gpt_gelu_bias_fusion": dict(pattern="full swa", activation_func=torch.nn.functional.gelu,
+                                 gated_linear_unit=False, add_bias_linear=True, bias_activation_fusion=True),
+    "swa_hsa_geglu_fusion": dict(pattern="swa [hsa swa]", activation_func=torch.nn.functional.gelu,
+                                 bias_activation_fusion=True),
     "swa_hsa_softmax_scale": dict(pattern="full [hsa swa]*2", softmax_scale=0.5, hsa_inner_swa=True),
 }
 
