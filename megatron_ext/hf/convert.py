@@ -42,6 +42,17 @@ def _unsupported(config) -> list[str]:
         problems.append("multi-latent attention or zero-centred norms")
     if config.activation_func not in (torch.nn.functional.silu, torch.nn.functional.gelu):
         problems.append(f"activation {getattr(config.activation_func, '__name__', config.activation_func)}")
+    # megatron options that change the forward pass and the Hugging Face model does not implement
+    if config.use_mup:
+        problems.append("muP scaling of embeddings, attention and logits (use_mup)")
+    if config.no_rope_freq:
+        problems.append("layers without RoPE (no_rope_freq)")
+    if config.attention_output_gate:
+        problems.append("gated attention output (attention_output_gate)")
+    if config.glu_linear_offset or config.activation_func_clamp_value is not None:
+        problems.append("a GLU offset or clamped activations (glu_linear_offset, activation_func_clamp_value)")
+    if config.softmax_type != "vanilla":  # Transformer Engine's attention applies it
+        problems.append(f"softmax_type {config.softmax_type!r} in full/swa attention")
     return problems
 
 

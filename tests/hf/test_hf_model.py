@@ -113,3 +113,19 @@ def test_unconvertible_models_are_refused_by_name(megatron_world):
         config = tiny_config(spec.pop("pattern"), **spec)
         with pytest.raises(ValueError, match=r"cannot be converted .*" + what.replace("[", r"\[").replace("]", r"\]")):
             hf_config_fields(config, VOCAB)
+
+
+@pytest.mark.parametrize("option, what", [
+    (dict(use_mup=True), "muP"),
+    (dict(no_rope_freq=3), "no_rope_freq"),
+    (dict(attention_output_gate=True), "attention_output_gate"),
+    (dict(glu_linear_offset=1.0), "glu_linear_offset"),
+    (dict(activation_func_clamp_value=0.5), "activation_func_clamp_value"),
+    (dict(softmax_type="off-by-one"), "softmax_type 'off-by-one'"),
+])
+def test_megatron_options_the_hf_model_lacks_are_refused(megatron_world, option, what):
+    # megatron computes these differently from the HF model (other scales, RoPE, gates, activations, softmax):
+    # converting them would give a model with other logits
+    config = tiny_config("swa [hsa swa]", **option)
+    with pytest.raises(ValueError, match=r"cannot be converted .*" + what):
+        hf_config_fields(config, VOCAB)
