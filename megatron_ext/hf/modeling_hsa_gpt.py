@@ -6,7 +6,7 @@ Plain PyTorch modules whose parameter names are megatron-core's (``decoder.layer
 checked against the megatron model's logits (``tests/hf/test_hf_model.py``). HSA retrieval and chunk attention run
 ``megatron_ext.kernels.hsa`` (Triton on CUDA, the PyTorch reference elsewhere), RMSNorm the fused kernel: the package
 must be importable where the model is loaded. No KV cache: every forward recomputes the whole sequence (``generate``
-works, with ``use_cache=False``, at full cost per token).
+works, whatever ``use_cache`` says, at full cost per token).
 
 Not covered (the converter refuses them): GCA layers, MoE layers, ALiBi, RoPE scaling or interpolation.
 """
@@ -432,6 +432,11 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
         if labels is not None:  # Hugging Face convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # no KV cache: generate() must not build one (its DynamicCache reads fields this config does not have)
+        return False
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         return {"input_ids": input_ids, "attention_mask": attention_mask}

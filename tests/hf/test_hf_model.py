@@ -107,6 +107,14 @@ def test_greedy_generation_extends_with_the_argmax_of_each_step(megatron_world):
             assert out[0, t] == hf(out[:, :t]).logits[0, -1].argmax()
 
 
+def test_generation_with_the_default_use_cache(megatron_world):
+    # generate() asks for a KV cache unless told otherwise; the model has none and recomputes: same tokens, batch 2
+    _, hf = _megatron_and_hf("swa_hsa")
+    prompt = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
+    out = hf.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, hf.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False))
+
+
 def test_unconvertible_models_are_refused_by_name(megatron_world):
     for family, what in (("drt_gca", "layer kinds ['gca']"), ("swa_hsa_moe", "MoE layers")):
         spec = dict(FAMILIES[family])
