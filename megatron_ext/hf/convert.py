@@ -160,8 +160,12 @@ def load_megatron_checkpoint(path: str, iteration: int | None = None):
             raise ValueError(f"{directory} is a --ckpt-format torch checkpoint of several model-parallel ranks: "
                              f"re-save it with --ckpt-format torch_dist (which this converter reshards)")
         state = torch.load(single, map_location="cpu", weights_only=False)
-        args = _single_rank_args(state["args"])
+        if not isinstance(state, dict) or state.get("args") is None:
+            raise ValueError(f"{single} stores no training arguments: it was not saved by pretrain_hsa.py")
         model_state = state.get("model", state.get("model0"))
+        if model_state is None:
+            raise ValueError(f"{single} stores no model (no 'model' entry): it was not saved by pretrain_hsa.py")
+        args = _single_rank_args(state["args"])
         config = transformer_config_from_args(args)
         model = build_model(config, vocab_size=args.padded_vocab_size)
         model.load_state_dict(model_state, strict=False)

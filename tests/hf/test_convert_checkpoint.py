@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from argparse import Namespace
 
 import pytest
 import torch
@@ -65,6 +66,19 @@ def test_bad_inputs_get_one_line_errors(checkpoint, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = _convert("--load", str(checkpoint), "--iteration", "7", "--save", str(tmp_path / "out"))
     assert proc.returncode == 2 and "no checkpoint of iteration 7" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_torch_checkpoint_without_arguments_or_model_gets_a_one_line_error(tmp_path):
+    # a --ckpt-format torch file that pretrain_hsa.py did not write: no saved arguments, or no model
+    for name, content in (("no_args", {"model": {}, "iteration": 1}),
+                          ("no_model", {"args": Namespace(), "iteration": 1})):
+        rank = tmp_path / name / "iter_0000001" / "mp_rank_00"
+        rank.mkdir(parents=True)
+        torch.save(content, rank / "model_optim_rng.pt")
+        proc = _convert("--load", str(tmp_path / name / "iter_0000001"), "--save", str(tmp_path / "out"))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert ("stores no training arguments" if name == "no_args" else "stores no model") in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
