@@ -140,6 +140,15 @@ def _single_rank_args(args: Namespace) -> Namespace:
             setattr(args, name, 1)
     args.sequence_parallel = False
     args.virtual_pipeline_model_parallel_size = None
+    # uneven pipeline stages: megatron checks the per-stage layer counts against the pipeline size (now 1)
+    for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                 "pipeline_model_parallel_layout", "num_layers_per_virtual_pipeline_stage",
+                 "num_virtual_stages_per_pipeline_rank"):
+        if hasattr(args, name):
+            setattr(args, name, None)
+    for name in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
+        if hasattr(args, name):
+            setattr(args, name, False)
     args.use_cpu_initialization = True
     args.perform_initialization = False
     return args

@@ -101,12 +101,13 @@ def test_any_parallel_layout_converts_to_the_same_model(tmp_path):
     first = tmp_path / "tp1"
     runner.run(_layer_args(["--train-iters", "3", "--save-interval", "3", "--save", str(first)])).check()
     converted = {}
-    for name, layout in (("tp1", None), ("tp2", "--tensor-model-parallel-size"),
-                         ("pp2", "--pipeline-model-parallel-size")):
+    # PP 2 with uneven stages (1 + 3 layers): the one-rank model must not keep megatron's per-stage layer counts
+    for name, layout in (("tp1", None), ("tp2", ["--tensor-model-parallel-size", "2"]),
+                         ("pp2", ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"])):
         save = first
         if layout is not None:
             save = tmp_path / name
-            runner.run(_layer_args([layout, "2", "--load", str(first), "--no-load-optim", "--no-load-rng",
+            runner.run(_layer_args([*layout, "--load", str(first), "--no-load-optim", "--no-load-rng",
                                     "--train-iters", "5", "--save-interval", "5", "--save", str(save)]),
                        nproc=2).check()
         proc = _convert("--load", str(save), "--save", str(tmp_path / f"hf_{name}"))
