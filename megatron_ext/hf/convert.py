@@ -164,8 +164,10 @@ def load_megatron_checkpoint(path: str, iteration: int | None = None):
 
     directory = resolve_checkpoint_dir(path, iteration)
     single = os.path.join(directory, "mp_rank_00", "model_optim_rng.pt")
-    if os.path.isfile(single):  # --ckpt-format torch
-        if any(name.startswith("mp_rank_") and name != "mp_rank_00" for name in os.listdir(directory)):
+    # --ckpt-format torch: mp_rank_TT, or mp_rank_TT_PPP under pipeline parallelism
+    ranks = [name for name in os.listdir(directory) if name.startswith("mp_rank_")]
+    if os.path.isfile(single) or ranks:
+        if ranks != ["mp_rank_00"]:
             raise ValueError(f"{directory} is a --ckpt-format torch checkpoint of several model-parallel ranks: "
                              f"re-save it with --ckpt-format torch_dist (which this converter reshards)")
         state = torch.load(single, map_location="cpu", weights_only=False)

@@ -82,6 +82,17 @@ def test_torch_checkpoint_without_arguments_or_model_gets_a_one_line_error(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_torch_checkpoint_of_several_ranks_is_named_as_such(tmp_path):
+    # --ckpt-format torch under PP 2 writes mp_rank_00_000 and mp_rank_00_001 (TP rank, PP rank): no mp_rank_00
+    from megatron_ext.hf.convert import load_megatron_checkpoint
+
+    for rank in ("mp_rank_00_000", "mp_rank_00_001"):
+        (tmp_path / "iter_0000001" / rank).mkdir(parents=True)
+        (tmp_path / "iter_0000001" / rank / "model_optim_rng.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="torch checkpoint of several model-parallel ranks"):
+        load_megatron_checkpoint(str(tmp_path / "iter_0000001"))
+
+
 def _layer_args(extra):
     """TINY_SWA_HSA on four layers (pipeline stages of two) at learning rate 0: a run saves the weights it started
     from."""
