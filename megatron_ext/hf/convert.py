@@ -194,13 +194,27 @@ def load_megatron_checkpoint(path: str, iteration: int | None = None):
         model = build_model(config, vocab_size=args.padded_vocab_size)
         key = "model" if "model" in common or getattr(common["args"], "virtual_pipeline_model_parallel_size",
                                                        None) is None else "model0"
-        loaded = dist_checkpointing.load({key: model.sharded_state_dict()}, directory)
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        sharded = model.sharded_state_dict()
+        # checked before loading: dist_checkpointing's own error on a missing tensor is a traceback listing every key
+        saved = dist_checkpointing.load_tensors_metadata(directory)
+        missing = sorted({t.key for t in nested_values(sharded) if isinstance(t, (ShardedTensor, ShardedTensorFactory))
+                          and t.key not in saved})
+        if missing:
+            _lacks(directory, missing)
+        loaded = dist_checkpointing.load({key: sharded}, directory)
         model.load_state_dict(loaded[key], strict=False)
     missing = [n for n in model.state_dict() if not n.endswith("_extra_state")
                and n not in (model_state if os.path.isfile(single) else loaded[key])]
     if missing:
-        raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
+        _lacks(directory, missing)
     return config, args.padded_vocab_size, model.state_dict()
+
+
+def _lacks(directory: str, missing: list[str]):
+    raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
 
 
 def save_hf_directory(out_dir: str, fields: dict, state: dict, tokenizer_files: tuple[str, ...] = ()) -> None:

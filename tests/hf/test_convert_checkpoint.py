@@ -69,6 +69,22 @@ def test_bad_inputs_get_one_line_errors(checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_checkpoint_without_tensors_of_the_model_is_named(checkpoint, megatron_world, monkeypatch):
+    # a torch_dist checkpoint that lacks tensors the model has (here: landmark norms it was not trained with)
+    import megatron_ext.training.model as training_model
+    from megatron_ext.hf.convert import load_megatron_checkpoint
+
+    build = training_model.transformer_config_from_args
+
+    def with_landmark_norm(args):
+        args.hsa_landmark_norm = True
+        return build(args)
+
+    monkeypatch.setattr(training_model, "transformer_config_from_args", with_landmark_norm)
+    with pytest.raises(ValueError, match=r"lacks 2 of the model's tensors, e\.g\. .*retrieval\.landmark_norm\.weight"):
+        load_megatron_checkpoint(str(checkpoint))
+
+
 def test_torch_checkpoint_without_arguments_or_model_gets_a_one_line_error(tmp_path):
     # a --ckpt-format torch file that pretrain_hsa.py did not write: no saved arguments, or no model
     for name, content in (("no_args", {"model": {}, "iteration": 1}),
