@@ -110,11 +110,12 @@ def hf_state_dict(megatron_state: dict, tied: bool, dtype: torch.dtype | None = 
 
 def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
     """The iteration directory of a megatron ``--save`` directory (its ``latest_checkpointed_iteration.txt``, or
-    ``iteration``), or ``path`` itself when it already is one."""
+    ``iteration``; ``release`` where the tracker says so), or ``path`` itself when it already is one."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist: give pretrain_hsa.py's --save directory "
                                 f"or one of its iter_* directories")
-    if iteration is None and os.path.basename(os.path.normpath(path)).startswith("iter_"):
+    name = os.path.basename(os.path.normpath(path))
+    if iteration is None and (name.startswith("iter_") or name == "release"):
         return path
     if iteration is None:
         tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
@@ -122,6 +123,11 @@ def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
             raise FileNotFoundError(f"{path} has no latest_checkpointed_iteration.txt: give an iter_* directory, or "
                                     f"--iteration N")
         text = open(tracker).read().strip()
+        if text == "release":  # megatron's release checkpoint: <save>/release
+            directory = os.path.join(path, "release")
+            if not os.path.isdir(directory):
+                raise FileNotFoundError(f"{tracker} names the release checkpoint, but {directory} does not exist")
+            return directory
         if not text.isdigit():
             raise ValueError(f"{tracker} holds {text!r}, not an iteration number: give --iteration N")
         iteration = int(text)

@@ -98,6 +98,16 @@ def test_torch_checkpoint_without_arguments_or_model_gets_a_one_line_error(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_release_checkpoint_directory_resolves(tmp_path):
+    # megatron's tracker says 'release' for a checkpoint in <save>/release (Megatron-LM's converters write those)
+    from megatron_ext.hf.convert import resolve_checkpoint_dir
+
+    (tmp_path / "release").mkdir()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
+    assert resolve_checkpoint_dir(str(tmp_path)) == str(tmp_path / "release")
+    assert resolve_checkpoint_dir(str(tmp_path / "release")) == str(tmp_path / "release")
+
+
 def test_torch_checkpoint_of_several_ranks_is_named_as_such(tmp_path):
     # --ckpt-format torch under PP 2 writes mp_rank_00_000 and mp_rank_00_001 (TP rank, PP rank): no mp_rank_00
     from megatron_ext.hf.convert import load_megatron_checkpoint
