@@ -8,7 +8,9 @@ checked against the megatron model's logits (``tests/hf/test_hf_model.py``). HSA
 must be importable where the model is loaded. No KV cache: every forward recomputes the whole sequence (``generate``
 works, whatever ``use_cache`` says, at full cost per token).
 
-Not covered (the converter refuses them): GCA layers, MoE layers, ALiBi, RoPE scaling or interpolation.
+Not covered (the converter refuses them): GCA layers, MoE layers, ALiBi, RoPE scaling, interpolation or interleaving,
+learned absolute positions, activations other than SiLU/GeLU, muP, no_rope_freq, gated attention output, GLU offsets
+or clamps, softmax_type other than vanilla.
 """
 
 from __future__ import annotations
