@@ -114,13 +114,13 @@ class SelfAttention(nn.Module):
         k, v = (t.repeat_interleave(per_group, dim=2) for t in (k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask = None
-        if causal:
+        if causal and window is not None and window < s - 1:  # a band; a window past the sequence is plain causal
             i = torch.arange(s, device=x.device)[:, None]
             j = torch.arange(s, device=x.device)[None, :]
-            mask = j <= i
-            if window is not None:
-                mask = mask & (i - j <= window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            mask = (j <= i) & (i - j <= window)
+        # plain causal without an [s, s] mask: SDPA's fused kernels
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           scale=self.scale)
         return self.linear_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
