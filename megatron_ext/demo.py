@@ -4,7 +4,9 @@
 2. train a tiny SWA+HSA model with ``pretrain_hsa.py`` (megatron's training loop, distributed optimizer,
    chunk-aligned document packing) and stop half-way, saving a checkpoint (``--exit-interval``);
 3. resume from that checkpoint and train to the end, with validation;
-4. print where everything went and the loss curve.
+4. convert the last checkpoint to a Hugging Face model (``tools/convert_checkpoint_to_hf.py``) and let it continue
+   a prompt (greedy; skipped with a note where ``transformers`` is not installed);
+5. print where everything went and the loss curve.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")  # megatron-core's "no TE/apex, falling back" notices, printed on import
     from megatron_ext.data.corpus import CORPUS_FILE, TOKENIZER_MODEL, build_demo_data
 
-    print(f"[1/3] preprocessing {os.path.relpath(CORPUS_FILE, REPO)} ...", flush=True)
+    print(f"[1/4] preprocessing {os.path.relpath(CORPUS_FILE, REPO)} ...", flush=True)
     prefix, _ = build_demo_data(os.path.join(out, "data"))
 
     ckpt, tb, logs = os.path.join(out, "checkpoints"), os.path.join(out, "tensorboard"), os.path.join(out, "logs")
@@ -74,13 +76,25 @@ def main(argv=None) -> None:
             "--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", TOKENIZER_MODEL,
             "--train-iters", str(args.train_iters), "--save-interval", str(half), "--save", ckpt,
             "--tensorboard-dir", tb, "--keep-last-checkpoints", "2"]
-    print(f"[2/3] training a tiny SWA+HSA model, iterations 1-{half}, then saving and stopping ...", flush=True)
+    print(f"[2/4] training a tiny SWA+HSA model, iterations 1-{half}, then saving and stopping ...", flush=True)
     first = _run(base + ["--exit-interval", str(half)], os.path.join(logs, "train_part1.log"))
-    print(f"[3/3] resuming from the iteration-{half} checkpoint, iterations {half + 1}-{args.train_iters} ...",
+    print(f"[3/4] resuming from the iteration-{half} checkpoint, iterations {half + 1}-{args.train_iters} ...",
           flush=True)
     second = _run(base + ["--load", ckpt], os.path.join(logs, "train_part2.log"))
     if f"at iteration {half}" not in second:
         raise SystemExit("the second run did not resume from the checkpoint; see " + logs)
+
+    hf_dir, continuation = os.path.join(out, "hf"), None
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("[4/4] skipped: converting to Hugging Face needs transformers (pip install -e '.[hf]')", flush=True)
+    else:
+        print(f"[4/4] converting the last checkpoint to a Hugging Face model, then continuing a prompt ...",
+              flush=True)
+        _run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint_to_hf.py"), "--load", ckpt, "--save",
+              hf_dir, "--tokenizer-files", TOKENIZER_MODEL], os.path.join(logs, "convert_to_hf.log"))
+        continuation = _continue_prompt(hf_dir, TOKENIZER_MODEL, PROMPT)
 
     print("\niteration | lm loss")
     for text in (first, second):
@@ -95,6 +109,27 @@ def main(argv=None) -> None:
           f"{open(os.path.join(ckpt, 'latest_checkpointed_iteration.txt')).read().strip()})")
     print(f"  TensorBoard        {tb}   (tensorboard --logdir {tb})")
     print(f"  training logs      {logs}")
+    if continuation is not None:
+        print(f"  Hugging Face model {hf_dir}  (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+        print(f"\nthe Hugging Face model continues {PROMPT!r}: {continuation!r}")
+
+
+PROMPT = '"Where were you?" asked'
+
+
+def _continue_prompt(hf_dir: str, tokenizer_model: str, prompt: str, new_tokens: int = 16) -> str:
+    """Greedy continuation of ``prompt`` by the converted model, loaded as any Hugging Face model is."""
+    import sentencepiece
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    ids = torch.tensor([sp.encode(prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    vocab = sp.get_piece_size()  # megatron pads the embedding past the tokenizer's pieces
+    return sp.decode([t for t in out[0, ids.shape[1]:].tolist() if t < vocab])
 
 
 if __name__ == "__main__":
