@@ -92,8 +92,12 @@ def main(argv=None) -> None:
     else:
         print(f"[4/4] converting the last checkpoint to a Hugging Face model, then continuing a prompt ...",
               flush=True)
+        import sentencepiece
+
+        pieces = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER_MODEL).get_piece_size()
         _run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint_to_hf.py"), "--load", ckpt, "--save",
-              hf_dir, "--tokenizer-files", TOKENIZER_MODEL], os.path.join(logs, "convert_to_hf.log"))
+              hf_dir, "--vocab-size", str(pieces), "--tokenizer-files", TOKENIZER_MODEL],
+             os.path.join(logs, "convert_to_hf.log"))
         continuation = _continue_prompt(hf_dir, TOKENIZER_MODEL, PROMPT)
 
     print("\niteration | lm loss")
@@ -128,8 +132,7 @@ def _continue_prompt(hf_dir: str, tokenizer_model: str, prompt: str, new_tokens:
     ids = torch.tensor([sp.encode(prompt)])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    vocab = sp.get_piece_size()  # megatron pads the embedding past the tokenizer's pieces
-    return sp.decode([t for t in out[0, ids.shape[1]:].tolist() if t < vocab])
+    return sp.decode(out[0, ids.shape[1]:].tolist())
 
 
 if __name__ == "__main__":

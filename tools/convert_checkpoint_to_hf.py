@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--save", required=True, help="output directory (created; existing files are replaced)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights' dtype in the output (default: as stored in the checkpoint)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="the tokenizer's number of ids: megatron pads the embedding (to a multiple of 128 x TP); "
+                             "keep only the first N rows, so that no padding id can be generated (default: keep all)")
     parser.add_argument("--tokenizer-files", nargs="*", default=[],
                         help="files copied beside the model (tokenizer.json, tokenizer_config.json, ...)")
     args = parser.parse_args(argv)
@@ -58,12 +61,16 @@ def main(argv=None) -> int:
     try:
         try:
             config, vocab, state = load_megatron_checkpoint(args.load, args.iteration)
-            fields = hf_config_fields(config, vocab)
+            if args.vocab_size is not None and not 0 < args.vocab_size <= vocab:
+                raise ValueError(f"--vocab-size {args.vocab_size}: the checkpoint's embedding has {vocab} rows; give "
+                                 f"the tokenizer's number of ids, at most {vocab}")
+            fields = hf_config_fields(config, args.vocab_size or vocab)
         except (FileNotFoundError, ValueError) as e:
             print(f"convert_checkpoint_to_hf: {e}", file=sys.stderr)
             return 2
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-        weights = hf_state_dict(state, tied=fields["tie_word_embeddings"], dtype=dtype)
+        weights = hf_state_dict(state, tied=fields["tie_word_embeddings"], dtype=dtype,
+                                vocab_size=args.vocab_size)
         save_hf_directory(args.save, fields, weights, tuple(args.tokenizer_files))
     finally:
         teardown_megatron_parallel()

@@ -94,9 +94,11 @@ def hf_config_fields(config, vocab_size: int) -> dict:
     return fields
 
 
-def hf_state_dict(megatron_state: dict, tied: bool, dtype: torch.dtype | None = None) -> dict:
+def hf_state_dict(megatron_state: dict, tied: bool, dtype: torch.dtype | None = None,
+                  vocab_size: int | None = None) -> dict:
     """The megatron model's state dict as the Hugging Face model's: the same names, without megatron's
-    ``_extra_state`` entries (and without the output layer when it is the embedding), contiguous CPU tensors."""
+    ``_extra_state`` entries (and without the output layer when it is the embedding), contiguous CPU tensors;
+    with ``vocab_size``, the embedding and output rows past it (megatron's vocabulary padding) dropped."""
     out = {}
     for name, tensor in megatron_state.items():
         if name.endswith("_extra_state") or tensor is None:
@@ -104,6 +106,8 @@ def hf_state_dict(megatron_state: dict, tied: bool, dtype: torch.dtype | None = 
         if tied and name == "output_layer.weight":
             continue
         t = tensor.detach().to("cpu")
+        if vocab_size is not None and name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            t = t[:vocab_size]
         out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     return out
 

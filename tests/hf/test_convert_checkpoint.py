@@ -61,9 +61,33 @@ def test_converted_model_gives_the_checkpoint_logits(checkpoint, tmp_path, megat
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
 
 
+def test_vocab_size_drops_the_padding_rows(checkpoint, tmp_path, megatron_world):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ext.hf.convert import load_megatron_checkpoint
+    from megatron_ext.models import build_model
+
+    out = tmp_path / "hf"
+    proc = _convert("--load", str(checkpoint), "--save", str(out), "--vocab-size", "100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(out / "config.json"))["vocab_size"] == 100
+    config, vocab, state = load_megatron_checkpoint(str(checkpoint))
+    model = build_model(config, vocab_size=vocab).eval()
+    model.load_state_dict(state)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    tokens = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(64)[None], None)[..., :100]
+        got = hf(tokens).logits
+    assert got.shape[-1] == 100
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
 def test_bad_inputs_get_one_line_errors(checkpoint, tmp_path):
     proc = _convert("--load", str(tmp_path / "nope"), "--save", str(tmp_path / "out"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _convert("--load", str(checkpoint), "--save", str(tmp_path / "out"), "--vocab-size", "999")
+    assert proc.returncode == 2 and "--vocab-size 999: the checkpoint's embedding has 128 rows" in proc.stderr
     proc = _convert("--load", str(checkpoint), "--iteration", "7", "--save", str(tmp_path / "out"))
     assert proc.returncode == 2 and "no checkpoint of iteration 7" in proc.stderr
     assert not (tmp_path / "out").exists()
