@@ -183,9 +183,10 @@ def _fill_derived_defaults_after_parsing(parser: argparse.ArgumentParser) -> Non
 
 def _check_lr_schedule(args) -> None:
     """Warm-up must end before the LR decay does: megatron-core checks it with a bare ``assert`` only once the model
-    and optimizer are built. Iteration-based schedules (``--train-iters``) are checked here, at parse time."""
+    and optimizer are built. Iteration-based schedules (``--train-iters``) are checked here, at parse time.
+    ``--skip-train`` builds no scheduler (megatron skips its LR checks then): nothing to check."""
     train_iters = getattr(args, "train_iters", None)
-    if not train_iters:
+    if not train_iters or getattr(args, "skip_train", False):
         return
     decay = getattr(args, "lr_decay_iters", None) or train_iters
     fraction = getattr(args, "lr_warmup_fraction", None)

@@ -151,3 +151,10 @@ def test_keeping_no_checkpoint_is_refused(monkeypatch, keep):
         _parse(monkeypatch, ["--keep-last-checkpoints", keep])
     assert f"--keep-last-checkpoints {keep}: keep at least 1" in str(exit_info.value)
     assert _parse(monkeypatch, ["--keep-last-checkpoints", "1"]).keep_last_checkpoints == 1
+
+
+def test_evaluation_only_runs_keep_any_lr_schedule(monkeypatch):
+    # --skip-train builds no optimizer and no LR scheduler: megatron skips its LR checks ("LR config is irrelevant"),
+    # so an evaluation run of a training command line must parse whatever its warm-up
+    args = _parse(monkeypatch, ["--skip-train", "--train-iters", "2", "--lr-warmup-iters", "5"])
+    assert args.skip_train and args.lr_warmup_iters == 5
