@@ -188,12 +188,13 @@ def _check_lr_schedule(args) -> None:
     train_iters = getattr(args, "train_iters", None)
     if not train_iters or getattr(args, "skip_train", False):
         return
-    decay = getattr(args, "lr_decay_iters", None) or train_iters
+    given_decay = getattr(args, "lr_decay_iters", None)
+    decay = train_iters if given_decay is None else given_decay  # as megatron: only None falls back
     fraction = getattr(args, "lr_warmup_fraction", None)
     warmup = fraction * decay if fraction is not None else (getattr(args, "lr_warmup_iters", 0) or 0)
     if warmup >= decay:
         given = f"--lr-warmup-fraction {fraction}" if fraction is not None else f"--lr-warmup-iters {warmup}"
-        source = "--lr-decay-iters" if getattr(args, "lr_decay_iters", None) else "--train-iters"
+        source = "--train-iters" if given_decay is None else "--lr-decay-iters"
         raise SystemExit(f"{given} leaves no LR decay: the warm-up must end before the {decay} decay iterations "
                          f"({source}); use fewer warm-up iterations or more {source}")
 

@@ -158,3 +158,11 @@ def test_evaluation_only_runs_keep_any_lr_schedule(monkeypatch):
     # so an evaluation run of a training command line must parse whatever its warm-up
     args = _parse(monkeypatch, ["--skip-train", "--train-iters", "2", "--lr-warmup-iters", "5"])
     assert args.skip_train and args.lr_warmup_iters == 5
+
+
+def test_zero_lr_decay_iterations_is_one_line_at_parse_time(monkeypatch):
+    # megatron keeps an explicit --lr-decay-iters 0 (only None falls back to --train-iters) and then fails on a bare
+    # assert (lr_decay_steps > 0) once the model and optimizer are built
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(monkeypatch, ["--train-iters", "10", "--lr-decay-iters", "0"])
+    assert "the 0 decay iterations (--lr-decay-iters)" in str(exit_info.value)
