@@ -1,7 +1,5 @@
 """``pretrain_hsa.py`` reads data written by ``tools/preprocess_data.py`` with the tokenizer flags given to both."""
 
-import json
-
 from megatron_ext.data.corpus import CORPUS_FILE
 from megatron_ext.data.preprocess import PreprocessOptions, dataset_prefix, preprocess
 from megatron_ext.data.tokenizers import TokenizerSpec
@@ -20,23 +18,12 @@ def _preprocess(tmp_path, spec: TokenizerSpec) -> str:
     return dataset_prefix(output_prefix, "text")
 
 
-def test_hugging_face_tokenizer_json_file_trains(tmp_path):
+def test_hugging_face_tokenizer_json_file_trains(tmp_path, hf_tokenizer_json):
     """examples/train_swa_hsa_345m.sh and slurm_multinode.sbatch pass TOKENIZER=tokenizer.json to
     ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model``, as preprocessing takes it; megatron's wrapper only
     takes a transformers directory ("Repo id must be in the form ...")."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    with open(CORPUS_FILE) as f:
-        texts = [json.loads(line)["text"] for line in f][:50]
-    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer_json = str(tmp_path / "tokenizer.json")
-    hf.save(tokenizer_json)
-    prefix = _preprocess(tmp_path, TokenizerSpec("HuggingFaceTokenizer", tokenizer_model=tokenizer_json))
+    prefix = _preprocess(tmp_path, TokenizerSpec("HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_json))
 
     result = run(TINY + TRAIN + ["--data-path", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
-                                 "--tokenizer-model", tokenizer_json]).check()
+                                 "--tokenizer-model", hf_tokenizer_json]).check()
     assert sorted(result.losses()) == [1, 2, 3]
