@@ -43,6 +43,9 @@ _VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9
 
 def _run(cmd: list[str], log_path: str) -> str:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # each step is a world of one process: a launcher's variables (a SLURM job, torchrun) would make it join theirs
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     text = open(log_path).read()

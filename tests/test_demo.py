@@ -9,7 +9,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_runs_the_whole_path(tmp_path):
+def test_demo_runs_the_whole_path(tmp_path, megatron_world):
+    # megatron_world: this process listens on MASTER_PORT, which the demo's own runs must not take over
+    assert "MASTER_PORT" in os.environ
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "megatron_ext.demo", "--output-dir", str(tmp_path)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
