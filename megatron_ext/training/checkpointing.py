@@ -168,3 +168,112 @@ def install(keep_last: int | None = None, async_save: bool = False) -> None:
     megatron_checkpointing.save_checkpoint = save_checkpoint
     megatron_training.save_checkpoint = save_checkpoint
     _STATE["installed"] = True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resuming at another parallel layout
+#
+# torch_dist checkpoints reshard the *weights* to any TP/PP/EP/CP layout at load. megatron-core cannot always do the
+# same for the optimizer state, and then fails deep inside the load with messages that do not lead to a fix
+# (measured with 0.19.2): a distributed optimizer saved in its default ``dp_reshardable`` format at another (TP, PP)
+# says to add ``--ckpt-fully-parallel-save`` (deprecated, and it changes nothing); at another EP it fails with a
+# ``KeyError`` listing every key of the checkpoint; and when the expert parameters move in or out of their own
+# optimizer (EP > 1 or an expert TP size of its own puts them there) the load stops at "Expected 2 entries in state
+# dict, but got 4". :func:`check_resume_layout` finds these cases before anything is built, from the checkpoint's
+# saved arguments, and names the fixes.
+
+def _saved_layout(saved) -> dict[str, int]:
+    tp = getattr(saved, "tensor_model_parallel_size", 1) or 1
+    return {
+        "TP": tp,
+        "PP": getattr(saved, "pipeline_model_parallel_size", 1) or 1,
+        "EP": getattr(saved, "expert_model_parallel_size", 1) or 1,
+        "expert TP": getattr(saved, "expert_tensor_parallel_size", None) or tp,
+    }
+
+
+def _layout_text(layout: dict[str, int]) -> str:
+    return ", ".join(f"{name} {size}" for name, size in layout.items())
+
+
+def _experts_in_own_optimizer(args) -> bool:
+    """megatron-core gives the expert weights their own optimizer (and DP group) exactly when this holds."""
+    if not getattr(args, "num_experts", None):
+        return False
+    layout = _saved_layout(args)
+    return layout["EP"] > 1 or layout["expert TP"] != layout["TP"]
+
+
+def _checkpoint_to_load(args) -> str | None:
+    """The ``iter_N`` directory that ``--load`` (and ``--ckpt-step``) would resume from, if any (not 'release')."""
+    load = getattr(args, "load", None)
+    if not load or "://" in load or not os.path.isdir(load):
+        return None
+    iteration = getattr(args, "ckpt_step", None)
+    if iteration is None:
+        iteration = read_latest_iteration(load)
+    path = None if iteration is None else os.path.join(load, f"iter_{int(iteration):07d}")
+    return path if path and os.path.isdir(path) else None
+
+
+def _legacy_rank_dirs(layout: dict[str, int]) -> set[str]:
+    """The ``mp_rank_*`` directories megatron's ``--ckpt-format torch`` reads at ``layout``."""
+    from megatron.training.checkpointing import get_checkpoint_name
+
+    return {
+        os.path.basename(os.path.dirname(get_checkpoint_name(
+            "", 0, pipeline_parallel=layout["PP"] > 1, tensor_rank=tp, pipeline_rank=pp,
+            expert_parallel=layout["EP"] > 1, expert_rank=ep)))
+        for tp in range(layout["TP"]) for pp in range(layout["PP"]) for ep in range(layout["EP"])
+    }
+
+
+def resume_layout_problem(args) -> str | None:
+    """Why the checkpoint ``--load`` names cannot be resumed at this run's parallel layout (None: it can, or there
+    is nothing to resume). ``args``: megatron's validated arguments."""
+    path = _checkpoint_to_load(args)
+    if path is None:
+        return None
+    here = _saved_layout(args)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):  # --ckpt-format torch: one file per model rank
+        saved_dirs = {name for name in os.listdir(path) if name.startswith("mp_rank_")}
+        if saved_dirs and saved_dirs != _legacy_rank_dirs(here):
+            return (f"{path} is a --ckpt-format torch checkpoint with one file per model-parallel rank "
+                    f"({', '.join(sorted(saved_dirs))}), which loads only at the layout that saved it, and this run's "
+                    f"layout ({_layout_text(here)}) is another one. Resume at the layout that saved it; checkpoints in "
+                    f"the default --ckpt-format torch_dist load at any layout.")
+        return None
+    if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
+        return None  # weights only: torch_dist reshards them
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved = common.get("args")
+    if saved is None or getattr(saved, "no_save_optim", False) or "optimizer" not in common:
+        return None
+    was = _saved_layout(saved)
+    weights_only = ("or add --no-load-optim to load the weights alone (torch_dist reshards them; Adam's moments and "
+                    "the LR schedule start afresh)")
+    if _experts_in_own_optimizer(saved) != _experts_in_own_optimizer(args):
+        where = {True: "in an optimizer of their own", False: "in the same optimizer as the other weights"}
+        return (f"the optimizer state in {path} was saved at {_layout_text(was)}, with the expert weights "
+                f"{where[_experts_in_own_optimizer(saved)]}; at this run's {_layout_text(here)} megatron-core puts "
+                f"them {where[_experts_in_own_optimizer(args)]} (it does so when EP > 1 or the expert TP size differs "
+                f"from TP) and cannot load one into the other. Resume with EP and expert TP as saved, {weights_only}.")
+    sharding = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    if (getattr(saved, "use_distributed_optimizer", False) and getattr(args, "use_distributed_optimizer", False)
+            and sharding == "dp_reshardable" and was != here):
+        return (f"the distributed-optimizer state in {path} was saved in megatron's default dp_reshardable format, "
+                f"which loads only at the (TP, PP, EP) layout that saved it ({_layout_text(was)}); this run has "
+                f"{_layout_text(here)}. Resume at the saved layout, {weights_only}. To change layouts with the "
+                f"optimizer state later, save with --dist-ckpt-optim-fully-reshardable (slower saves).")
+    return None
+
+
+def check_resume_layout(args) -> None:
+    """Stop with one line that names the fixes when :func:`resume_layout_problem` finds one. It runs before the
+    process group exists: every rank decides alike from the same files, and only global rank 0 says why."""
+    problem = resume_layout_problem(args)
+    if problem is not None:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        raise SystemExit(f"pretrain_hsa.py: cannot resume: {problem}" if rank0 else 1)

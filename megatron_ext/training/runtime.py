@@ -9,7 +9,8 @@ without a launcher, a world of one process.
 * ``optimizer_resume``: the distributed-optimizer resume workaround (megatron-core 0.19.2 without apex/TE);
 * ``fused_adam``: torch's fused AdamW in place of megatron's foreach torch-AdamW fallback (``--no-torch-fused-adam``
   keeps the latter);
-* ``checkpointing``: atomic ``latest`` marker, keep-last-K, crash-safe saves;
+* ``checkpointing``: atomic ``latest`` marker, keep-last-K, crash-safe saves, and a resume at a parallel layout
+  megatron-core cannot load the checkpoint's optimizer state into refused up front;
 * ``logging``: tokens/s and MFU per log line from our FLOP model (``flops``), MoE aux losses;
 * ``data``: no validation on an empty validation split.
 """
@@ -105,6 +106,7 @@ def install_training_hooks(args) -> None:
     """Install the workarounds and additions to ``megatron.training`` that ``args`` asks for."""
     from megatron_ext.training import checkpointing, data, fused_adam, logging as hsa_logging, optimizer_resume
 
+    checkpointing.check_resume_layout(args)
     optimizer_resume.install()
     data.skip_validation_without_data()
     if args.torch_fused_adam:
