@@ -6,7 +6,8 @@
 3. resume from that checkpoint and train to the end, with validation;
 4. convert the last checkpoint to a Hugging Face model (``tools/convert_checkpoint_to_hf.py``) and let it continue
    a prompt (greedy; skipped with a note where ``transformers`` is not installed);
-5. print where everything went and the loss curve.
+
+and at the end print where everything went and the loss curve.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ Plain PyTorch modules whose parameter names are megatron-core's (``decoder.layer
 ...), so a converted state dict loads without renaming; the math follows the spec (``docs/models.md``) and is
 checked against the megatron model's logits (``tests/hf/test_hf_model.py``). HSA retrieval and chunk attention run
 ``megatron_ext.kernels.hsa`` (Triton on CUDA, the PyTorch reference elsewhere), RMSNorm the fused kernel: the package
-must be importable where the model is loaded. No KV cache: every forward recomputes the whole sequence (``generate``
-works, whatever ``use_cache`` says, at full cost per token).
+must be importable where the model is loaded. Generation keeps an :class:`HSAGPTCache` (``use_cache``, on by
+default in ``generate``): attention keys and values (a sliding-window layer only its window), the HSA memory of the
+complete chunks and the inputs of the chunk being filled; each new token then costs one token's work, and its HSA
+layers retrieve and attend as ``megatron_ext.kernels.hsa``'s decode path does.
 
 Not covered (the converter refuses them): GCA layers, MoE layers, ALiBi, RoPE scaling, interpolation or interleaving,
 learned absolute positions, activations other than SiLU/GeLU, muP, no_rope_freq, gated attention output, GLU offsets
@@ -16,6 +18,7 @@ or clamps, softmax_type other than vanilla.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -64,10 +67,12 @@ class Linear(nn.Linear):
     """megatron's linear layers store weight [out, in] like nn.Linear."""
 
 
-def rotary_angles(positions: int, dim: int, base: float, device) -> torch.Tensor:
-    """[positions, dim] angles of megatron's non-interleaved RoPE (frequencies repeated over the two halves)."""
+def rotary_angles(positions: int, dim: int, base: float, device, start: int = 0) -> torch.Tensor:
+    """[positions, dim] angles of megatron's non-interleaved RoPE (frequencies repeated over the two halves) for
+    positions start, ..., start + positions - 1."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
+    steps = torch.arange(start, start + positions, device=device, dtype=torch.float32)
+    freqs = torch.outer(steps, inv_freq)
     return torch.cat([freqs, freqs], dim=-1)
 
 
@@ -79,6 +84,23 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     first, second = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin
     return torch.cat([rotated.to(x.dtype), rest], dim=-1)
+
+
+class HSAGPTCache:
+    """What generation keeps between forward calls (``past_key_values``).
+
+    ``length``: the tokens seen so far. ``layers[i]``: layer i's state: ``k``/``v`` [b, n, groups, d], its
+    attention's keys (after RoPE) and values (a sliding-window attention keeps the last ``window`` only); for the
+    layer that builds the HSA memory, ``landmarks`` [b, C, R, Dr], ``keys``/``values`` [b, C*S, Hk, d] of the complete
+    chunks, and ``pending`` [b, p < S, h], its inputs of the chunk being filled.
+    """
+
+    def __init__(self):
+        self.length = 0
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
 
 
 class SelfAttention(nn.Module):
@@ -100,7 +122,11 @@ class SelfAttention(nn.Module):
         self.q_layernorm = factory() if qk_norm else None
         self.k_layernorm = factory() if qk_norm else None
 
-    def forward(self, x, angles: Optional[torch.Tensor], *, causal: bool, window: Optional[int]):
+    def forward(self, x, angles: Optional[torch.Tensor], *, causal: bool, window: Optional[int],
+                state: Optional[dict] = None, valid: Optional[int] = None):
+        """``state``: this layer's entry of an :class:`HSAGPTCache`. Without keys in it, x is the prompt (its first
+        ``valid`` rows real, the rest padding) and the keys and values are kept; with keys, x is one new token,
+        which attends to them and itself."""
         b, s, _ = x.shape
         per_group = self.heads // self.groups
         qkv = self.linear_qkv(x).view(b, s, self.groups, (per_group + 2) * self.head_dim)
@@ -110,6 +136,14 @@ class SelfAttention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if angles is not None:
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        decoding = state is not None and "k" in state
+        if state is not None:
+            k_all = torch.cat([state["k"], k], dim=1) if decoding else k[:, :valid]
+            v_all = torch.cat([state["v"], v], dim=1) if decoding else v[:, :valid]
+            keep = k_all.shape[1] if window is None else min(window, k_all.shape[1])
+            state["k"], state["v"] = k_all[:, k_all.shape[1] - keep:], v_all[:, v_all.shape[1] - keep:]
+            if decoding:  # the window's W past keys and the token's own: all of them, no mask
+                k, v, causal = k_all, v_all, False
         # query head n belongs to KV group n // per_group
         k, v = (t.repeat_interleave(per_group, dim=2) for t in (k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -157,8 +191,9 @@ class DecoderLayer(nn.Module):
         self.pre_mlp_layernorm = _norm(config, config.hidden_size)
         self.mlp = MLP(config, config.ffn_hidden_size, gated=config.gated_linear_unit, activation=config.activation)
 
-    def forward(self, x, angles, memory=None):
-        x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window)
+    def forward(self, x, angles, memory=None, state=None, step=None):
+        x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window, state=state,
+                                    valid=step.valid if step else None)
         return x + self.mlp(self.pre_mlp_layernorm(x)), memory
 
 
@@ -239,6 +274,25 @@ class HSAChunkMemory(nn.Module):
             keys = self.key_norm(keys)
         return landmarks, keys, values
 
+    def cached(self, x, state: dict, valid: int):
+        """The memory through an :class:`HSAGPTCache` entry. Prompt (``pending`` not in ``state`` yet): the memory
+        of all of x, whose complete chunks (of the first ``valid`` rows) are kept, and the rest of the real rows
+        wait in ``pending``. One new token: it joins ``pending``, which becomes a chunk of the memory once full."""
+        S = self.chunk_size
+        if "pending" not in state:
+            landmarks, keys, values = self(x)
+            complete = valid // S
+            state.update(landmarks=landmarks[:, :complete], keys=keys[:, :complete * S],
+                         values=values[:, :complete * S], pending=x[:, complete * S:valid])
+            return landmarks, keys, values
+        pending = torch.cat([state["pending"], x], dim=1)
+        if pending.shape[1] == S:
+            for name, part in zip(("landmarks", "keys", "values"), self(pending)):
+                state[name] = torch.cat([state[name], part], dim=1)
+            pending = pending[:, :0]
+        state["pending"] = pending
+        return state["landmarks"], state["keys"], state["values"]
+
 
 class HSARetrieval(nn.Module):
     """Each token's top-k past chunks and their weights: q_r = W_r RMSNorm(x) against the landmarks."""
@@ -254,19 +308,32 @@ class HSARetrieval(nn.Module):
         self.landmark_norm = RMSNorm(head_dim, eps) if config.hsa_landmark_norm else None
         self.rank_decay = nn.Parameter(torch.zeros(1)) if config.hsa_rank_decay else None
 
-    def forward(self, x, landmarks):
+    def forward(self, x, landmarks, position: Optional[int] = None):
+        """x: the layer inputs of a whole sequence, or (``position`` given) of the one new token at that position,
+        whose landmarks are those of the complete chunks so far."""
         from megatron_ext.kernels.hsa import hsa_retrieval
+        from megatron_ext.kernels.hsa.reference import decode_retrieval
 
         c = self.config
         b, s, _ = x.shape
         q_r = self.query_proj(self.norm(x)).reshape(b, s, c.hsa_retrieval_heads, -1)
         if self.query_norm is not None:
             q_r, landmarks = self.query_norm(q_r), self.landmark_norm(landmarks)
-        indices, weights = hsa_retrieval(
-            q_r.contiguous(), landmarks.to(q_r.dtype).contiguous(), chunk_size=c.hsa_chunk_size, topk=c.hsa_topk,
-            weight_rule=c.hsa_weight_rule, gumbel=False,
-            rank_decay=self.rank_decay[0] if self.rank_decay is not None else None, backend=c.hsa_kernel_backend,
-        )
+        rank_decay = self.rank_decay[0] if self.rank_decay is not None else None
+        if position is not None and landmarks.shape[1] == 0:  # no complete chunk yet: every slot empty
+            indices = torch.full((b, 1, c.hsa_retrieval_heads, c.hsa_topk), -1, dtype=torch.long, device=x.device)
+            weights = torch.zeros(indices.shape, dtype=torch.float32, device=x.device)
+        elif position is not None:  # one query against a few landmarks: the reference is the decode path
+            indices, weights = decode_retrieval(
+                q_r[:, 0], landmarks.to(q_r.dtype), torch.full((b,), position, device=x.device),
+                chunk_size=c.hsa_chunk_size, topk=c.hsa_topk, weight_rule=c.hsa_weight_rule, rank_decay=rank_decay)
+            indices, weights = indices[:, None], weights[:, None]
+        else:
+            indices, weights = hsa_retrieval(
+                q_r.contiguous(), landmarks.to(q_r.dtype).contiguous(), chunk_size=c.hsa_chunk_size,
+                topk=c.hsa_topk, weight_rule=c.hsa_weight_rule, gumbel=False, rank_decay=rank_decay,
+                backend=c.hsa_kernel_backend,
+            )
         if c.hsa_retrieval_heads == 1:  # one selection shared by every KV head
             indices = indices.expand(-1, -1, c.hsa_num_kv_heads, -1)
             weights = weights.expand(-1, -1, c.hsa_num_kv_heads, -1)
@@ -320,16 +387,19 @@ class HSALayer(nn.Module):
         self.pre_mlp_layernorm = _norm(config, config.hidden_size)
         self.mlp = MLP(config, config.ffn_hidden_size, gated=config.gated_linear_unit, activation=config.activation)
 
-    def forward(self, x, angles, memory):
+    def forward(self, x, angles, memory, state=None, step=None):
         if self.chunk_memory is not None:
-            memory = dict(zip(("landmarks", "keys", "values"), self.chunk_memory(x)))
+            built = self.chunk_memory(x) if state is None else self.chunk_memory.cached(x, state, step.valid)
+            memory = dict(zip(("landmarks", "keys", "values"), built))
         if self.retrieval is not None:
             memory = dict(memory)
-            memory["indices"], memory["weights"] = self.retrieval(x, memory["landmarks"])
+            memory["indices"], memory["weights"] = self.retrieval(
+                x, memory["landmarks"], position=step.position if step and step.decoding else None)
         if memory is None or "indices" not in memory:
             raise RuntimeError("an HSA layer got no chunk memory or selection from the layers below")
         if self.window is not None:
-            x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window)
+            x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window,
+                                        state=state, valid=step.valid if step else None)
         a = self.cross_attention(self.pre_cross_attn_layernorm(x), memory["keys"], memory["values"],
                                  memory["indices"], memory["weights"])
         if self.config.hsa_bypass_residual:
@@ -362,11 +432,20 @@ class Decoder(nn.Module):
         self.chunked = any(plan.kind == "hsa" for plan in plans)
         self.final_layernorm = _norm(config, config.hidden_size)
 
-    def forward(self, x, angles):
+    def forward(self, x, angles, cache: Optional[HSAGPTCache] = None, step: Optional["_Step"] = None):
         memory = None
-        for layer in self.layers:
-            x, memory = layer(x, angles, memory)
+        for i, layer in enumerate(self.layers):
+            state = None if cache is None else cache.layers.setdefault(i, {})
+            x, memory = layer(x, angles, memory, state, step)
         return self.final_layernorm(x)
+
+
+@dataclass
+class _Step:
+    """One forward call with a cache: the prompt (its first ``valid`` rows real) or the one token at ``position``."""
+    position: int
+    valid: int
+    decoding: bool
 
 
 class HSAGPTPreTrainedModel(PreTrainedModel):
@@ -411,9 +490,36 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
         return self.output_layer
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.LongTensor] = None, use_cache: Optional[bool] = None, **kwargs):
+                labels: Optional[torch.LongTensor] = None, past_key_values: Optional[HSAGPTCache] = None,
+                use_cache: Optional[bool] = None, **kwargs):
+        """Logits of ``input_ids``. With ``use_cache`` (or a ``past_key_values`` cache) the returned
+        ``past_key_values`` holds what the next call needs: given a cache that has seen n tokens, ``input_ids`` are
+        the tokens after them, run one at a time."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding (attention_mask with zeros) is not supported: batch sequences of equal length")
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, HSAGPTCache):
+            raise TypeError(f"past_key_values must be the HSAGPTCache this model returned, got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = HSAGPTCache()
+        if cache is not None and cache.length:
+            h = torch.cat([self._decode(input_ids[:, j:j + 1], cache) for j in range(input_ids.shape[1])], dim=1)
+        else:
+            h = self._prompt(input_ids, cache)
+        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        logits = F.linear(h, weight)
+        loss = None
+        if labels is not None:  # Hugging Face convention: labels are the inputs, shifted here
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _angles(self, positions: int, device, start: int = 0):
+        c = self.config
+        if c.position_embedding_type != "rope":
+            return None
+        return rotary_angles(positions, int(c.kv_channels * c.rotary_percent), c.rotary_base, device, start)
+
+    def _prompt(self, input_ids, cache: Optional[HSAGPTCache]):
         c = self.config
         length = input_ids.shape[1]
         if self.decoder.chunked and length % c.hsa_chunk_size:
@@ -423,22 +529,28 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
             pad = c.hsa_chunk_size - length % c.hsa_chunk_size
             input_ids = F.pad(input_ids, (0, pad))
         x = self.embedding.word_embeddings(input_ids)
-        angles = None
-        if c.position_embedding_type == "rope":
-            rot_dim = int(c.kv_channels * c.rotary_percent)
-            angles = rotary_angles(input_ids.shape[1], rot_dim, c.rotary_base, x.device)
-        h = self.decoder(x, angles)[:, :length]
-        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
-        logits = F.linear(h, weight)
-        loss = None
-        if labels is not None:  # Hugging Face convention: labels are the inputs, shifted here
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        step = None if cache is None else _Step(position=0, valid=length, decoding=False)
+        h = self.decoder(x, self._angles(input_ids.shape[1], x.device), cache, step)[:, :length]
+        if cache is not None:
+            cache.length = length
+        return h
+
+    def _decode(self, token, cache: HSAGPTCache):
+        x = self.embedding.word_embeddings(token)
+        step = _Step(position=cache.length, valid=1, decoding=True)
+        h = self.decoder(x, self._angles(1, x.device, start=cache.length), cache, step)
+        cache.length += 1
+        return h
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # no KV cache: generate() must not build one (its DynamicCache reads fields this config does not have)
+        # generate() must not build its DynamicCache (it reads fields this config does not have): forward builds
+        # an HSAGPTCache when asked to
         return False
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=None,
+                                      **kwargs):
+        if past_key_values is not None and past_key_values.length:
+            input_ids = input_ids[:, past_key_values.length:]  # the tokens the cache has not seen
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
+                "use_cache": use_cache}

@@ -27,3 +27,24 @@ def test_hf_model_matches_megatron_in_bf16_on_gpu(megatron_world, family):
     err = (got - expected).norm() / expected.norm()
     assert err < 2e-2, f"relative logits difference {err:.2e}"
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.gpu
+def test_cached_steps_match_the_whole_sequence_in_bf16_on_gpu(megatron_world):
+    # the decode path on the GPU: one-token HSA attention through the Triton kernels, bf16 caches
+    torch.manual_seed(0)
+    model = _gpu_model("swa_hsa", bf16=True, params_dtype=torch.bfloat16).eval()
+    fields = hf_config_fields(model.config, VOCAB)
+    hf = HSAGPTForCausalLM(HSAGPTConfig(**fields)).to("cuda", torch.bfloat16).eval()
+    hf.load_state_dict(hf_state_dict(model.state_dict(), tied=fields["tie_word_embeddings"]))
+    tokens = torch.randint(0, VOCAB, (2, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    prompt = SEQ // 2 + 3
+    with torch.no_grad():
+        full = hf(tokens).logits.float()
+        cache = hf(tokens[:, :prompt], use_cache=True).past_key_values
+        got = torch.cat([hf(tokens[:, t:t + 1], past_key_values=cache).logits.float()
+                         for t in range(prompt, SEQ)], dim=1)
+    expected = full[:, prompt:]
+    err = (got - expected).norm() / expected.norm()
+    assert err < 2e-2, f"relative logits difference {err:.2e}"
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95

@@ -108,11 +108,51 @@ def test_greedy_generation_extends_with_the_argmax_of_each_step(megatron_world):
 
 
 def test_generation_with_the_default_use_cache(megatron_world):
-    # generate() asks for a KV cache unless told otherwise; the model has none and recomputes: same tokens, batch 2
+    # generate() uses the model's cache unless told otherwise: the same tokens as recomputing everything, batch 2,
+    # across chunk boundaries (the chunk filled during generation joins the memory)
     _, hf = _megatron_and_hf("swa_hsa")
     prompt = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
-    out = hf.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert torch.equal(out, hf.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False))
+    out = hf.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 26)
+    assert torch.equal(out, hf.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=0, use_cache=False))
+
+
+# Every HSA option path, inner SWA windows, RoPE (partial too), 1 and 2 KV heads with shared or own retrieval heads
+# prompts of 1 token (no chunk yet), a whole chunk (nothing pending) and a chunk and a part
+@pytest.mark.parametrize("case, prompt", [("swa_hsa", 1), ("swa_hsa", 8), ("swa_hsa", 13), ("gpt_full", 13),
+                                          ("gpt_swa", 13), ("swa_hsa_options", 13), ("swa_hsa_layernorm_untied", 13),
+                                          ("swa_hsa_softmax_scale", 1)])
+def test_cached_steps_give_the_logits_of_the_whole_sequence(megatron_world, case, prompt):
+    # The oracle is the model on the whole sequence (itself equal to megatron's, above): a prompt, then one token
+    # per call with the cache, through 3 chunk boundaries and past every window
+    _, hf = _megatron_and_hf(case)
+    tokens = torch.randint(0, VOCAB, (2, prompt + 27), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = hf(tokens).logits
+        out = hf(tokens[:, :prompt], use_cache=True)
+        got = [out.logits]
+        cache = out.past_key_values
+        for t in range(prompt, tokens.shape[1]):
+            out = hf(tokens[:, t:t + 1], past_key_values=cache)
+            assert out.past_key_values is cache and cache.length == t + 1
+            got.append(out.logits)
+    torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-4, atol=1e-4)
+    # several new tokens in one call run one by one
+    with torch.no_grad():
+        cache = hf(tokens[:, :prompt], use_cache=True).past_key_values
+        rest = hf(tokens[:, prompt:], past_key_values=cache).logits
+    torch.testing.assert_close(rest, full[:, prompt:], rtol=1e-4, atol=1e-4)
+
+
+def test_the_cache_keeps_windows_and_whole_chunks_only(megatron_world):
+    _, hf = _megatron_and_hf("swa_hsa")
+    tokens = torch.randint(0, VOCAB, (1, 37), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        cache = hf(tokens, use_cache=True).past_key_values
+    memory = next(state for state in cache.layers.values() if "landmarks" in state)
+    assert memory["landmarks"].shape[1] == 4 and memory["keys"].shape[1] == 32 and memory["pending"].shape[1] == 5
+    windows = {state["k"].shape[1] for i, state in cache.layers.items()}
+    assert windows == {hf.config.swa_window_size}  # every attention of this model is a window
 
 
 def test_unconvertible_models_are_refused_by_name(megatron_world):
