@@ -4,6 +4,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# CPU tests run in this many processes (pytest-xdist), a test module per process at a time: its module-scoped
+# fixtures (a megatron world, a saved checkpoint) are built once. `make test TEST_WORKERS=1` runs them in one.
+TEST_WORKERS ?= 2
 
 # Find a Python >= 3.12 by itself: PATH first, then pyenv's installed versions (oldest first:
 # megatron-core's wheel is built for 3.12).
@@ -34,12 +37,13 @@ demo: $(STAMP)
 	$(PY) -m megatron_ext.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow" tests
 
-# The GPU tests need torch and megatron-core like the rest: the same virtualenv as `make test`.
+# The GPU tests need torch and megatron-core like the rest: the same virtualenv as `make test`; one process (they
+# share the GPU).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 

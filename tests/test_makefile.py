@@ -9,7 +9,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("target, marker", [("test", "tests"), ("test-gpu", "-m gpu tests")])
+@pytest.mark.parametrize("target, marker", [("test", "-n 2 --dist loadscope tests"), ("test-gpu", "-m gpu tests")])
 def test_test_targets_use_the_venv_python(target, marker):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")

@@ -30,9 +30,12 @@ def test_results_come_back_in_rank_order():
 
 
 def test_failing_rank_is_reported_and_no_process_or_port_leaks():
+    # children that earlier tests of this process left running on purpose (megatron's checkpoint SyncManager) are
+    # not the harness's
+    before = set(multiprocessing.active_children())
     with pytest.raises(RankFailed, match="rank 1 broke on purpose"):
         run_on_ranks(_rank1_fails_while_rank0_waits, 2, timeout_s=120)
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 def _rank1_starts_a_child_then_fails():
