@@ -71,11 +71,33 @@ def build_tokenizer(args):
 
     path = getattr(args, "tokenizer_model", None)
     if args.tokenizer_type != "HuggingFaceTokenizer" or not path or not os.path.isfile(path):
-        return megatron_build_tokenizer(args)
+        tokenizer = megatron_build_tokenizer(args)
+        if args.tokenizer_type == "HuggingFaceTokenizer" and getattr(tokenizer, "eod", 0) is None:
+            raise SystemExit(_no_end_of_document(path))
+        return tokenizer
     tokenizer = HuggingFaceTokenizer(path)
     if getattr(args, "pad_vocab_size", True) and getattr(args, "padded_vocab_size", None) is None:  # as megatron's
         args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)
     return tokenizer
+
+
+def _no_end_of_document(path: str) -> str:
+    """The error for a Hugging Face tokenizer directory without an ``eos_token``: megatron's wrapper then has no
+    end-of-document id, which mock data, chunk-aligned packing, landmarks and the EOD loss mask all need (mock data
+    failed with "MockGPTDataset failed to build as a mock data generator")."""
+    from megatron_ext.data.tokenizers import HuggingFaceTokenizer
+
+    try:
+        guess = HuggingFaceTokenizer(path)
+        token = guess.detokenize([guess.eod]) if guess.eod is not None else None
+    except Exception:  # the message stands without a guess
+        token = None
+    fix = (f"tools/preprocess_data.py takes {token!r} (id {guess.eod}) as end of document with this tokenizer: "
+           f"name it \"eos_token\" in {path}/tokenizer_config.json, or pass {path}/tokenizer.json as "
+           f"--tokenizer-model (that file's end of document is the same token)"
+           if token else f"add an end-of-text token and name it \"eos_token\" in {path}/tokenizer_config.json")
+    return (f"--tokenizer-model {path}: the Hugging Face tokenizer has no eos_token, so megatron has no "
+            f"end-of-document id (documents could not be told apart); {fix}")
 
 
 def skip_validation_without_data() -> None:

@@ -1,5 +1,8 @@
 """``pretrain_hsa.py`` reads data written by ``tools/preprocess_data.py`` with the tokenizer flags given to both."""
 
+import json
+import shutil
+
 from megatron_ext.data.corpus import CORPUS_FILE
 from megatron_ext.data.preprocess import PreprocessOptions, dataset_prefix, preprocess
 from megatron_ext.data.tokenizers import TokenizerSpec
@@ -27,3 +30,19 @@ def test_hugging_face_tokenizer_json_file_trains(tmp_path, hf_tokenizer_json):
     result = run(TINY + TRAIN + ["--data-path", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
                                  "--tokenizer-model", hf_tokenizer_json]).check()
     assert sorted(result.losses()) == [1, 2, 3]
+
+
+def test_hugging_face_tokenizer_directory_without_eos_token_is_a_one_line_error(tmp_path, hf_tokenizer_json):
+    # megatron's wrapper has no end-of-document id then (mock data failed with "MockGPTDataset failed to build");
+    # the error names the token preprocessing takes and where to declare it, and declaring it is enough
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    shutil.copy(hf_tokenizer_json, directory / "tokenizer.json")
+    args = TINY + TRAIN + ["--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                           str(directory)]
+    failed = run(args)
+    assert failed.returncode != 0
+    assert "the Hugging Face tokenizer has no eos_token" in failed.output
+    assert "'<|endoftext|>'" in failed.output and "tokenizer_config.json" in failed.output
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    assert sorted(run(args).check().losses()) == [1, 2, 3]
