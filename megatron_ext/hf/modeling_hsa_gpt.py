@@ -42,7 +42,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         from megatron_ext.kernels.fused import rms_norm
 
-        return rms_norm(x, self.weight, self.eps)
+        # a decode step's few rows: the kernel's launch costs the host more than torch's few ops (steps are
+        # host-bound); both compute in fp32
+        few_rows = x.numel() <= 64 * x.shape[-1]
+        return rms_norm(x, self.weight, self.eps, backend="reference" if few_rows else "auto")
 
 
 class LayerNorm(nn.Module):
@@ -67,20 +70,22 @@ class Linear(nn.Linear):
     """megatron's linear layers store weight [out, in] like nn.Linear."""
 
 
-def rotary_angles(positions: int, dim: int, base: float, device, start: int = 0) -> torch.Tensor:
-    """[positions, dim] angles of megatron's non-interleaved RoPE (frequencies repeated over the two halves) for
-    positions start, ..., start + positions - 1."""
+def rotary_angles(positions: int, dim: int, base: float, device, start: int = 0):
+    """(cos, sin) [1, positions, 1, dim] of megatron's non-interleaved RoPE angles (frequencies repeated over the
+    two halves) for positions start, ..., start + positions - 1; computed once per forward, used by every layer."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     steps = torch.arange(start, start + positions, device=device, dtype=torch.float32)
     freqs = torch.outer(steps, inv_freq)
-    return torch.cat([freqs, freqs], dim=-1)
+    angles = torch.cat([freqs, freqs], dim=-1)[None, :, None, :]
+    return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """x [b, s, heads, d]; the first angles.shape[-1] dims rotate (rotate-half convention), the rest pass."""
-    r = angles.shape[-1]
+def apply_rotary(x: torch.Tensor, angles) -> torch.Tensor:
+    """x [b, s, heads, d]; the first ``dim`` dims rotate (rotate-half convention) by ``angles`` = (cos, sin) of
+    :func:`rotary_angles`, the rest pass."""
+    cos, sin = angles
+    r = cos.shape[-1]
     rot, rest = x[..., :r].float(), x[..., r:]
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
     first, second = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin
     return torch.cat([rotated.to(x.dtype), rest], dim=-1)
@@ -122,7 +127,7 @@ class SelfAttention(nn.Module):
         self.q_layernorm = factory() if qk_norm else None
         self.k_layernorm = factory() if qk_norm else None
 
-    def forward(self, x, angles: Optional[torch.Tensor], *, causal: bool, window: Optional[int],
+    def forward(self, x, angles: Optional[tuple], *, causal: bool, window: Optional[int],
                 state: Optional[dict] = None, valid: Optional[int] = None):
         """``state``: this layer's entry of an :class:`HSAGPTCache`. Without keys in it, x is the prompt (its first
         ``valid`` rows real, the rest padding) and the keys and values are kept; with keys, x is one new token,
