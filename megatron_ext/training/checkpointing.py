@@ -182,13 +182,14 @@ def install(keep_last: int | None = None, async_save: bool = False) -> None:
 # dict, but got 4". :func:`check_resume_layout` finds these cases before anything is built, from the checkpoint's
 # saved arguments, and names the fixes.
 
-def _saved_layout(saved) -> dict[str, int]:
-    tp = getattr(saved, "tensor_model_parallel_size", 1) or 1
+def _layout(args) -> dict[str, int]:
+    """The parallel sizes of megatron arguments: this run's, or those saved in a checkpoint."""
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
     return {
         "TP": tp,
-        "PP": getattr(saved, "pipeline_model_parallel_size", 1) or 1,
-        "EP": getattr(saved, "expert_model_parallel_size", 1) or 1,
-        "expert TP": getattr(saved, "expert_tensor_parallel_size", None) or tp,
+        "PP": getattr(args, "pipeline_model_parallel_size", 1) or 1,
+        "EP": getattr(args, "expert_model_parallel_size", 1) or 1,
+        "expert TP": getattr(args, "expert_tensor_parallel_size", None) or tp,
     }
 
 
@@ -200,7 +201,7 @@ def _experts_in_own_optimizer(args) -> bool:
     """megatron-core gives the expert weights their own optimizer (and DP group) exactly when this holds."""
     if not getattr(args, "num_experts", None):
         return False
-    layout = _saved_layout(args)
+    layout = _layout(args)
     return layout["EP"] > 1 or layout["expert TP"] != layout["TP"]
 
 
@@ -234,7 +235,7 @@ def resume_layout_problem(args) -> str | None:
     path = _checkpoint_to_load(args)
     if path is None:
         return None
-    here = _saved_layout(args)
+    here = _layout(args)
     if not os.path.isfile(os.path.join(path, "metadata.json")):  # --ckpt-format torch: one file per model rank
         saved_dirs = {name for name in os.listdir(path) if name.startswith("mp_rank_")}
         if saved_dirs and saved_dirs != _legacy_rank_dirs(here):
@@ -251,7 +252,7 @@ def resume_layout_problem(args) -> str | None:
     saved = common.get("args")
     if saved is None or getattr(saved, "no_save_optim", False) or "optimizer" not in common:
         return None
-    was = _saved_layout(saved)
+    was = _layout(saved)
     weights_only = ("or add --no-load-optim to load the weights alone (torch_dist reshards them; Adam's moments and "
                     "the LR schedule start afresh)")
     if _experts_in_own_optimizer(saved) != _experts_in_own_optimizer(args):
