@@ -59,14 +59,19 @@ def megatron_world(_megatron_process_group):
 
 @pytest.fixture(autouse=True)
 def _reset_megatron_class_state():
-    """megatron-core keeps the MoE aux-loss gradient scale on a class: the first caller fixes its shape and the
-    next test's schedule then fails copying a differently-shaped scale into it. Each test starts without one."""
+    """megatron-core keeps MoE state per process: the aux-loss gradient scale on a class (the first caller fixes its
+    shape and the next test's schedule then fails copying a differently-shaped scale into it) and a metrics tracker
+    sized by the first MoE model's depth (a deeper model built later in the same process indexes past its end).
+    Each test starts without either."""
     yield
     import sys
 
     moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
     if moe_utils is not None:
         moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    moe_logging = sys.modules.get("megatron.core.transformer.moe.moe_logging")
+    if moe_logging is not None:
+        moe_logging.destroy_moe_metrics_tracker()
 
 
 @pytest.fixture(scope="session")
