@@ -19,7 +19,6 @@ are structural); bidirectional use (``no_mask``) applies no mask. Packed sequenc
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from typing import Optional
 
@@ -28,16 +27,10 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_ext.compat.optional import te_available
 from megatron_ext.layers.packing import document_ids, flat_cu_seqlens
 
 __all__ = ["LocalCoreAttention", "core_attention_builder", "attention", "alibi_slopes", "te_available"]
-
-
-def te_available() -> bool:
-    try:
-        return importlib.util.find_spec("transformer_engine") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------

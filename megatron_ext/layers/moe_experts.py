@@ -29,7 +29,6 @@ by expert with one device gather instead of megatron's Python loop over (rank, e
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 from functools import partial
 from typing import Literal, Optional, Sequence
@@ -50,6 +49,8 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size, make_tp_sharded_tensor_for_checkpoint
 
+from megatron_ext.compat.optional import te_available
+
 __all__ = [
     "GroupedGemmMLP",
     "grouped_moe_classes",
@@ -62,14 +63,6 @@ __all__ = [
 ]
 
 GroupedGemmBackend = Literal["auto", "grouped_mm", "loop"]
-
-
-def te_available() -> bool:
-    """Whether Transformer Engine is importable (then megatron's ``TEGroupedMLP`` is the better choice)."""
-    try:
-        return importlib.util.find_spec("transformer_engine") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------

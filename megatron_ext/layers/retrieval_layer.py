@@ -22,9 +22,11 @@ the chunking layer sit before the HSA layer and see the same hidden state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -86,10 +88,17 @@ class RetrievalTransformerLayer(TransformerLayer):
             raise RuntimeError(f"layer {self.layer_number}: group {self.group} has no retrieval of its own")
 
         if self.has_inner_attention:  # x <- x + SWA(norm x)
+            if self.recompute_input_layernorm:  # selective recompute of 'layernorm', as megatron's own layers do
+                self.input_layernorm_checkpoint = tensor_parallel.CheckpointWithoutOutput()
+                normed = self.input_layernorm_checkpoint.checkpoint(self.input_layernorm, x)
+            else:
+                normed = self.input_layernorm(x)
             attn = self.self_attention(
-                self.input_layernorm(x), attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
                 rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, packed_seq_params=packed_seq_params,
             )
+            if self.recompute_input_layernorm:
+                self.input_layernorm_checkpoint.discard_output_and_register_recompute(attn[0])
             with self.bias_dropout_add_exec_handler():
                 x = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(attn, x, self.hidden_dropout)
 
@@ -103,5 +112,10 @@ class RetrievalTransformerLayer(TransformerLayer):
         else:
             x = x + out
             residual, mlp_input = x, x
-        mlp_output_with_bias = self.mlp(self._forward_pre_mlp_layernorm(mlp_input), padding_mask=padding_mask)
+        normed = self._forward_pre_mlp_layernorm(mlp_input)  # recomputes the norm under selective 'layernorm'
+        mlp = functools.partial(self.mlp, padding_mask=padding_mask)
+        if self.recompute_mlp:  # selective recompute of 'mlp' (dense MLPs; MoE layers recompute inside)
+            mlp_output_with_bias = tensor_parallel.checkpoint(mlp, False, normed)
+        else:
+            mlp_output_with_bias = mlp(normed)
         return self._forward_post_mlp(mlp_output_with_bias, residual), memory

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from megatron_ext.compat.optional import te_available
 from megatron_ext.models.pattern import parse_layer_pattern
 
 __all__ = ["HSAConfig", "config_from_yaml", "YAML_KEY_ALIASES"]
@@ -295,6 +296,16 @@ class HSAConfig(TransformerConfig):
         if self.recompute_granularity == "full":
             self._fail("recompute_granularity", "'full' recomputation drops the chunk memory that the block threads "
                        "from layer to layer", "use 'selective' or None")
+        if self.fp32_residual_connection and kinds & {"hsa", "gca"}:
+            self._fail("fp32_residual_connection", "the HSA/GCA retrieval layers (chunk encoder, retrieval, "
+                       "HSA/GCA projections) take the residual stream in the parameters' dtype",
+                       "drop --fp32-residual-connection")
+        if (self.recompute_granularity == "selective" and "layernorm" in (self.recompute_modules or ())
+                and not te_available()):
+            # megatron-core 0.19.2's CheckpointWithoutOutput() reads TE's FP8 state even without FP8.
+            self._fail("recompute_modules", "'layernorm' recomputation needs Transformer Engine in megatron-core "
+                       "0.19.2 (every layer would fail in its first forward)",
+                       "drop 'layernorm' (e.g. --recompute-modules core_attn mlp) or install Transformer Engine")
         if "hsa" in kinds:
             Hk = self.hsa_num_kv_heads
             if Hk < 1 or heads % Hk != 0:

@@ -15,24 +15,18 @@ Megatron-LM's parser (``megatron.training.arguments``) defines every standard fl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from typing import Any
 
 import torch
 import yaml
 
+from megatron_ext.compat.optional import apex_available, te_available
+
 # Passed to ``parse_and_validate_args``: only applied when an argument is still None after parsing.
 ARGS_DEFAULTS: dict[str, Any] = {"tokenizer_type": "NullTokenizer"}
 
 ATTENTION_KINDS_HELP = "swa, full, hsa, gca"
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def environment_defaults() -> dict[str, Any]:
@@ -42,8 +36,8 @@ def environment_defaults() -> dict[str, Any]:
     build or first forward without them (megatron_core_notes.md, H100 appendix, obstacles 2-5).
     """
     defaults: dict[str, Any] = {}
-    have_te = _has_module("transformer_engine")
-    have_apex = _has_module("apex")
+    have_te = te_available()
+    have_apex = apex_available()
     if not have_te:
         defaults["apply_rope_fusion"] = False  # --no-rope-fusion: fused RoPE is a TE kernel
         defaults["transformer_impl"] = "local"

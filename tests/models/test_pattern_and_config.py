@@ -50,6 +50,8 @@ def test_bad_patterns(bad, needle):
     (dict(layer_pattern="swa*2", fused_kernel_backend="apex"), "fused_kernel_backend", "auto"),
     (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
      "recompute_granularity", "selective"),
+    (dict(fp32_residual_connection=True), "fp32_residual_connection", "drop --fp32-residual-connection"),
+    (dict(layer_pattern="swa [gca]", fp32_residual_connection=True), "fp32_residual_connection", "drop"),
     (dict(swa_window_size=0), "swa_window_size", "512"),
     (dict(swa_alibi=True), "swa_alibi", "position_embedding_type: none"),
     # DRT's ALiBi decoder has no context-parallel attention: the first forward failed, suggesting TE attention,
