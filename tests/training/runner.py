@@ -27,6 +27,7 @@ TINY_SWA_HSA = [
     "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
 ]
 
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torch.distributed's excepthook prefixes every line
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+) \|.*?grad norm: ([0-9.]+) \|")
 
 
@@ -41,6 +42,23 @@ class Run:
 
     def grad_norms(self) -> dict[int, str]:
         return {int(m.group(1)): m.group(3) for m in _ITERATION.finditer(self.output)}
+
+    def tracebacks(self) -> list[str]:
+        """The tracebacks in the output, but for one that is not the run's: a data-loader worker's fd-sharing thread
+        (multiprocessing's ``resource_sharer``) reporting a connection the main process dropped. Seen once in CI
+        after a Ctrl-C whose run saved and exited 0; it says nothing about the run."""
+        blocks, current = [], None
+        for line in (_RANK_PREFIX.sub("", raw) for raw in self.output.splitlines()):
+            if line.startswith("Traceback (most recent call last)"):
+                current = [line]
+                blocks.append(current)
+            elif current is not None:
+                current.append(line)
+                if line and not line[0].isspace():  # the exception's own line ends the traceback
+                    current = None
+        return ["\n".join(b) for b in blocks
+                if not ("multiprocessing/resource_sharer.py" in "\n".join(b)
+                        and b[-1].startswith(("ConnectionResetError", "BrokenPipeError")))]
 
     def check(self) -> "Run":
         assert self.returncode == 0, f"pretrain_hsa.py failed (rc {self.returncode}):\n{self.output[-6000:]}"

@@ -13,7 +13,7 @@ from megatron_ext.training.checkpointing import (
     read_latest_iteration,
     write_atomic,
 )
-from tests.training.runner import TINY_SWA_HSA, finish, start
+from tests.training.runner import TINY_SWA_HSA, Run, finish, start
 
 
 def _make_checkpoints(root, iterations, latest):
@@ -94,6 +94,24 @@ def test_preemption_then_kill_during_save(tmp_path):
     assert os.listdir(os.path.join(ckpt, "iter_0000008")), "the re-done save must be complete"
 
 
+def test_run_tracebacks_drop_only_the_worker_fd_sharing_noise():
+    sharer = "\n".join([
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "/usr/lib/python3.12/multiprocessing/resource_sharer.py", line 138, in _serve',
+        "[rank0]:     with self._listener.accept() as conn:",
+        "[rank0]: ConnectionResetError: [Errno 104] Connection reset by peer",
+    ])
+    ours = "\n".join([
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "pretrain_hsa.py", line 107, in <module>',
+        "[rank0]:     runtime.run_failing_fast(",
+        "[rank0]: ValueError: sizes do not divide",
+    ])
+    assert Run(0, f"iteration 3\n{sharer}\ndone\n").tracebacks() == []
+    found = Run(0, f"{sharer}\n{ours}\n").tracebacks()
+    assert len(found) == 1 and found[0].endswith("ValueError: sizes do not divide")
+
+
 def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tmp_path):
     """The first Ctrl-C (SIGINT to the process group, as a terminal sends it, data-loader workers included) is a
     preemption: checkpoint at the current iteration, status 0, no traceback. A second Ctrl-C aborts at once (130)."""
@@ -106,7 +124,7 @@ def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tmp_path):
     stopped = finish(proc)
     assert stopped.returncode == 0, stopped.output[-3000:]
     assert "Ctrl-C: saving a checkpoint to --save and exiting at the end of this iteration" in stopped.output
-    assert "Traceback" not in stopped.output and "the run failed" not in stopped.output
+    assert not stopped.tracebacks() and "the run failed" not in stopped.output, stopped.tracebacks()
     stop = max(stopped.losses())
     assert 3 <= stop < 200
     assert read_latest_iteration(ckpt) == stop
@@ -121,4 +139,4 @@ def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tmp_path):
     aborted = finish(proc)
     assert aborted.returncode == 130, aborted.output[-3000:]
     assert "second Ctrl-C: aborting now without saving" in aborted.output
-    assert "Traceback" not in aborted.output
+    assert not aborted.tracebacks(), aborted.tracebacks()
