@@ -11,7 +11,8 @@ config.json, model.safetensors and the model code. Load it with
     AutoModelForCausalLM.from_pretrained("hf/swa_hsa_345m", trust_remote_code=True)
 
 (the model code imports ``megatron_ext`` for the HSA kernels: install this package where it runs). Converts models
-of full, swa and hsa layers; GCA and MoE models are refused with the reason. The conversion runs on the CPU even on
+of full, swa and hsa layers, dense or MoE; GCA models (and MoE token dropping, group-limited routing, a gated shared
+expert) are refused with the reason. The conversion runs on the CPU even on
 a GPU machine.
 """
 

@@ -53,6 +53,16 @@ class HSAGPTConfig(PretrainedConfig):
         hsa_encoder_num_query_groups: int | None = None,
         hsa_encoder_ffn_hidden_size: int | None = None,
         hsa_kernel_backend: str = "auto",
+        num_moe_experts: int | None = None,
+        moe_ffn_hidden_size: int | None = None,
+        moe_router_topk: int = 2,
+        moe_router_score_function: str = "softmax",
+        moe_router_pre_softmax: bool = False,
+        moe_router_topk_scaling_factor: float | None = None,
+        moe_router_expert_bias: bool = False,
+        moe_router_dtype: str | None = None,
+        moe_shared_expert_intermediate_size: int | None = None,
+        moe_layers: list[int] | None = None,
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
@@ -96,4 +106,15 @@ class HSAGPTConfig(PretrainedConfig):
         self.hsa_encoder_ffn_hidden_size = hsa_encoder_ffn_hidden_size
         # "auto": the Triton kernels on CUDA tensors, the PyTorch reference elsewhere
         self.hsa_kernel_backend = hsa_kernel_backend
+        # MoE: which layers (0-based indices) have an MoELayer in place of the dense MLP, and its router and experts
+        self.num_moe_experts = num_moe_experts
+        self.moe_ffn_hidden_size = moe_ffn_hidden_size or ffn_hidden_size
+        self.moe_router_topk = moe_router_topk
+        self.moe_router_score_function = moe_router_score_function
+        self.moe_router_pre_softmax = moe_router_pre_softmax
+        self.moe_router_topk_scaling_factor = moe_router_topk_scaling_factor
+        self.moe_router_expert_bias = moe_router_expert_bias
+        self.moe_router_dtype = moe_router_dtype
+        self.moe_shared_expert_intermediate_size = moe_shared_expert_intermediate_size
+        self.moe_layers = list(moe_layers or [])
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

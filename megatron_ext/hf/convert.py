@@ -31,7 +31,7 @@ def _unsupported(config) -> list[str]:
     if kinds - {"full", "swa", "hsa"}:
         problems.append(f"layer kinds {sorted(kinds - {'full', 'swa', 'hsa'})} (only full, swa and hsa convert)")
     if config.num_moe_experts:
-        problems.append("MoE layers (num_moe_experts is set)")
+        problems += _unsupported_moe(config)
     if getattr(config, "swa_alibi", False):
         problems.append("ALiBi attention (swa_alibi)")
     if config.position_embedding_type not in ("rope", "none"):
@@ -53,6 +53,32 @@ def _unsupported(config) -> list[str]:
         problems.append("a GLU offset or clamped activations (glu_linear_offset, activation_func_clamp_value)")
     if config.softmax_type != "vanilla":  # Transformer Engine's attention applies it
         problems.append(f"softmax_type {config.softmax_type!r} in full/swa attention")
+    return problems
+
+
+def _unsupported_moe(config) -> list[str]:
+    """The MoE options whose forward pass the Hugging Face model's ``MoE`` does not reproduce."""
+    problems = []
+    options = {
+        "moe_expert_capacity_factor": "token dropping",
+        "moe_router_num_groups": "group-limited routing",
+        "moe_router_group_topk": "group-limited routing",
+        "moe_router_topk_limited_devices": "device-limited routing",
+        "moe_shared_expert_gate": "a gated shared expert",
+        "moe_apply_probs_on_input": "router probabilities applied to the expert input",
+        "moe_latent_size": "latent MoE",
+        "moe_mlp_glu_interleave_size": "interleaved GLU experts",
+        "moe_shared_expert_glu_interleave_size": "an interleaved GLU shared expert",
+        "moe_router_force_biased": "forced router bias",
+    }
+    for name, what in options.items():
+        if getattr(config, name, None):
+            problems.append(f"{what} ({name})")
+    if config.moe_router_score_function not in ("softmax", "sigmoid"):
+        problems.append(f"moe_router_score_function {config.moe_router_score_function!r}")
+    balancing = config.moe_router_load_balancing_type
+    if "quantile_balancing" in (balancing if isinstance(balancing, list) else [balancing]):
+        problems.append("quantile-balanced routing (moe_router_load_balancing_type)")
     return problems
 
 
@@ -79,6 +105,18 @@ def hf_config_fields(config, vocab_size: int) -> dict:
         rotary_percent=config.rotary_percent, swa_window_size=config.swa_window_size,
         tie_word_embeddings=not config.untie_embeddings_and_output_weights,
     )
+    if config.num_moe_experts:
+        from megatron_ext.models.builder import layer_is_moe
+
+        fields.update(
+            num_moe_experts=config.num_moe_experts, moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+            moe_router_topk=config.moe_router_topk, moe_router_score_function=config.moe_router_score_function,
+            moe_router_pre_softmax=config.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=config.moe_router_topk_scaling_factor,
+            moe_router_expert_bias=config.moe_router_enable_expert_bias, moe_router_dtype=config.moe_router_dtype,
+            moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
+            moe_layers=[plan.index for plan in config.layer_plans if layer_is_moe(config, plan)],
+        )
     if config.retrieval_kind == "hsa":
         fields.update(
             hsa_chunk_size=config.hsa_chunk_size, hsa_topk=config.hsa_topk, hsa_num_kv_heads=config.hsa_num_kv_heads,
@@ -94,6 +132,11 @@ def hf_config_fields(config, vocab_size: int) -> dict:
     return fields
 
 
+# megatron's router buffers of load-balancing statistics (training state; the expert bias itself is kept)
+_ROUTER_STATISTICS = tuple(f".router.{name}" for name in ("local_tokens_per_expert", "global_tokens_per_expert",
+                                                          "ga_steps", "qb_beta", "qb_beta_accum"))
+
+
 def hf_state_dict(megatron_state: dict, tied: bool, dtype: torch.dtype | None = None,
                   vocab_size: int | None = None) -> dict:
     """The megatron model's state dict as the Hugging Face model's: the same names, without megatron's
@@ -101,7 +144,7 @@ def hf_state_dict(megatron_state: dict, tied: bool, dtype: torch.dtype | None = 
     with ``vocab_size``, the embedding and output rows past it (megatron's vocabulary padding) dropped."""
     out = {}
     for name, tensor in megatron_state.items():
-        if name.endswith("_extra_state") or tensor is None:
+        if name.endswith(("_extra_state", *_ROUTER_STATISTICS)) or tensor is None:
             continue
         if tied and name == "output_layer.weight":
             continue
@@ -161,6 +204,9 @@ def _single_rank_args(args: Namespace) -> Namespace:
             setattr(args, name, False)
     args.use_cpu_initialization = True
     args.perform_initialization = False
+    # the routed experts as stacked weights (megatron_ext's grouped GEMM, which runs on the CPU), the layout of the
+    # Hugging Face model's experts; every expert implementation saves the same checkpoint tensors
+    args.moe_experts_impl = "grouped_gemm"
     return args
 
 

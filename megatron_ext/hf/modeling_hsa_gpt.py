@@ -1,4 +1,4 @@
-"""Hugging Face model of the project's dense decoders: ``full``, ``swa`` and ``hsa`` layers (``model_type``
+"""Hugging Face model of the project's decoders: ``full``, ``swa`` and ``hsa`` layers, dense or MoE (``model_type``
 "megatron_hsa_gpt"), for converted checkpoints (``tools/convert_checkpoint_to_hf.py``).
 
 Plain PyTorch modules whose parameter names are megatron-core's (``decoder.layers.3.self_attention.linear_qkv.weight``
@@ -10,7 +10,11 @@ default in ``generate``): attention keys and values (a sliding-window layer only
 complete chunks and the inputs of the chunk being filled; each new token then costs one token's work, and its HSA
 layers retrieve and attend as ``megatron_ext.kernels.hsa``'s decode path does.
 
-Not covered (the converter refuses them): GCA layers, MoE layers, ALiBi, RoPE scaling, interpolation or interleaving,
+MoE layers (megatron's ``MoELayer``: top-k router, routed experts, shared expert) run every expert on the tokens
+routed to it.
+
+Not covered (the converter refuses them): GCA layers, MoE token dropping, group-limited routing or a gated shared
+expert, ALiBi, RoPE scaling, interpolation or interleaving,
 learned absolute positions, activations other than SiLU/GeLU, muP, no_rope_freq, gated attention output, GLU offsets
 or clamps, softmax_type other than vanilla.
 """
@@ -183,10 +187,99 @@ class MLP(nn.Module):
         return self.linear_fc2(h)
 
 
+class Router(nn.Module):
+    """megatron's ``TopKRouter`` at inference: logits = x W^T (in fp32 with ``moe_router_dtype`` "fp32"), then top-k
+    of the logits and a softmax over them (or softmax first with ``moe_router_pre_softmax``), or sigmoid scores,
+    chosen with ``expert_bias`` added and normalised over the k; times ``moe_router_topk_scaling_factor``."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_moe_experts, config.hidden_size))
+        if config.moe_router_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_moe_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x):  # [N, h] -> probabilities [N, k] (x's dtype), expert indices [N, k]
+        c = self.config
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(c.moe_router_dtype, x.dtype)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        k = c.moe_router_topk
+        if c.moe_router_score_function == "softmax":
+            if c.moe_router_pre_softmax:
+                probs, experts = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
+            else:
+                top, experts = logits.topk(k, dim=-1)
+                probs = torch.softmax(top, dim=-1, dtype=torch.float32)
+        else:  # sigmoid
+            scores = torch.sigmoid(logits.float())
+            ranked = scores if self.expert_bias is None else scores + self.expert_bias.float()
+            experts = ranked.topk(k, dim=-1).indices
+            probs = scores.gather(1, experts)
+            if k > 1:
+                probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        if c.moe_router_topk_scaling_factor:
+            probs = probs * c.moe_router_topk_scaling_factor
+        return probs.to(logits.dtype).to(x.dtype), experts
+
+
+class Experts(nn.Module):
+    """The routed experts as stacked weights (megatron_ext's grouped-GEMM experts): ``weight1`` [E, 2F or F, h]
+    (fc1; a gated unit's rows are [gate; up]) and ``weight2`` [E, h, F] (fc2)."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        E, F_, h = config.num_moe_experts, config.moe_ffn_hidden_size, config.hidden_size
+        self.gated = config.gated_linear_unit
+        self.act = ACTIVATIONS[config.activation]
+        self.weight1 = nn.Parameter(torch.empty(E, F_ * (2 if self.gated else 1), h))
+        self.weight2 = nn.Parameter(torch.empty(E, h, F_))
+
+    def forward(self, x, expert: int):
+        y = F.linear(x, self.weight1[expert])
+        if self.gated:
+            gate, up = y.chunk(2, dim=-1)
+            y = self.act(gate) * up
+        else:
+            y = self.act(y)
+        return F.linear(y, self.weight2[expert])
+
+
+class MoE(nn.Module):
+    """megatron's ``MoELayer`` without token dropping: sum over a token's k experts of prob * expert(x), plus the
+    shared expert when there is one."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config)
+        shared = config.moe_shared_expert_intermediate_size
+        self.shared_experts = (MLP(config, shared, gated=config.gated_linear_unit, activation=config.activation)
+                               if shared else None)
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        probs, experts = self.router(tokens)
+        out = torch.zeros_like(tokens)
+        for expert in experts.unique().tolist():
+            rows, slot = (experts == expert).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts(tokens[rows], expert) * probs[rows, slot, None])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        return out.view_as(x)
+
+
+def _mlp(config: HSAGPTConfig, layer_index: int) -> nn.Module:
+    if layer_index in (config.moe_layers or ()):
+        return MoE(config)
+    return MLP(config, config.ffn_hidden_size, gated=config.gated_linear_unit, activation=config.activation)
+
+
 class DecoderLayer(nn.Module):
     """A pre-norm transformer layer: x + attn(norm x), then + mlp(norm x) (``full`` and ``swa``)."""
 
-    def __init__(self, config: HSAGPTConfig, window: Optional[int]):
+    def __init__(self, config: HSAGPTConfig, window: Optional[int], layer_index: int):
         super().__init__()
         self.window = window
         self.input_layernorm = _norm(config, config.hidden_size)
@@ -194,7 +287,7 @@ class DecoderLayer(nn.Module):
                                             qkv_bias=config.add_qkv_bias or config.add_bias_linear,
                                             qk_norm=config.qk_layernorm)
         self.pre_mlp_layernorm = _norm(config, config.hidden_size)
-        self.mlp = MLP(config, config.ffn_hidden_size, gated=config.gated_linear_unit, activation=config.activation)
+        self.mlp = _mlp(config, layer_index)
 
     def forward(self, x, angles, memory=None, state=None, step=None):
         x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window, state=state,
@@ -376,7 +469,7 @@ class HSALayer(nn.Module):
     the layer's input; an optional inner SWA runs first; with the bypass residual the HSA output reaches the
     residual stream only through the MLP: out = x + MLP(norm(x + HSA(norm x)))."""
 
-    def __init__(self, config: HSAGPTConfig, *, builds_memory: bool, retrieves: bool):
+    def __init__(self, config: HSAGPTConfig, layer_index: int, *, builds_memory: bool, retrieves: bool):
         super().__init__()
         self.config = config
         self.chunk_memory = HSAChunkMemory(config) if builds_memory else None
@@ -390,7 +483,7 @@ class HSALayer(nn.Module):
         self.pre_cross_attn_layernorm = _norm(config, config.hidden_size)
         self.cross_attention = HSAAttention(config)
         self.pre_mlp_layernorm = _norm(config, config.hidden_size)
-        self.mlp = MLP(config, config.ffn_hidden_size, gated=config.gated_linear_unit, activation=config.activation)
+        self.mlp = _mlp(config, layer_index)
 
     def forward(self, x, angles, memory, state=None, step=None):
         if self.chunk_memory is not None:
@@ -425,11 +518,12 @@ class Decoder(nn.Module):
         layers = []
         for plan in plans:
             if plan.kind == "full":
-                layers.append(DecoderLayer(config, None))
+                layers.append(DecoderLayer(config, None, plan.index))
             elif plan.kind == "swa":
-                layers.append(DecoderLayer(config, config.swa_window_size))
+                layers.append(DecoderLayer(config, config.swa_window_size, plan.index))
             elif plan.kind == "hsa":
-                layers.append(HSALayer(config, builds_memory=plan.memory_builder, retrieves=plan.group_head))
+                layers.append(HSALayer(config, plan.index, builds_memory=plan.memory_builder,
+                                       retrieves=plan.group_head))
             else:
                 raise ValueError(f"layer kind {plan.kind!r} (layer {plan.index}) has no Hugging Face implementation "
                                  f"here: full, swa and hsa layers are supported")
@@ -467,6 +561,9 @@ class HSAGPTPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, (Router, Experts)):
+            for param in module.parameters(recurse=False):
+                nn.init.normal_(param, std=0.02)
 
 
 class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):

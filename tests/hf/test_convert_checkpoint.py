@@ -181,3 +181,36 @@ def test_any_parallel_layout_converts_to_the_same_model(tmp_path):
         rows = {key: tensor.shape[0] for key, tensor in reference.items() if key.startswith("embedding.")}
         bad = [key for key, tensor in reference.items() if not torch.equal(state[key][: rows.get(key)], tensor)]
         assert not bad, (name, bad)
+
+
+def test_moe_checkpoint_of_two_expert_parallel_ranks_converts(tmp_path, megatron_world):
+    # The MoE model trained with its experts split over two ranks (EP 2): the converter reshards them into one model
+    # whose Hugging Face twin gives the checkpointed model's logits.
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ext.hf.convert import load_megatron_checkpoint
+    from megatron_ext.models import build_model
+
+    save, out = tmp_path / "ckpt", tmp_path / "hf"
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+           "--moe-shared-expert-intermediate-size", "48", "--moe-token-dispatcher-type", "alltoall",
+           "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+           "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "1e-2",
+           "--expert-model-parallel-size", "2"]
+    runner.run([*runner.TINY_SWA_HSA, *moe, "--train-iters", "3", "--save", str(save), "--save-interval", "3"],
+               nproc=2).check()
+    proc = _convert("--load", str(save), "--save", str(out), "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = json.load(open(out / "config.json"))
+    assert fields["num_moe_experts"] == 4 and fields["moe_layers"] == [0, 1, 2]
+
+    config, vocab, state = load_megatron_checkpoint(str(save))
+    model = build_model(config, vocab_size=vocab).eval()
+    model.load_state_dict(state)
+    assert model.decoder.layers[0].mlp.router.expert_bias.abs().sum() > 0  # trained: the bias moved
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    tokens = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(64).expand(2, 64), None)
+        got = hf(tokens).logits
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)

@@ -13,10 +13,13 @@ from tests.models.tiny import VOCAB  # noqa: E402
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["swa_hsa", "gpt_swa"])
+@pytest.mark.parametrize("family", ["swa_hsa", "gpt_swa", "swa_hsa_moe"])
 def test_hf_model_matches_megatron_in_bf16_on_gpu(megatron_world, family):
     torch.manual_seed(0)
-    model = _gpu_model(family, bf16=True, params_dtype=torch.bfloat16).eval()
+    # MoE: the converter's expert layout (grouped GEMM); the router in fp32, so that bf16 rounding of the logits
+    # does not decide between near-equal experts
+    moe = dict(moe_experts_impl="grouped_gemm", moe_router_dtype="fp32") if "moe" in family else {}
+    model = _gpu_model(family, bf16=True, params_dtype=torch.bfloat16, **moe).eval()
     fields = hf_config_fields(model.config, VOCAB)
     hf = HSAGPTForCausalLM(HSAGPTConfig(**fields)).to("cuda", torch.bfloat16).eval()
     hf.load_state_dict(hf_state_dict(model.state_dict(), tied=fields["tie_word_embeddings"]))

@@ -32,6 +32,17 @@ CASES = {
     "swa_hsa_geglu_fusion": dict(pattern="swa [hsa swa]", activation_func=torch.nn.functional.gelu,
                                  bias_activation_fusion=True),
     "swa_hsa_softmax_scale": dict(pattern="full [hsa swa]*2", softmax_scale=0.5, hsa_inner_swa=True),
+    # MoE (the converter's one-rank model has megatron_ext's grouped-GEMM experts): softmax over the top-k logits
+    # with a shared expert and a dense first layer; softmax before the top-k, scaled, on alternate layers; sigmoid
+    # scores chosen with an expert bias, an fp32 router
+    "swa_hsa_moe": dict(FAMILIES["swa_hsa_moe"], moe_experts_impl="grouped_gemm"),
+    "swa_moe_pre_softmax": dict(pattern="swa*4", num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                                moe_layer_freq=[0, 1, 0, 1], moe_router_pre_softmax=True,
+                                moe_router_topk_scaling_factor=2.5, moe_experts_impl="grouped_gemm"),
+    "swa_hsa_moe_sigmoid": dict(pattern="swa [hsa swa]", num_moe_experts=6, moe_router_topk=3,
+                                moe_ffn_hidden_size=24, moe_router_score_function="sigmoid",
+                                moe_router_enable_expert_bias=True, moe_router_dtype="fp32",
+                                moe_experts_impl="grouped_gemm"),
 }
 
 
@@ -50,6 +61,9 @@ def _megatron_and_hf(case):
                 p.add_(0.1 * torch.randn_like(p))
             else:
                 p.mul_(5.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith("router.expert_bias"):  # learned during training; zero at init
+                buffer.copy_(0.5 * torch.randn_like(buffer))
     fields = hf_config_fields(config, VOCAB)
     hf = HSAGPTForCausalLM(HSAGPTConfig(**fields, hsa_kernel_backend="reference")).eval()
     state = hf_state_dict(model.state_dict(), tied=fields["tie_word_embeddings"])
@@ -72,6 +86,12 @@ def test_hf_logits_equal_megatron_logits(megatron_world, case):
             for layer in hf.decoder.layers:
                 if hasattr(layer, "cross_attention"):
                     layer.cross_attention.output_proj.weight.zero_()
+            assert (hf(tokens).logits - got).abs().max() > 0.05
+    if "moe" in case:  # and the routed experts
+        with torch.no_grad():
+            for module in hf.modules():
+                if type(module).__name__ == "Experts":
+                    module.weight2.zero_()
             assert (hf(tokens).logits - got).abs().max() > 0.05
 
 
@@ -156,7 +176,7 @@ def test_the_cache_keeps_windows_and_whole_chunks_only(megatron_world):
 
 
 def test_unconvertible_models_are_refused_by_name(megatron_world):
-    for family, what in (("drt_gca", "layer kinds ['gca']"), ("swa_hsa_moe", "MoE layers")):
+    for family, what in (("drt_gca", "layer kinds ['gca']"),):
         spec = dict(FAMILIES[family])
         config = tiny_config(spec.pop("pattern"), **spec)
         with pytest.raises(ValueError, match=r"cannot be converted .*" + what.replace("[", r"\[").replace("]", r"\]")):
@@ -175,5 +195,18 @@ def test_megatron_options_the_hf_model_lacks_are_refused(megatron_world, option,
     # megatron computes these differently from the HF model (other scales, RoPE, gates, activations, softmax):
     # converting them would give a model with other logits
     config = tiny_config("swa [hsa swa]", **option)
+    with pytest.raises(ValueError, match=r"cannot be converted .*" + what):
+        hf_config_fields(config, VOCAB)
+
+
+@pytest.mark.parametrize("option, what", [
+    (dict(moe_expert_capacity_factor=1.0), "token dropping"),
+    (dict(moe_shared_expert_gate=True), "a gated shared expert"),
+    (dict(moe_router_num_groups=2, moe_router_group_topk=1), "group-limited routing"),
+    (dict(moe_router_score_function="sqrtsoftplus"), "sqrtsoftplus"),
+])
+def test_moe_options_the_hf_model_lacks_are_refused(megatron_world, option, what):
+    spec = dict(FAMILIES["swa_hsa_moe"], **option)
+    config = tiny_config(spec.pop("pattern"), **spec)
     with pytest.raises(ValueError, match=r"cannot be converted .*" + what):
         hf_config_fields(config, VOCAB)
