@@ -141,7 +141,7 @@ def test_generation_with_the_default_use_cache(megatron_world):
 # prompts of 1 token (no chunk yet), a whole chunk (nothing pending) and a chunk and a part
 @pytest.mark.parametrize("case, prompt", [("swa_hsa", 1), ("swa_hsa", 8), ("swa_hsa", 13), ("gpt_full", 13),
                                           ("gpt_swa", 13), ("swa_hsa_options", 13), ("swa_hsa_layernorm_untied", 13),
-                                          ("swa_hsa_softmax_scale", 1)])
+                                          ("swa_hsa_softmax_scale", 1), ("swa_hsa_moe", 13)])
 def test_cached_steps_give_the_logits_of_the_whole_sequence(megatron_world, case, prompt):
     # The oracle is the model on the whole sequence (itself equal to megatron's, above): a prompt, then one token
     # per call with the cache, through 3 chunk boundaries and past every window
