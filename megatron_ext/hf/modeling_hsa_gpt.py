@@ -178,13 +178,15 @@ class MLP(nn.Module):
         self.linear_fc2 = Linear(ffn, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x):
-        h = self.linear_fc1(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
-        return self.linear_fc2(h)
+        return self.linear_fc2(_activate(self.linear_fc1(x), self.gated, self.act))
+
+
+def _activate(h, gated: bool, act):
+    """The MLP's activation of fc1's output: act(gate) * up of the [gate; up] halves with a gated unit."""
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
 
 
 class Router(nn.Module):
@@ -237,13 +239,7 @@ class Experts(nn.Module):
         self.weight2 = nn.Parameter(torch.empty(E, h, F_))
 
     def forward(self, x, expert: int):
-        y = F.linear(x, self.weight1[expert])
-        if self.gated:
-            gate, up = y.chunk(2, dim=-1)
-            y = self.act(gate) * up
-        else:
-            y = self.act(y)
-        return F.linear(y, self.weight2[expert])
+        return F.linear(_activate(F.linear(x, self.weight1[expert]), self.gated, self.act), self.weight2[expert])
 
 
 class MoE(nn.Module):
