@@ -75,6 +75,12 @@ def build_tokenizer(args):
         if args.tokenizer_type == "HuggingFaceTokenizer" and getattr(tokenizer, "eod", 0) is None:
             raise SystemExit(_no_end_of_document(path))
         return tokenizer
+    ignored = [flag for flag, dest in (("--tokenizer-special-tokens", "special_tokens"),
+                                       ("--tokenizer-metadata", "metadata_path")) if getattr(args, dest, None)]
+    if ignored:  # they would add ids (and change the vocabulary size) through megatron's wrapper
+        raise SystemExit(f"--tokenizer-model {path} is a tokenizer.json file, which takes no {' or '.join(ignored)}: "
+                         f"declare the extra tokens in the tokenizer (tools/preprocess_data.py reads the same file, "
+                         f"so the data's ids stay the model's), or give a transformers tokenizer directory instead")
     tokenizer = HuggingFaceTokenizer(path)
     if getattr(args, "pad_vocab_size", True) and getattr(args, "padded_vocab_size", None) is None:  # as megatron's
         args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args)

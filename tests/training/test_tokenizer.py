@@ -32,6 +32,19 @@ def test_hugging_face_tokenizer_json_file_trains(tmp_path, hf_tokenizer_json):
     assert sorted(result.losses()) == [1, 2, 3]
 
 
+def test_tokenizer_json_file_refuses_flags_it_would_ignore(hf_tokenizer_json):
+    from argparse import Namespace
+
+    import pytest
+
+    from megatron_ext.training.data import build_tokenizer
+
+    args = Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_tokenizer_json,
+                     special_tokens=["<tool>"], metadata_path=None)
+    with pytest.raises(SystemExit, match="tokenizer.json file, which takes no --tokenizer-special-tokens"):
+        build_tokenizer(args)
+
+
 def test_hugging_face_tokenizer_directory_without_eos_token_is_a_one_line_error(tmp_path, hf_tokenizer_json):
     # megatron's wrapper has no end-of-document id then (mock data failed with "MockGPTDataset failed to build");
     # the error names the token preprocessing takes and where to declare it, and declaring it is enough
