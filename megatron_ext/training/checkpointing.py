@@ -274,7 +274,8 @@ def resume_layout_problem(args) -> str | None:
 def check_resume_layout(args) -> None:
     """Stop with one line that names the fixes when :func:`resume_layout_problem` finds one. It runs before the
     process group exists: every rank decides alike from the same files, and only global rank 0 says why."""
+    from megatron_ext.training.runtime import startup_error
+
     problem = resume_layout_problem(args)
     if problem is not None:
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        raise SystemExit(f"pretrain_hsa.py: cannot resume: {problem}" if rank0 else 1)
+        raise startup_error(f"cannot resume: {problem}")

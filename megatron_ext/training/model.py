@@ -31,6 +31,19 @@ def transformer_config_from_args(args):
     return config
 
 
+def check_config(args) -> None:
+    """Stop at startup with the one line of an ``HSAConfig`` error (field, problem, fix), before megatron builds
+    anything, instead of its traceback from inside the model provider."""
+    from megatron_ext.training.runtime import startup_error
+
+    try:
+        transformer_config_from_args(args)
+    except ValueError as error:
+        if not str(error).startswith("HSAConfig."):
+            raise
+        raise startup_error(str(error)) from None
+
+
 def build_model_from_args(args, *, pre_process=True, post_process=True, vp_stage=None, pg_collection=None):
     """This rank's GPTModel chunk (pipeline stage ``pre_process``/``post_process``, virtual stage ``vp_stage``)."""
     from megatron_ext.models import build_model

@@ -102,10 +102,18 @@ def run_failing_fast(fn, *args, **kwargs):
     os._exit(code)
 
 
+def startup_error(message: str) -> SystemExit:
+    """The exit for a problem found before the process group exists: every rank finds it alike from the same
+    arguments and files, and only global rank 0 prints the line (not one copy per GPU)."""
+    return SystemExit(f"pretrain_hsa.py: {message}" if int(os.environ.get("RANK", "0")) == 0 else 1)
+
+
 def install_training_hooks(args) -> None:
     """Install the workarounds and additions to ``megatron.training`` that ``args`` asks for."""
     from megatron_ext.training import checkpointing, data, fused_adam, logging as hsa_logging, optimizer_resume
+    from megatron_ext.training import model
 
+    model.check_config(args)
     checkpointing.check_resume_layout(args)
     optimizer_resume.install()
     data.skip_validation_without_data()

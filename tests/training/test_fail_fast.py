@@ -62,3 +62,14 @@ def test_an_uncaught_ctrl_c_is_one_line_and_status_130():
     assert done.returncode == 130
     assert "interrupted (Ctrl-C); exiting with status 130 without saving" in done.stderr
     assert "Traceback" not in done.stderr and "the run failed" not in done.stderr
+
+
+def test_a_model_config_error_is_one_line_before_anything_is_built():
+    # HSAConfig's checks (field, problem, fix) ran inside megatron's model provider: a 30-line traceback per rank
+    from tests.training.runner import TINY_SWA_HSA, run
+
+    failed = run([*TINY_SWA_HSA, "--train-iters", "4", "--hsa-num-kv-heads", "3"], nproc=2)
+    assert failed.returncode != 0
+    line = "pretrain_hsa.py: HSAConfig.hsa_num_kv_heads: 3 does not divide num_attention_heads=4. Fix: use a divisor"
+    assert failed.output.count(line) == 1, failed.output[-3000:]
+    assert "[rank0]: Traceback" not in failed.output and "building GPT" not in failed.output
