@@ -589,10 +589,11 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, past_key_values: Optional[HSAGPTCache] = None,
-                use_cache: Optional[bool] = None, **kwargs):
+                use_cache: Optional[bool] = None, logits_to_keep: int = 0, **kwargs):
         """Logits of ``input_ids``. With ``use_cache`` (or a ``past_key_values`` cache) the returned
         ``past_key_values`` holds what the next call needs: given a cache that has seen n tokens, ``input_ids`` are
-        the tokens after them, run one at a time."""
+        the tokens after them, run one at a time. ``logits_to_keep`` N > 0: logits of the last N positions only
+        (``generate`` asks for 1; a long prompt's [L, vocab] logits would not fit)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding (attention_mask with zeros) is not supported: batch sequences of equal length")
         cache = past_key_values
@@ -605,7 +606,9 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
         else:
             h = self._prompt(input_ids, cache)
         weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
-        logits = F.linear(h, weight)
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep and labels: the loss needs the logits of every position")
+        logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, weight)
         loss = None
         if labels is not None:  # Hugging Face convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -650,5 +653,8 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
                                       **kwargs):
         if past_key_values is not None and past_key_values.length:
             input_ids = input_ids[:, past_key_values.length:]  # the tokens the cache has not seen
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
-                "use_cache": use_cache}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
+                  "use_cache": use_cache}
+        if kwargs.get("logits_to_keep"):  # generate() asks for the last position's logits only
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

@@ -210,3 +210,20 @@ def test_moe_options_the_hf_model_lacks_are_refused(megatron_world, option, what
     config = tiny_config(spec.pop("pattern"), **spec)
     with pytest.raises(ValueError, match=r"cannot be converted .*" + what):
         hf_config_fields(config, VOCAB)
+
+
+def test_logits_to_keep_gives_the_last_positions_and_generate_uses_it(megatron_world, monkeypatch):
+    _, hf = _megatron_and_hf("swa_hsa")
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = hf(tokens).logits
+        last = hf(tokens, logits_to_keep=5).logits
+    assert last.shape == (2, 5, VOCAB)
+    torch.testing.assert_close(last, full[:, -5:], rtol=1e-5, atol=1e-5)  # a smaller GEMM: rounding only
+    with pytest.raises(ValueError, match="logits_to_keep and labels"):
+        hf(tokens, labels=tokens, logits_to_keep=1)
+    # generate() asks for one position: the prompt's [L, vocab] logits are never made
+    shapes = []
+    hf.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.logits.shape)))
+    hf.generate(tokens[:, :20], max_new_tokens=3, do_sample=False)
+    assert shapes[0] == (2, 1, VOCAB)
