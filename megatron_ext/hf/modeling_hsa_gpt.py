@@ -156,15 +156,32 @@ class SelfAttention(nn.Module):
         # query head n belongs to KV group n // per_group
         k, v = (t.repeat_interleave(per_group, dim=2) for t in (k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        mask = None
         if causal and window is not None and window < s - 1:  # a band; a window past the sequence is plain causal
-            i = torch.arange(s, device=x.device)[:, None]
-            j = torch.arange(s, device=x.device)[None, :]
-            mask = (j <= i) & (i - j <= window)
-        # plain causal without an [s, s] mask: SDPA's fused kernels
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           scale=self.scale)
+            o = banded_attention(q, k, v, window, self.scale)
+        else:  # plain causal without an [s, s] mask: SDPA's fused kernels
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale)
         return self.linear_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+BAND_BLOCK = 1024  # query rows per step of banded_attention (at least the window)
+
+
+def banded_attention(q, k, v, window: int, scale: float, block: Optional[int] = None):
+    """Causal attention of q [b, h, s, d] where query i sees keys j with 0 <= i - j <= window, a block of queries at
+    a time against the keys its band reaches: memory and work grow as s * (block + window), not s^2 (a 64K-token
+    prompt's [s, s] mask alone would be 4 GiB)."""
+    s = q.shape[2]
+    block = max(block or BAND_BLOCK, window)
+    out = torch.empty_like(q)
+    for start in range(0, s, block):
+        end = min(start + block, s)
+        first = max(0, start - window)
+        i = torch.arange(start, end, device=q.device)[:, None]
+        j = torch.arange(first, end, device=q.device)[None, :]
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], attn_mask=(j <= i) & (i - j <= window),
+            scale=scale)
+    return out
 
 
 class MLP(nn.Module):

@@ -227,3 +227,29 @@ def test_logits_to_keep_gives_the_last_positions_and_generate_uses_it(megatron_w
     hf.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.logits.shape)))
     hf.generate(tokens[:, :20], max_new_tokens=3, do_sample=False)
     assert shapes[0] == (2, 1, VOCAB)
+
+
+@pytest.mark.parametrize("window, block", [(6, 8), (6, 16), (15, 4), (40, 16)])
+def test_banded_attention_equals_the_masked_whole_sequence(window, block):
+    # the sliding-window prefill by query blocks (memory s * (block + window)) against one [s, s] band mask
+    from megatron_ext.hf.modeling_hsa_gpt import banded_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 50, 8, generator=g) for _ in range(3))
+    i, j = torch.arange(50)[:, None], torch.arange(50)[None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j <= window),
+                                                                scale=0.3)
+    torch.testing.assert_close(banded_attention(q, k, v, window, 0.3, block=block), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_long_prompts_take_the_banded_path(megatron_world, monkeypatch):
+    # blocks smaller than the test sequence: the model's logits are still the megatron model's
+    from megatron_ext.hf import modeling_hsa_gpt
+
+    monkeypatch.setattr(modeling_hsa_gpt, "BAND_BLOCK", 8)
+    model, hf = _megatron_and_hf("swa_hsa")
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
+        got = hf(tokens).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
