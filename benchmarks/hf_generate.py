@@ -100,6 +100,10 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="append one JSON object per prompt length to this .jsonl")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a (slow) try of the script")
+    parser.add_argument("--band-block", type=int, default=None,
+                        help="query rows per step of the sliding-window prefill (megatron_ext.hf's BAND_BLOCK); "
+                             "0: the whole prompt in one step against one [s, s] band mask (the code before the "
+                             "banded prefill)")
     parser.add_argument("--profile", action="store_true",
                         help="then profile 8 cached steps at the first prompt length: ops by CPU and GPU time")
     args = parser.parse_args(argv)
@@ -107,20 +111,27 @@ def main(argv=None) -> int:
         raise SystemExit("hf_generate.py: no CUDA GPU here (--device cpu runs it slowly on the CPU)")
     if args.new_tokens < 1:
         raise SystemExit("--new-tokens must be at least 1")
+    if args.band_block is not None:
+        from megatron_ext.hf import modeling_hsa_gpt
+
+        modeling_hsa_gpt.BAND_BLOCK = args.band_block or (max(args.prompt_lens) + args.new_tokens)
     longest = max(args.prompt_lens) + args.new_tokens
     model = build(args.model, -(-longest // 1024) * 1024, args.device)  # megatron's seq_length: whole chunks
     reference = copy.deepcopy(model).float()
     command = "python benchmarks/hf_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
     for length in args.prompt_lens:
-        row = dict(bench="hf_generate", model=args.model, dtype="bfloat16", **measure(model, reference, length, args.new_tokens))
+        from megatron_ext.hf import modeling_hsa_gpt
+
+        row = dict(bench="hf_generate", model=args.model, dtype="bfloat16", band_block=modeling_hsa_gpt.BAND_BLOCK,
+                   **measure(model, reference, length, args.new_tokens))
         rows.append(row)
         if args.out:
             record(args.out, **row, command=command)
     if args.profile:
         profile_steps(model, args.prompt_lens[0])
     print(environment()["gpu"])
-    print(format_table(rows, ["prompt_len", "prefill_ms", "cached_step_ms", "uncached_step_ms", "speedup",
+    print(format_table(rows, ["prompt_len", "band_block", "prefill_ms", "cached_step_ms", "uncached_step_ms", "speedup",
                               "cached_vs_fp32", "uncached_vs_fp32", "cache_gib"]))
     return 0
 
