@@ -253,3 +253,27 @@ def test_long_prompts_take_the_banded_path(megatron_world, monkeypatch):
         expected = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
         got = hf(tokens).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case, change", [
+    ("swa_moe_pre_softmax", dict(moe_router_pre_softmax=False)),
+    ("swa_moe_pre_softmax", dict(moe_router_topk_scaling_factor=None)),
+    ("swa_hsa_moe_sigmoid", dict(moe_router_score_function="softmax")),
+    ("swa_hsa_moe_sigmoid", "expert_bias"),
+    ("swa_hsa_moe", "shared_experts"),
+])
+def test_each_moe_option_reaches_the_logits(megatron_world, case, change):
+    # the MoE comparisons above cover each router option and the shared expert: without it the logits move
+    model, hf = _megatron_and_hf(case)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
+        if isinstance(change, dict):
+            for name, value in change.items():
+                setattr(hf.config, name, value)
+        else:
+            for name, tensor in [*hf.named_buffers(), *hf.named_parameters()]:
+                if name.endswith("router.expert_bias") or (change in name and "linear_fc2" in name):
+                    tensor.zero_()
+        got = hf(tokens).logits
+    assert (got - expected).abs().max() > 1e-3
