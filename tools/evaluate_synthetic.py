@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="write one JSON object per sample to this file")
     parser.add_argument("--quiet", action="store_true", help="no line per sample")
     args = parser.parse_args(argv)
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max-samples {args.max_samples}: give at least 1")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model}: no config.json there; give a Hugging Face model directory "
                      f"(tools/convert_checkpoint_to_hf.py writes one)")
