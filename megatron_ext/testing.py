@@ -91,27 +91,17 @@ def _kill_process_group(pgid: int) -> None:
         pass
 
 
-def run_on_ranks(
-    fn: Callable[..., Any],
-    world_size: int = 2,
-    *args,
-    timeout_s: float = 300.0,
-    seed: int = 1234,
-    parallel_sizes: dict | None = None,
-    **kwargs,
-) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the per-rank results in rank order.
+# Another process may take the rendezvous port between free_port() and rank 0's bind: start again on a new one.
+_PORT_ATTEMPTS = 3
 
-    ``fn`` must be importable (a module-level function) and return picklable values (move tensors to CPU).
-    ``parallel_sizes`` go to ``parallel_state.initialize_model_parallel`` (e.g. ``tensor_model_parallel_size=2``).
-    """
-    ctx = mp.get_context("spawn")
+
+def _launch(ctx, world_size, fn, args, kwargs, parallel_sizes, seed, timeout_s):
     results = ctx.Queue()
     port = cpu_compat.free_port()
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, fn, args, kwargs, parallel_sizes or {}, seed, results),
+            args=(rank, world_size, port, fn, args, kwargs, parallel_sizes, seed, results),
             daemon=False,  # ranks may start workers of their own (dist-checkpoint writers)
         )
         for rank in range(world_size)
@@ -149,6 +139,28 @@ def run_on_ranks(
                 p.join()
             _kill_process_group(p.pid)  # a rank's own children outlive it otherwise
         results.close()
+    return outputs, failure
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    *args,
+    timeout_s: float = 300.0,
+    seed: int = 1234,
+    parallel_sizes: dict | None = None,
+    **kwargs,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the per-rank results in rank order.
+
+    ``fn`` must be importable (a module-level function) and return picklable values (move tensors to CPU).
+    ``parallel_sizes`` go to ``parallel_state.initialize_model_parallel`` (e.g. ``tensor_model_parallel_size=2``).
+    """
+    ctx = mp.get_context("spawn")
+    for attempt in range(_PORT_ATTEMPTS):
+        outputs, failure = _launch(ctx, world_size, fn, args, kwargs, parallel_sizes or {}, seed, timeout_s)
+        if failure is None or not cpu_compat.is_port_clash(failure) or attempt == _PORT_ATTEMPTS - 1:
+            break
     if failure is not None:
         raise RankFailed(failure)
     return [outputs[r] for r in range(world_size)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import random
 import socket
 from functools import reduce
 
@@ -26,11 +27,48 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on loopback that is free right now (for a gloo rendezvous)."""
+    """A TCP port on loopback that is free right now (for a rendezvous).
+
+    Drawn below the kernel's ephemeral range: a port the kernel hands out (``bind(0)``) is the next one it gives
+    to some other process's outgoing connection too (gloo opens many), which then holds it before our rendezvous
+    server binds it (EADDRINUSE when test modules run side by side). The draw uses the OS's randomness, never
+    ``random``'s state, which training seeds alike in every process.
+    """
+    ephemeral_low, _ = _ephemeral_port_range()
+    low, high = 15000, min(ephemeral_low, 65536) - 1
+    draw = random.SystemRandom()
+    if high > low:
+        for _ in range(64):
+            port = draw.randint(low, high)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def is_port_clash(error_text: str) -> bool:
+    """Whether a failure is a rendezvous port taken between ``free_port`` and the bind (worth one more try)."""
+    return "EADDRINUSE" in error_text or "Address already in use" in error_text
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -69,3 +69,40 @@ def test_processes_started_by_a_failing_rank_are_ended_too():
         time.sleep(0.1)
     else:
         pytest.fail(f"child {pid} of the failed rank is still running")
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_leaves_random_alone():
+    import random
+
+    from megatron_ext.compat import cpu as cpu_compat
+
+    ephemeral_low, ephemeral_high = cpu_compat._ephemeral_port_range()
+    random.seed(7)
+    expected = random.random()
+    random.seed(7)
+    ports = [cpu_compat.free_port() for _ in range(5)]
+    # training seeds `random` alike in every process: a port drawn from it would be the same in every test worker
+    assert random.random() == expected
+    assert all(not ephemeral_low <= p <= ephemeral_high for p in ports), ports
+    for p in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_a_rendezvous_port_taken_before_the_bind_is_retried_on_a_new_one(monkeypatch):
+    from megatron_ext.compat import cpu as cpu_compat
+
+    real_free_port = cpu_compat.free_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", real_free_port()))
+        taken.listen()
+        handed_out = []
+
+        def taken_port_first():
+            handed_out.append(taken.getsockname()[1] if not handed_out else real_free_port())
+            return handed_out[-1]
+
+        monkeypatch.setattr(cpu_compat, "free_port", taken_port_first)
+        out = run_on_ranks(_rank_and_sum, 2)
+    assert out == [(0, 1, 3.0), (1, 1, 3.0)]
+    assert len(handed_out) == 2 and handed_out[0] != handed_out[1]

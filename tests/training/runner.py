@@ -103,4 +103,11 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> Run:
 
 
 def run(args: list[str], **kwargs) -> Run:
-    return finish(start(args, **kwargs))
+    """Run the script to its end. A rendezvous port taken by another process before the bind (test modules run
+    side by side) fails at startup, before anything is read or written: that run starts again on a new port."""
+    from megatron_ext.compat.cpu import is_port_clash
+
+    for attempt in range(3):
+        result = finish(start(args, **kwargs))
+        if result.returncode == 0 or not is_port_clash(result.output) or attempt == 2:
+            return result
