@@ -220,6 +220,15 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
 
+    def _apply(self, fn, recurse=True):
+        # The expert bias stays fp32 through `.to(dtype)` / `.half()`, as megatron keeps it: learned biases differ
+        # by less than a bf16 ulp near 1, and rounding them would choose other experts than the trained model.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
+        return self
+
     def forward(self, x):  # [N, h] -> probabilities [N, k] (x's dtype), expert indices [N, k]
         c = self.config
         dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(c.moe_router_dtype, x.dtype)

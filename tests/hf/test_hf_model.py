@@ -277,3 +277,22 @@ def test_each_moe_option_reaches_the_logits(megatron_world, case, change):
                     tensor.zero_()
         got = hf(tokens).logits
     assert (got - expected).abs().max() > 1e-3
+
+
+def test_expert_bias_stays_fp32_when_the_model_is_cast_to_bf16():
+    # megatron keeps the learned expert bias in fp32 in bf16 training; rounded to bf16 (ulp 2^-7 near 1) these
+    # biases would all be 1.0 and the router would pick another expert
+    from megatron_ext.hf.modeling_hsa_gpt import Router
+
+    config = HSAGPTConfig(hidden_size=8, num_moe_experts=4, moe_router_topk=1, moe_router_score_function="sigmoid",
+                          moe_router_expert_bias=True, moe_router_dtype="fp32")
+    router = Router(config)
+    with torch.no_grad():
+        router.weight.zero_()  # equal scores: the bias alone chooses
+        router.expert_bias.copy_(torch.tensor([1.0, 1.001, 1.003, 1.002]))
+    bias = router.expert_bias.clone()
+    router.to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == torch.float32 and torch.equal(router.expert_bias, bias)
+    _, experts = router(torch.randn(5, 8, dtype=torch.bfloat16))
+    assert experts.flatten().tolist() == [2] * 5
