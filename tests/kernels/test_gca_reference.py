@@ -69,6 +69,21 @@ def test_retrieval_matches_loop_oracle():
     torch.testing.assert_close(w.double(), ref_w, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("K", [3, 9])
+def test_decode_retrieval_is_the_completed_chunks_row_of_the_loop_oracle(K):
+    from megatron_ext.kernels.gca import gca_decode_retrieval
+
+    torch.manual_seed(5)
+    B, C, Dr = 2, 8, 16
+    qlm, lm = torch.randn(B, C, Dr), torch.randn(B, C, Dr)
+    ref_idx, ref_w = loop_retrieval(qlm, lm, K)
+    for c in range(1, C):  # chunk c just completed: its query against the c landmarks before it
+        idx, w = gca_decode_retrieval(qlm[:, c], lm[:, :c], topk=K)
+        assert idx.dtype == torch.int32 and w.dtype == torch.float32
+        assert torch.equal(idx, ref_idx[:, c])
+        torch.testing.assert_close(w.double(), ref_w[:, c], atol=1e-6, rtol=1e-5)
+
+
 def test_retrieval_topk_larger_than_chunks_pads_with_empty_slots():
     torch.manual_seed(1)
     qlm, lm = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
@@ -222,6 +237,16 @@ def test_decode_reference_equals_training_reference_on_the_last_tokens():
     # The last two tokens (20, 21) lie in query chunk 5: decode them against the cache of complete chunks.
     dec = gca_decode(q[:, 20:22], k[:, :20], v[:, :20], w[:, 5], idx[:, 5], chunk_size=S, backend="reference")
     torch.testing.assert_close(dec, full[:, 20:22])
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_decode_before_any_complete_chunk_gives_zeros(backend):
+    # a generation's first tokens: no chunk in the cache, every slot empty, as the training form gives chunk 0
+    torch.manual_seed(9)
+    q, kv = torch.randn(2, 1, 4, 16), torch.randn(2, 0, 2, 16)
+    idx, w = torch.full((2, 3), -1, dtype=torch.int32), torch.zeros(2, 3)
+    out = gca_decode(q, kv, kv, w, idx, chunk_size=8, backend=backend)
+    assert out.shape == q.shape and (out == 0).all()
 
 
 def test_attention_rejects_bad_shapes_with_clear_errors():

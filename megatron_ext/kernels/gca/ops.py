@@ -15,11 +15,12 @@ from ..utils import backend_for_sizes, resolve_backend
 from .reference import (
     gca_attention_reference,
     gca_decode_reference,
+    gca_decode_retrieval,
     gca_retrieval_reference,
     selection_for_query_chunks,
 )
 
-__all__ = ["gca_attention", "gca_decode", "gca_retrieval", "selection_for_query_chunks"]
+__all__ = ["gca_attention", "gca_decode", "gca_decode_retrieval", "gca_retrieval", "selection_for_query_chunks"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
@@ -176,7 +177,8 @@ def gca_decode(
 ) -> torch.Tensor:
     """GCA for a few new tokens (decode, no gradient): q [B, T, Hq, D] (T = 1 or 2 typically) against the cached
     chunk K/V [B, Lc, Hk, D]. weights/indices: [B, K] (one selection shared by the T tokens, the usual case: the
-    tokens lie in one chunk) or [B, T, K]; indices < 0 or >= ceil(Lc/S) are empty slots. Returns o [B, T, Hq, D].
+    tokens lie in one chunk) or [B, T, K]; indices < 0 or >= ceil(Lc/S) are empty slots. Returns o [B, T, Hq, D]
+    (zeros with an empty cache, Lc = 0).
     """
     _check_shapes(q, k_cache, v_cache, chunk_size)
     B, T = q.shape[:2]
@@ -187,6 +189,8 @@ def gca_decode(
             f"indices/weights must be [B, K] or [B, T, K] with B={B}, T={T}, got {tuple(indices.shape)} and "
             f"{tuple(weights.shape)}"
         )
+    if k_cache.shape[1] == 0:  # no complete chunk yet (the first tokens of a generation): every slot is empty
+        return torch.zeros_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not _use_triton(backend, chunk_size, q, k_cache, v_cache):
         return gca_decode_reference(

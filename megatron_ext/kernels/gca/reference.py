@@ -33,6 +33,7 @@ __all__ = [
     "chunk_document_starts",
     "gca_attention_reference",
     "gca_decode_reference",
+    "gca_decode_retrieval",
     "gca_retrieval_reference",
     "selection_for_query_chunks",
 ]
@@ -104,6 +105,25 @@ def gca_retrieval_reference(
     picked = scores.gather(-1, indices.clamp(min=0))  # noise-free and differentiable
     weights = chunk_weights(picked, valid, "softmax")
     return indices[:, :, 0].to(torch.int32), weights[:, :, 0]
+
+
+def gca_decode_retrieval(
+    query: torch.Tensor, landmarks: torch.Tensor, *, topk: int, sm_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection made by the chunk just completed (decode): its query [B, Dr] against the landmarks
+    [B, c, Dr] of the c chunks before it, all eligible. Returns (indices [B, K] int32, most recent first, -1 =
+    empty; weights [B, K] fp32): row c of `gca_retrieval_reference` without the [C, C] scores of the earlier rows;
+    it serves the tokens of the next chunk."""
+    if query.dim() != 2 or landmarks.dim() != 3 or landmarks.shape[::2] != query.shape:
+        raise ValueError(f"query must be [B, Dr] and landmarks [B, c, Dr], got {tuple(query.shape)} and "
+                         f"{tuple(landmarks.shape)}")
+    B, C, Dr = landmarks.shape
+    scale = 1.0 / math.sqrt(Dr) if sm_scale is None else sm_scale
+    scores = torch.einsum("bd,bed->be", query.float(), landmarks.float())[:, None, None, :] * scale
+    eligible = torch.ones(1, C, dtype=torch.bool, device=landmarks.device)
+    indices, picked = select_chunks(scores, eligible, topk)
+    weights = chunk_weights(picked, indices >= 0, "softmax")
+    return indices[:, 0, 0].to(torch.int32), weights[:, 0, 0]
 
 
 def selection_for_query_chunks(
@@ -262,6 +282,8 @@ def gca_decode_reference(
             f"indices/weights must be [B, K] or [B, T, K] with B={B}, T={T}, got {tuple(indices.shape)} and "
             f"{tuple(weights.shape)}"
         )
+    if k_cache.shape[1] == 0:  # no complete chunk yet: every slot is empty
+        return torch.zeros_like(q)
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     out = _grouped_chunk_attention(
         q.view(B, T, 1, Hq, D), k_cache, v_cache, weights, indices,
