@@ -28,6 +28,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.compat.optional import te_available
+from megatron_ext.kernels.alibi import alibi_slopes
 from megatron_ext.layers.packing import document_ids, flat_cu_seqlens
 
 __all__ = ["LocalCoreAttention", "core_attention_builder", "attention", "alibi_slopes", "te_available"]
@@ -97,20 +98,6 @@ def _offsets_key(cu_seqlens: torch.Tensor) -> tuple:
     if _last_offsets[0] is not cu_seqlens:
         _last_offsets[:] = [cu_seqlens, tuple(int(c) for c in cu_seqlens.tolist())]
     return _last_offsets[1]
-
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """ALiBi head slopes (Press et al.): 2^(-8i/n) for n a power of two; otherwise those of the nearest lower power
-    of two followed by every other slope of the next one. fp32 [num_heads]."""
-
-    def power_of_two(n):
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-
-    base = 2 ** math.floor(math.log2(num_heads))
-    slopes = power_of_two(base)
-    if base != num_heads:
-        slopes += power_of_two(2 * base)[0::2][: num_heads - base]
-    return torch.tensor(slopes, dtype=torch.float32)
 
 
 def _flex_attention(q, k, v, block_mask, scale, gqa, slopes=None):
