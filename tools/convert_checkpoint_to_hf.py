@@ -10,9 +10,10 @@ config.json, model.safetensors and the model code. Load it with
 
     AutoModelForCausalLM.from_pretrained("hf/swa_hsa_345m", trust_remote_code=True)
 
-(the model code imports ``megatron_ext`` for the HSA kernels: install this package where it runs). Converts models
-of full, swa and hsa layers, dense or MoE; GCA models (and MoE token dropping, group-limited routing, a gated shared
-expert) are refused with the reason. The conversion runs on the CPU even on
+(the model code imports ``megatron_ext`` for the HSA/GCA kernels: install this package where it runs). Converts
+models of full, swa, hsa and gca layers, dense or MoE, RoPE or ALiBi; MoE token dropping, group-limited routing and a
+gated shared expert are refused with the reason. A GCA model trained on data with landmark tokens
+(``--data-landmark-chunk-size``) takes text: it inserts the landmarks itself. The conversion runs on the CPU even on
 a GPU machine.
 """
 
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_ext.compat import cpu as cpu_compat
-    from megatron_ext.hf.convert import hf_config_fields, hf_state_dict, load_megatron_checkpoint, save_hf_directory
+    from megatron_ext.hf.convert import (hf_config_fields, hf_state_dict, landmark_for_vocab, load_megatron_checkpoint,
+                                         save_hf_directory)
     from megatron_ext.testing import initialize_megatron_parallel, teardown_megatron_parallel
 
     cpu_compat.apply()
@@ -61,17 +63,19 @@ def main(argv=None) -> int:
     initialize_megatron_parallel()
     try:
         try:
-            config, vocab, state = load_megatron_checkpoint(args.load, args.iteration)
+            config, vocab, state, landmark = load_megatron_checkpoint(args.load, args.iteration)
             if args.vocab_size is not None and not 0 < args.vocab_size <= vocab:
                 raise ValueError(f"--vocab-size {args.vocab_size}: the checkpoint's embedding has {vocab} rows; give "
                                  f"the tokenizer's number of ids, at most {vocab}")
-            fields = hf_config_fields(config, args.vocab_size or vocab)
+            # a GCA model's landmark row stays (the model inserts the token itself, never generates it)
+            fields = hf_config_fields(config, args.vocab_size or vocab,
+                                      landmark_token_id=landmark_for_vocab(landmark, args.vocab_size))
         except (FileNotFoundError, ValueError) as e:
             print(f"convert_checkpoint_to_hf: {e}", file=sys.stderr)
             return 2
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
         weights = hf_state_dict(state, tied=fields["tie_word_embeddings"], dtype=dtype,
-                                vocab_size=args.vocab_size)
+                                vocab_size=fields["vocab_size"])
         save_hf_directory(args.save, fields, weights, tuple(args.tokenizer_files))
     finally:
         teardown_megatron_parallel()

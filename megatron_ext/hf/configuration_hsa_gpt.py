@@ -35,6 +35,7 @@ class HSAGPTConfig(PretrainedConfig):
         rotary_base: float = 10000.0,
         rotary_percent: float = 1.0,
         swa_window_size: int = 512,
+        swa_alibi: bool = False,
         hsa_chunk_size: int = 64,
         hsa_topk: int = 8,
         hsa_num_kv_heads: int = 1,
@@ -53,6 +54,10 @@ class HSAGPTConfig(PretrainedConfig):
         hsa_encoder_num_query_groups: int | None = None,
         hsa_encoder_ffn_hidden_size: int | None = None,
         hsa_kernel_backend: str = "auto",
+        gca_kv_heads: int | None = None,
+        gca_softmax_off_by_one: bool = False,
+        gca_landmark_null_slot: bool = True,
+        landmark_token_id: int | None = None,
         num_moe_experts: int | None = None,
         moe_ffn_hidden_size: int | None = None,
         moe_router_topk: int = 2,
@@ -87,6 +92,8 @@ class HSAGPTConfig(PretrainedConfig):
         self.rotary_base = rotary_base
         self.rotary_percent = rotary_percent
         self.swa_window_size = swa_window_size
+        # ALiBi biases in the causal attention (DRT's lower layers) instead of RoPE; the chunk encoder keeps RoPE
+        self.swa_alibi = swa_alibi
         self.hsa_chunk_size = hsa_chunk_size
         self.hsa_topk = hsa_topk
         self.hsa_num_kv_heads = hsa_num_kv_heads
@@ -106,6 +113,13 @@ class HSAGPTConfig(PretrainedConfig):
         self.hsa_encoder_ffn_hidden_size = hsa_encoder_ffn_hidden_size
         # "auto": the Triton kernels on CUDA tensors, the PyTorch reference elsewhere
         self.hsa_kernel_backend = hsa_kernel_backend
+        # GCA (DRT) layers: each group projects its own chunk K/V (gca_kv_heads heads of kv_channels)
+        self.gca_kv_heads = gca_kv_heads or num_attention_heads
+        self.gca_softmax_off_by_one = gca_softmax_off_by_one
+        self.gca_landmark_null_slot = gca_landmark_null_slot
+        # the id of the landmark token that closes every chunk of hsa_chunk_size in the training data (GCA, after
+        # every hsa_chunk_size - 1 text tokens); the model inserts it itself: inputs and logits are text only
+        self.landmark_token_id = landmark_token_id
         # MoE: which layers (0-based indices) have an MoELayer in place of the dense MLP, and its router and experts
         self.num_moe_experts = num_moe_experts
         self.moe_ffn_hidden_size = moe_ffn_hidden_size or ffn_hidden_size

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from argparse import Namespace
+from typing import NamedTuple
 
 import torch
 
@@ -28,12 +29,11 @@ def _unsupported(config) -> list[str]:
     """What the Hugging Face model does not implement, as 'what (how to tell)' lines."""
     problems = []
     kinds = {plan.kind for plan in config.layer_plans}
-    if kinds - {"full", "swa", "hsa"}:
-        problems.append(f"layer kinds {sorted(kinds - {'full', 'swa', 'hsa'})} (only full, swa and hsa convert)")
+    if kinds - {"full", "swa", "hsa", "gca"}:
+        problems.append(f"layer kinds {sorted(kinds - {'full', 'swa', 'hsa', 'gca'})} (only full, swa, hsa and gca "
+                        f"convert)")
     if config.num_moe_experts:
         problems += _unsupported_moe(config)
-    if getattr(config, "swa_alibi", False):
-        problems.append("ALiBi attention (swa_alibi)")
     if config.position_embedding_type not in ("rope", "none"):
         problems.append(f"position_embedding_type {config.position_embedding_type!r}")
     if config.use_rope_scaling or config.rotary_seq_len_interpolation_factor or config.rotary_interleaved:
@@ -82,9 +82,10 @@ def _unsupported_moe(config) -> list[str]:
     return problems
 
 
-def hf_config_fields(config, vocab_size: int) -> dict:
+def hf_config_fields(config, vocab_size: int, landmark_token_id: int | None = None) -> dict:
     """The ``config.json`` fields (``HSAGPTConfig``) of a megatron ``HSAConfig``; ValueError if it has parts the
-    Hugging Face model does not implement."""
+    Hugging Face model does not implement. ``landmark_token_id``: the landmark of a GCA model's training data
+    (``--data-landmark-chunk-size``), which the Hugging Face model inserts itself; the vocabulary keeps its row."""
     problems = _unsupported(config)
     if problems:
         raise ValueError("this model cannot be converted to the Hugging Face model of megatron_ext.hf: it has "
@@ -103,8 +104,11 @@ def hf_config_fields(config, vocab_size: int) -> dict:
         add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,
         position_embedding_type=config.position_embedding_type, rotary_base=config.rotary_base,
         rotary_percent=config.rotary_percent, swa_window_size=config.swa_window_size,
+        swa_alibi=bool(getattr(config, "swa_alibi", False)),
         tie_word_embeddings=not config.untie_embeddings_and_output_weights,
     )
+    if landmark_token_id is not None:
+        fields.update(landmark_token_id=landmark_token_id, vocab_size=max(vocab_size, landmark_token_id + 1))
     if config.num_moe_experts:
         from megatron_ext.models.builder import layer_is_moe
 
@@ -117,17 +121,24 @@ def hf_config_fields(config, vocab_size: int) -> dict:
             moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
             moe_layers=[plan.index for plan in config.layer_plans if layer_is_moe(config, plan)],
         )
+    if config.retrieval_kind in ("hsa", "gca"):  # the chunking, the chunk encoder and the layer's residual
+        fields.update(
+            hsa_chunk_size=config.hsa_chunk_size, hsa_topk=config.hsa_topk, hsa_qk_norm=config.hsa_qk_norm,
+            hsa_bypass_residual=config.hsa_bypass_residual, hsa_encoder_layers=config.hsa_encoder_layers,
+            hsa_encoder_num_query_groups=config.encoder_query_groups,
+            hsa_encoder_ffn_hidden_size=config.encoder_ffn_size,
+        )
+    if config.retrieval_kind == "gca":
+        fields.update(gca_kv_heads=config.gca_kv_heads, gca_softmax_off_by_one=config.gca_softmax_off_by_one,
+                      gca_landmark_null_slot=config.gca_landmark_null_slot)
     if config.retrieval_kind == "hsa":
         fields.update(
-            hsa_chunk_size=config.hsa_chunk_size, hsa_topk=config.hsa_topk, hsa_num_kv_heads=config.hsa_num_kv_heads,
+            hsa_num_kv_heads=config.hsa_num_kv_heads,
             hsa_retrieval_heads=config.hsa_heads, hsa_retrieval_dim=config.hsa_retrieval_width,
             hsa_weight_rule=config.hsa_weight_rule, hsa_softmax_off_by_one=config.hsa_softmax_off_by_one,
             hsa_rank_decay=config.hsa_rank_decay, hsa_landmark_norm=config.hsa_landmark_norm,
-            hsa_qk_norm=config.hsa_qk_norm, hsa_inner_swa=config.hsa_inner_swa,
-            hsa_inner_window_size=config.hsa_inner_window_size, hsa_bypass_residual=config.hsa_bypass_residual,
-            hsa_encoder_layers=config.hsa_encoder_layers, hsa_encoder_cls=config.hsa_encoder_cls,
-            hsa_encoder_num_query_groups=config.encoder_query_groups,
-            hsa_encoder_ffn_hidden_size=config.encoder_ffn_size,
+            hsa_inner_swa=config.hsa_inner_swa, hsa_inner_window_size=config.hsa_inner_window_size,
+            hsa_encoder_cls=config.hsa_encoder_cls,
         )
     return fields
 
@@ -210,8 +221,41 @@ def _single_rank_args(args: Namespace) -> Namespace:
     return args
 
 
-def load_megatron_checkpoint(path: str, iteration: int | None = None):
-    """(HSAConfig, padded vocabulary size, model state dict) of a ``pretrain_hsa.py`` checkpoint, on the CPU.
+class MegatronCheckpoint(NamedTuple):
+    config: object  # the model's HSAConfig
+    padded_vocab_size: int
+    state: dict  # the one-rank model's state dict
+    # the landmark token of a GCA model's training data (--data-landmark-chunk-size): its id, TOKENIZER_LANDMARK
+    # when the data used the default (the tokenizer's vocabulary size, not stored by older checkpoints), None
+    # without landmarks
+    landmark_token_id: int | str | None
+
+
+TOKENIZER_LANDMARK = "tokenizer vocab size"
+
+
+def _landmark_token_id(args):
+    if not getattr(args, "data_landmark_chunk_size", None):
+        return None
+    landmark = getattr(args, "data_landmark_token_id", None)
+    return TOKENIZER_LANDMARK if landmark is None else int(landmark)
+
+
+def landmark_for_vocab(landmark_token_id, vocab_size: int | None) -> int | None:
+    """The landmark id to give ``hf_config_fields``: a stored id as it is; the tokenizer default needs the
+    tokenizer's vocabulary size (``--vocab-size``)."""
+    if landmark_token_id != TOKENIZER_LANDMARK:
+        return landmark_token_id
+    if vocab_size is None:
+        raise ValueError("the checkpoint's data had landmark tokens with the default id, the tokenizer's vocabulary "
+                         "size, which the checkpoint does not store: give --vocab-size (the tokenizer's number of "
+                         "ids)")
+    return vocab_size
+
+
+def load_megatron_checkpoint(path: str, iteration: int | None = None) -> MegatronCheckpoint:
+    """(HSAConfig, padded vocabulary size, model state dict, landmark token id) of a ``pretrain_hsa.py``
+    checkpoint, on the CPU.
 
     Needs megatron-core's parallel state at world size 1 (``megatron_ext.testing.initialize_megatron_parallel`` in
     a one-process world; the CLI sets it up)."""
@@ -266,7 +310,7 @@ def load_megatron_checkpoint(path: str, iteration: int | None = None):
                and n not in (model_state if os.path.isfile(single) else loaded[key])]
     if missing:
         _lacks(directory, missing)
-    return config, args.padded_vocab_size, model.state_dict()
+    return MegatronCheckpoint(config, args.padded_vocab_size, model.state_dict(), _landmark_token_id(args))
 
 
 def _lacks(directory: str, missing: list[str]):

@@ -1,20 +1,25 @@
-"""Hugging Face model of the project's decoders: ``full``, ``swa`` and ``hsa`` layers, dense or MoE (``model_type``
-"megatron_hsa_gpt"), for converted checkpoints (``tools/convert_checkpoint_to_hf.py``).
+"""Hugging Face model of the project's decoders: ``full``, ``swa``, ``hsa`` and ``gca`` layers, dense or MoE, RoPE or
+ALiBi (``model_type`` "megatron_hsa_gpt"), for converted checkpoints (``tools/convert_checkpoint_to_hf.py``).
 
 Plain PyTorch modules whose parameter names are megatron-core's (``decoder.layers.3.self_attention.linear_qkv.weight``
 ...), so a converted state dict loads without renaming; the math follows the spec (``docs/models.md``) and is
 checked against the megatron model's logits (``tests/hf/test_hf_model.py``). HSA retrieval and chunk attention run
 ``megatron_ext.kernels.hsa`` (Triton on CUDA, the PyTorch reference elsewhere), RMSNorm the fused kernel: the package
 must be importable where the model is loaded. Generation keeps an :class:`HSAGPTCache` (``use_cache``, on by
-default in ``generate``): attention keys and values (a sliding-window layer only its window), the HSA memory of the
-complete chunks and the inputs of the chunk being filled; each new token then costs one token's work, and its HSA
-layers retrieve and attend as ``megatron_ext.kernels.hsa``'s decode path does.
+default in ``generate``): attention keys and values (a sliding-window layer only its window), the HSA/GCA memory of
+the complete chunks and the inputs of the chunk being filled; each new token then costs one token's work, and its
+HSA layers retrieve and attend as ``megatron_ext.kernels.hsa``'s decode path does (GCA layers: ``gca_decode``, with
+the selection a chunk's landmark made for the next chunk).
 
 MoE layers (megatron's ``MoELayer``: top-k router, routed experts, shared expert) run every expert on the tokens
 routed to it.
 
-Not covered (the converter refuses them): GCA layers, MoE token dropping, group-limited routing or a gated shared
-expert, ALiBi, RoPE scaling, interpolation or interleaving,
+GCA (DRT) models trained on data with landmark tokens (``landmark_token_id``) take text: the model inserts a
+landmark after every S - 1 text tokens, as the training data had them, returns the logits of the text positions
+(the landmark's -inf: it is never generated), and the cache inserts it during generation.
+
+Not covered (the converter refuses them): MoE token dropping, group-limited routing or a gated shared
+expert, RoPE scaling, interpolation or interleaving,
 learned absolute positions, activations other than SiLU/GeLU, muP, no_rope_freq, gated attention output, GLU offsets
 or clamps, softmax_type other than vanilla.
 """
@@ -98,7 +103,8 @@ def apply_rotary(x: torch.Tensor, angles) -> torch.Tensor:
 class HSAGPTCache:
     """What generation keeps between forward calls (``past_key_values``).
 
-    ``length``: the tokens seen so far. ``layers[i]``: layer i's state: ``k``/``v`` [b, n, groups, d], its
+    ``length``: the tokens seen so far, ``text_length`` those of them that are text (all but the landmark tokens the
+    model inserts, see ``HSAGPTConfig.landmark_token_id``). ``layers[i]``: layer i's state: ``k``/``v`` [b, n, groups, d], its
     attention's keys (after RoPE) and values (a sliding-window attention keeps the last ``window`` only); for the
     layer that builds the HSA memory, ``landmarks`` [b, C, R, Dr], ``keys``/``values`` [b, C*S, Hk, d] of the complete
     chunks, and ``pending`` [b, p < S, h], its inputs of the chunk being filled.
@@ -106,10 +112,11 @@ class HSAGPTCache:
 
     def __init__(self):
         self.length = 0
+        self.text_length = 0
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        return self.text_length
 
 
 class SelfAttention(nn.Module):
@@ -117,8 +124,11 @@ class SelfAttention(nn.Module):
     RoPE, GQA; causal with an optional window (query i sees keys j with 0 <= i - j <= W) or bidirectional."""
 
     def __init__(self, config: HSAGPTConfig, *, num_query_groups: int, qkv_bias: bool, qk_norm: bool,
-                 qk_norm_factory=None):
+                 qk_norm_factory=None, alibi: bool = False):
         super().__init__()
+        # the causal layers' ALiBi (DRT); fp32 slopes made at each forward: a buffer would be rounded by a cast to
+        # bf16, and left on the meta device by from_pretrained (not in the checkpoint)
+        self.alibi = alibi
         self.heads = config.num_attention_heads
         self.groups = num_query_groups
         self.head_dim = config.kv_channels
@@ -156,8 +166,18 @@ class SelfAttention(nn.Module):
         # query head n belongs to KV group n // per_group
         k, v = (t.repeat_interleave(per_group, dim=2) for t in (k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if causal and window is not None and window < s - 1:  # a band; a window past the sequence is plain causal
-            o = banded_attention(q, k, v, window, self.scale)
+        slopes = None
+        if self.alibi:
+            from megatron_ext.kernels.alibi import alibi_slopes
+
+            slopes = alibi_slopes(self.heads).to(q.device)
+        band = window if window is not None and window < s - 1 else None  # a window past the sequence: causal
+        if decoding and slopes is not None:  # the new token is the last key: ALiBi by distance from it
+            distance = torch.arange(k.shape[2], device=q.device) - (k.shape[2] - 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=(slopes[:, None, None] * distance).to(q.dtype),
+                                               scale=self.scale)
+        elif causal and (band is not None or slopes is not None):
+            o = banded_attention(q, k, v, band, self.scale, slopes=slopes)
         else:  # plain causal without an [s, s] mask: SDPA's fused kernels
             o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale)
         return self.linear_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
@@ -166,21 +186,26 @@ class SelfAttention(nn.Module):
 BAND_BLOCK = 1024  # query rows per step of banded_attention (at least the window)
 
 
-def banded_attention(q, k, v, window: int, scale: float, block: Optional[int] = None):
-    """Causal attention of q [b, h, s, d] where query i sees keys j with 0 <= i - j <= window, a block of queries at
-    a time against the keys its band reaches: memory and work grow as s * (block + window), not s^2 (a 64K-token
-    prompt's [s, s] mask alone would be 4 GiB)."""
+def banded_attention(q, k, v, window: Optional[int], scale: float, block: Optional[int] = None,
+                     slopes: Optional[torch.Tensor] = None):
+    """Causal attention of q [b, h, s, d] where query i sees keys j with 0 <= i - j <= window (all j <= i without
+    a window), a block of queries at a time against the keys its band reaches: memory and work grow as
+    s * (block + window), not s^2 (a 64K-token prompt's [s, s] mask alone would be 4 GiB). ``slopes`` [h]: ALiBi,
+    slope_h * (j - i) added to the logits."""
     s = q.shape[2]
-    block = max(block or BAND_BLOCK, window)
+    block = max(block or BAND_BLOCK, window or 0)
     out = torch.empty_like(q)
     for start in range(0, s, block):
         end = min(start + block, s)
-        first = max(0, start - window)
+        first = 0 if window is None else max(0, start - window)
         i = torch.arange(start, end, device=q.device)[:, None]
         j = torch.arange(first, end, device=q.device)[None, :]
+        mask = (j <= i) if window is None else (j <= i) & (i - j <= window)
+        if slopes is not None:  # a float mask: the bias where attending, -inf elsewhere
+            bias = slopes[:, None, None] * (j - i).float()
+            mask = torch.where(mask, bias, torch.tensor(float("-inf"), device=q.device)).to(q.dtype)
         out[:, :, start:end] = F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], attn_mask=(j <= i) & (i - j <= window),
-            scale=scale)
+            q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], attn_mask=mask, scale=scale)
     return out
 
 
@@ -292,6 +317,13 @@ class MoE(nn.Module):
         return out.view_as(x)
 
 
+def _causal_self_attention(config: HSAGPTConfig) -> SelfAttention:
+    """The decoder's causal attention (full, swa, and the inner SWA of retrieval layers)."""
+    return SelfAttention(config, num_query_groups=config.num_query_groups,
+                         qkv_bias=config.add_qkv_bias or config.add_bias_linear, qk_norm=config.qk_layernorm,
+                         alibi=config.swa_alibi)
+
+
 def _mlp(config: HSAGPTConfig, layer_index: int) -> nn.Module:
     if layer_index in (config.moe_layers or ()):
         return MoE(config)
@@ -305,9 +337,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.window = window
         self.input_layernorm = _norm(config, config.hidden_size)
-        self.self_attention = SelfAttention(config, num_query_groups=config.num_query_groups,
-                                            qkv_bias=config.add_qkv_bias or config.add_bias_linear,
-                                            qk_norm=config.qk_layernorm)
+        self.self_attention = _causal_self_attention(config)
         self.pre_mlp_layernorm = _norm(config, config.hidden_size)
         self.mlp = _mlp(config, layer_index)
 
@@ -499,9 +529,7 @@ class HSALayer(nn.Module):
         self.window = (config.hsa_inner_window_size or config.swa_window_size) if config.hsa_inner_swa else None
         if config.hsa_inner_swa:
             self.input_layernorm = _norm(config, config.hidden_size)
-            self.self_attention = SelfAttention(config, num_query_groups=config.num_query_groups,
-                                                qkv_bias=config.add_qkv_bias or config.add_bias_linear,
-                                                qk_norm=config.qk_layernorm)
+            self.self_attention = _causal_self_attention(config)
         self.pre_cross_attn_layernorm = _norm(config, config.hidden_size)
         self.cross_attention = HSAAttention(config)
         self.pre_mlp_layernorm = _norm(config, config.hidden_size)
@@ -528,6 +556,165 @@ class HSALayer(nn.Module):
         return x + self.mlp(self.pre_mlp_layernorm(x)), memory
 
 
+class GCAChunkMemory(nn.Module):
+    """DRT's chunk memory of the residual stream x [b, s, h]: RMSNorm, the chunk encoder; the encoder output at each
+    chunk's last row (its landmark token) is the chunk's landmark [b, C, h], all rows the encoded chunks
+    [b, C*S, h] from which each GCA group projects its K/V."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        self.chunk_size = config.hsa_chunk_size
+        self.input_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.encoder = ChunkEncoder(config)
+
+    def forward(self, x):
+        b, s, h = x.shape
+        S = self.chunk_size
+        encoded = self.encoder(self.input_norm(x).reshape(b * (s // S), S, h))
+        return encoded[:, -1].reshape(b, s // S, h), encoded.reshape(b, s, h)
+
+    def cached(self, x, state: dict, valid: int):
+        """As :meth:`HSAChunkMemory.cached`: the prompt's complete chunks are kept, a new token waits in
+        ``pending`` until its chunk is complete."""
+        S = self.chunk_size
+        if "pending" not in state:
+            landmarks, encoded = self(x)
+            complete = valid // S
+            state.update(landmarks=landmarks[:, :complete], encoded=encoded[:, :complete * S],
+                         pending=x[:, complete * S:valid])
+            return landmarks, encoded
+        pending = torch.cat([state["pending"], x], dim=1)
+        if pending.shape[1] == S:
+            for name, part in zip(("landmarks", "encoded"), self(pending)):
+                state[name] = torch.cat([state[name], part], dim=1)
+            pending = pending[:, :0]
+        state["pending"] = pending
+        return state["landmarks"], state["encoded"]
+
+
+class GCARetrieval(nn.Module):
+    """A GCA group's selection and chunk K/V: the query of chunk c is RMSNorm(x at c's landmark row) against the
+    landmarks of chunks e < c; that selection serves the tokens of chunk c + 1. K/V = W_k, W_v of the encoded
+    chunks (gca_kv_heads heads)."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.config = config
+        self.landmark_query_norm = RMSNorm(h, config.layernorm_epsilon)
+        self.key_proj = Linear(h, config.gca_kv_heads * config.kv_channels, bias=False)
+        self.value_proj = Linear(h, config.gca_kv_heads * config.kv_channels, bias=False)
+
+    def _kv(self, encoded):
+        b, n, _ = encoded.shape
+        c = self.config
+        return (self.key_proj(encoded).reshape(b, n, c.gca_kv_heads, c.kv_channels),
+                self.value_proj(encoded).reshape(b, n, c.gca_kv_heads, c.kv_channels))
+
+    def forward(self, x, landmarks, encoded):
+        """x [b, C*S, h], the layer's input of whole chunks -> (indices, weights) [b, C, K] per query chunk, K/V."""
+        from megatron_ext.kernels.gca import gca_retrieval, selection_for_query_chunks
+
+        S = self.config.hsa_chunk_size
+        query = self.landmark_query_norm(x[:, S - 1::S])
+        made_by = gca_retrieval(query, landmarks.to(query.dtype), topk=self.config.hsa_topk, chunk_size=S)
+        return (*selection_for_query_chunks(*made_by), *self._kv(encoded)), made_by
+
+    def cached(self, x, landmarks, encoded, state: dict, step: "_Step"):
+        """Through an :class:`HSAGPTCache` entry: the K/V of the complete chunks and ``next`` (indices, weights
+        [b, K]), the selection serving the chunk being filled. A decode step that completes chunk c (x is its
+        landmark token) attends with the selection it had, then retrieves for chunk c + 1."""
+        from megatron_ext.kernels.gca import gca_decode_retrieval
+
+        S = self.config.hsa_chunk_size
+        if not step.decoding:
+            (indices, weights, keys, values), (made_idx, made_w) = self(x, landmarks, encoded)
+            complete = step.valid // S
+            state.update(keys=keys[:, :complete * S], values=values[:, :complete * S])
+            state["next"] = ((made_idx[:, complete - 1], made_w[:, complete - 1]) if complete
+                             else self._empty(x))
+            return indices, weights, keys, values
+        indices, weights = state["next"]
+        c = landmarks.shape[1]
+        if state["keys"].shape[1] < c * S:  # this token completed chunk c - 1
+            keys, values = self._kv(encoded[:, (c - 1) * S:])
+            state["keys"] = torch.cat([state["keys"], keys], dim=1)
+            state["values"] = torch.cat([state["values"], values], dim=1)
+            state["next"] = gca_decode_retrieval(self.landmark_query_norm(x[:, -1]),
+                                                 landmarks[:, :c - 1].to(x.dtype), topk=self.config.hsa_topk)
+        return indices, weights, state["keys"], state["values"]
+
+    def _empty(self, x):
+        shape = (x.shape[0], self.config.hsa_topk)
+        return (torch.full(shape, -1, dtype=torch.int32, device=x.device),
+                torch.zeros(shape, dtype=torch.float32, device=x.device))
+
+
+class GCAAttention(nn.Module):
+    """q = W_q x; every token of query chunk c attends to each chunk selected for c with its own softmax (the
+    landmark row a zero K/V slot with gca_landmark_null_slot); the outputs summed with the weights; then W_o."""
+
+    def __init__(self, config: HSAGPTConfig):
+        super().__init__()
+        self.config = config
+        width = config.num_attention_heads * config.kv_channels
+        self.query_proj = Linear(config.hidden_size, width, bias=False)
+        self.output_proj = Linear(width, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x, keys, values, indices, weights, decoding: bool = False):
+        from megatron_ext.kernels.gca import gca_attention, gca_decode
+
+        c = self.config
+        b, s, _ = x.shape
+        q = self.query_proj(x).reshape(b, s, c.num_attention_heads, c.kv_channels)
+        options = dict(chunk_size=c.hsa_chunk_size, softmax_off_by_one=c.gca_softmax_off_by_one,
+                       landmark_null_slot=c.gca_landmark_null_slot, backend=c.hsa_kernel_backend)
+        attend = gca_decode if decoding else gca_attention
+        o = attend(q.contiguous(), keys.to(q.dtype).contiguous(), values.to(q.dtype).contiguous(), weights,
+                   indices, **options)
+        return self.output_proj(o.reshape(b, s, -1))
+
+
+class GCALayer(nn.Module):
+    """The GCA layer (DRT's upper layers): x + SWA(norm x), then the GCA output through the bypass residual; the
+    model's first one builds the chunk memory and each group's first one retrieves, both from the layer's input."""
+
+    def __init__(self, config: HSAGPTConfig, layer_index: int, *, builds_memory: bool, retrieves: bool):
+        super().__init__()
+        self.config = config
+        self.chunk_memory = GCAChunkMemory(config) if builds_memory else None
+        self.retrieval = GCARetrieval(config) if retrieves else None
+        self.input_layernorm = _norm(config, config.hidden_size)
+        self.self_attention = _causal_self_attention(config)
+        self.pre_cross_attn_layernorm = _norm(config, config.hidden_size)
+        self.cross_attention = GCAAttention(config)
+        self.pre_mlp_layernorm = _norm(config, config.hidden_size)
+        self.mlp = _mlp(config, layer_index)
+
+    def forward(self, x, angles, memory, state=None, step=None):
+        if self.chunk_memory is not None:
+            built = self.chunk_memory(x) if state is None else self.chunk_memory.cached(x, state, step.valid)
+            memory = dict(zip(("landmarks", "encoded"), built))
+        if self.retrieval is not None:
+            memory = dict(memory)
+            if state is None:
+                selected, _ = self.retrieval(x, memory["landmarks"], memory["encoded"])
+            else:
+                selected = self.retrieval.cached(x, memory["landmarks"], memory["encoded"],
+                                                 state.setdefault("retrieval", {}), step)
+            memory.update(zip(("indices", "weights", "keys", "values"), selected))
+        if memory is None or "indices" not in memory:
+            raise RuntimeError("a GCA layer got no chunk memory or selection from the layers below")
+        x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.config.swa_window_size,
+                                    state=state, valid=step.valid if step else None)
+        a = self.cross_attention(self.pre_cross_attn_layernorm(x), memory["keys"], memory["values"],
+                                 memory["indices"], memory["weights"], decoding=bool(step and step.decoding))
+        if self.config.hsa_bypass_residual:
+            return x + self.mlp(self.pre_mlp_layernorm(x + a)), memory
+        x = x + a
+        return x + self.mlp(self.pre_mlp_layernorm(x)), memory
+
+
 class Decoder(nn.Module):
     def __init__(self, config: HSAGPTConfig):
         from megatron_ext.models.pattern import parse_layer_pattern
@@ -543,14 +730,14 @@ class Decoder(nn.Module):
                 layers.append(DecoderLayer(config, None, plan.index))
             elif plan.kind == "swa":
                 layers.append(DecoderLayer(config, config.swa_window_size, plan.index))
-            elif plan.kind == "hsa":
-                layers.append(HSALayer(config, plan.index, builds_memory=plan.memory_builder,
-                                       retrieves=plan.group_head))
+            elif plan.kind in ("hsa", "gca"):
+                layer = HSALayer if plan.kind == "hsa" else GCALayer
+                layers.append(layer(config, plan.index, builds_memory=plan.memory_builder, retrieves=plan.group_head))
             else:
                 raise ValueError(f"layer kind {plan.kind!r} (layer {plan.index}) has no Hugging Face implementation "
-                                 f"here: full, swa and hsa layers are supported")
+                                 f"here: full, swa, hsa and gca layers are supported")
         self.layers = nn.ModuleList(layers)
-        self.chunked = any(plan.kind == "hsa" for plan in plans)
+        self.chunked = any(plan.kind in ("hsa", "gca") for plan in plans)
         self.final_layernorm = _norm(config, config.hidden_size)
 
     def forward(self, x, angles, cache: Optional[HSAGPTCache] = None, step: Optional["_Step"] = None):
@@ -573,7 +760,7 @@ class HSAGPTPreTrainedModel(PreTrainedModel):
     config_class = HSAGPTConfig
     base_model_prefix = "decoder"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["DecoderLayer", "HSALayer"]
+    _no_split_modules = ["DecoderLayer", "HSALayer", "GCALayer"]
 
     def _init_weights(self, module):
         # converted checkpoints set every weight; fresh models start like megatron's (normal(0, 0.02))
@@ -620,6 +807,10 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
         ``past_key_values`` holds what the next call needs: given a cache that has seen n tokens, ``input_ids`` are
         the tokens after them, run one at a time. ``logits_to_keep`` N > 0: logits of the last N positions only
         (``generate`` asks for 1; a long prompt's [L, vocab] logits would not fit)."""
+        landmark = self.config.landmark_token_id
+        if landmark is not None and bool((input_ids == landmark).any()):
+            raise ValueError(f"input_ids hold the landmark token {landmark}: pass text only, the model inserts a "
+                             f"landmark after every {self.config.hsa_chunk_size - 1} text tokens itself")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding (attention_mask with zeros) is not supported: batch sequences of equal length")
         cache = past_key_values
@@ -635,6 +826,8 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep and labels: the loss needs the logits of every position")
         logits = F.linear(h[:, -logits_to_keep:] if logits_to_keep else h, weight)
+        if landmark is not None and landmark < logits.shape[-1]:  # never a text token: never generated
+            logits = logits.index_fill(-1, torch.tensor([landmark], device=logits.device), float("-inf"))
         loss = None
         if labels is not None:  # Hugging Face convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -646,8 +839,25 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
             return None
         return rotary_angles(positions, int(c.kv_channels * c.rotary_percent), c.rotary_base, device, start)
 
+    def _with_landmarks(self, input_ids):
+        """Text ids [b, n] -> the model's ids with a landmark after every S - 1 text tokens (as the training data
+        had them: ``megatron_ext.data.landmarks``) and the positions of the text tokens in them [n]."""
+        T = self.config.hsa_chunk_size - 1
+        b, n = input_ids.shape
+        chunks = -(-n // T)
+        body = F.pad(input_ids, (0, chunks * T - n)).view(b, chunks, T)
+        marks = torch.full((b, chunks, 1), self.config.landmark_token_id, dtype=input_ids.dtype,
+                           device=input_ids.device)
+        model_ids = torch.cat([body, marks], dim=2).view(b, -1)[:, :n + n // T]
+        text = torch.arange(n, device=input_ids.device)
+        return model_ids, text + text // T
+
     def _prompt(self, input_ids, cache: Optional[HSAGPTCache]):
         c = self.config
+        text_positions = None
+        if c.landmark_token_id is not None:
+            text_length = input_ids.shape[1]
+            input_ids, text_positions = self._with_landmarks(input_ids)
         length = input_ids.shape[1]
         if self.decoder.chunked and length % c.hsa_chunk_size:
             # HSA works on whole chunks: pad to the next one. The padding only fills the last, incomplete chunk,
@@ -660,9 +870,20 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
         h = self.decoder(x, self._angles(input_ids.shape[1], x.device), cache, step)[:, :length]
         if cache is not None:
             cache.length = length
-        return h
+            cache.text_length = length if text_positions is None else text_length
+        return h if text_positions is None else h[:, text_positions]
 
     def _decode(self, token, cache: HSAGPTCache):
+        h = self._decode_model_token(token, cache)
+        cache.text_length += 1
+        landmark = self.config.landmark_token_id
+        if landmark is not None and cache.text_length % (self.config.hsa_chunk_size - 1) == 0:
+            # the chunk's text is complete: its landmark follows (its output predicts nothing: the text token's
+            # does), and with it the chunk joins the memory
+            self._decode_model_token(torch.full_like(token, landmark), cache)
+        return h
+
+    def _decode_model_token(self, token, cache: HSAGPTCache):
         x = self.embedding.word_embeddings(token)
         step = _Step(position=cache.length, valid=1, decoding=True)
         h = self.decoder(x, self._angles(1, x.device, start=cache.length), cache, step)
@@ -678,7 +899,7 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=None,
                                       **kwargs):
         if past_key_values is not None and past_key_values.length:
-            input_ids = input_ids[:, past_key_values.length:]  # the tokens the cache has not seen
+            input_ids = input_ids[:, past_key_values.text_length:]  # the tokens the cache has not seen
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
                   "use_cache": use_cache}
         if kwargs.get("logits_to_keep"):  # generate() asks for the last position's logits only

@@ -177,9 +177,13 @@ def check_data_against_model(args, tokenizer) -> None:
                 f"--data-landmark-chunk-size {landmark} differs from the model's --hsa-chunk-size {chunk}: GCA reads "
                 f"the landmark at the end of every model chunk; use --data-landmark-chunk-size {chunk}"
             )
-    if not landmark or args.padded_vocab_size is None:
+    if not landmark:
         return
     config = DataConfig.from_args(args)
+    # the id in use, kept in the checkpoint's arguments (tools/convert_checkpoint_to_hf.py reads it)
+    args.data_landmark_token_id = config.landmark_id(tokenizer)
+    if args.padded_vocab_size is None:
+        return
     needed = config.required_vocab_size(tokenizer)
     if needed > args.padded_vocab_size:
         padded = vocab_size_with_padding(needed, args, logging_enabled=False)

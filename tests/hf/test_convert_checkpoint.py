@@ -48,7 +48,7 @@ def test_converted_model_gives_the_checkpoint_logits(checkpoint, tmp_path, megat
     fields = json.load(open(out / "config.json"))
     assert fields["layer_pattern"] == "swa [hsa swa]" and fields["tie_word_embeddings"] is False
 
-    config, vocab, state = load_megatron_checkpoint(str(checkpoint))
+    config, vocab, state, _ = load_megatron_checkpoint(str(checkpoint))
     model = build_model(config, vocab_size=vocab).eval()
     model.load_state_dict(state)
     assert model.decoder.layers[1].retrieval.rank_decay.item() != 0.0  # trained: not the initial value
@@ -71,7 +71,7 @@ def test_vocab_size_drops_the_padding_rows(checkpoint, tmp_path, megatron_world)
     proc = _convert("--load", str(checkpoint), "--save", str(out), "--vocab-size", "100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(out / "config.json"))["vocab_size"] == 100
-    config, vocab, state = load_megatron_checkpoint(str(checkpoint))
+    config, vocab, state, _ = load_megatron_checkpoint(str(checkpoint))
     model = build_model(config, vocab_size=vocab).eval()
     model.load_state_dict(state)
     hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
@@ -204,7 +204,7 @@ def test_moe_checkpoint_of_two_expert_parallel_ranks_converts(tmp_path, megatron
     fields = json.load(open(out / "config.json"))
     assert fields["num_moe_experts"] == 4 and fields["moe_layers"] == [0, 1, 2]
 
-    config, vocab, state = load_megatron_checkpoint(str(save))
+    config, vocab, state, _ = load_megatron_checkpoint(str(save))
     model = build_model(config, vocab_size=vocab).eval()
     model.load_state_dict(state)
     assert model.decoder.layers[0].mlp.router.expert_bias.abs().sum() > 0  # trained: the bias moved
@@ -214,3 +214,44 @@ def test_moe_checkpoint_of_two_expert_parallel_ranks_converts(tmp_path, megatron
         expected = model(tokens, torch.arange(64).expand(2, 64), None)
         got = hf(tokens).logits
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_converted_gca_model_inserts_the_landmarks_of_its_training_data(tmp_path, megatron_world):
+    # DRT as the paper trains it (ALiBi, a landmark token closing every chunk of the data): the converted model takes
+    # text and gives the checkpointed model's logits at the text positions of the training layout
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ext.data.landmarks import insert_landmarks
+    from megatron_ext.hf.convert import load_megatron_checkpoint
+    from megatron_ext.models import build_model
+
+    save, out = tmp_path / "ckpt", tmp_path / "hf"
+    args = list(runner.TINY_SWA_HSA)
+    args[args.index("swa [hsa swa]")] = "swa [gca swa]"
+    args[args.index("rope")] = "none"
+    runner.run([*args, "--swa-alibi", "--data-landmark-chunk-size", "8", "--train-iters", "3", "--save", str(save),
+                "--save-interval", "3"]).check()
+    proc = _convert("--load", str(save), "--save", str(out), "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config, vocab, state, landmark = load_megatron_checkpoint(str(save))
+    fields = json.load(open(out / "config.json"))
+    assert fields["landmark_token_id"] == landmark == 128  # the default id: the tokenizer's vocabulary size
+    assert fields["swa_alibi"] is True and fields["layer_pattern"] == "swa [gca swa]"
+
+    model = build_model(config, vocab_size=vocab).eval()
+    model.load_state_dict(state)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    text = torch.randint(0, 128, (2, 8 * 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.stack([insert_landmarks({"tokens": t, "labels": t, "loss_mask": torch.ones(len(t))}, 8, landmark,
+                                        eod=0)["tokens"] for t in text])
+    with torch.no_grad():
+        expected = model(ids, torch.arange(64).expand(2, 64), None)[:, ids[0] != landmark]
+        got = hf(text).logits
+    columns = torch.arange(vocab) != landmark
+    torch.testing.assert_close(got[..., columns], expected[..., columns], rtol=2e-5, atol=2e-5)
+    # a checkpoint that does not store the default id (older ones) needs the tokenizer's size to know it
+    from megatron_ext.hf.convert import TOKENIZER_LANDMARK, landmark_for_vocab
+
+    assert landmark_for_vocab(TOKENIZER_LANDMARK, 129) == 129
+    with pytest.raises(ValueError, match="give --vocab-size"):
+        landmark_for_vocab(TOKENIZER_LANDMARK, None)

@@ -51,3 +51,34 @@ def test_cached_steps_match_the_whole_sequence_in_bf16_on_gpu(megatron_world):
     err = (got - expected).norm() / expected.norm()
     assert err < 2e-2, f"relative logits difference {err:.2e}"
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.gpu
+def test_gca_model_with_landmarks_in_bf16_on_gpu(megatron_world):
+    # DRT: the GCA Triton kernels (training form for the prompt, decode kernel for the steps), ALiBi windows; text in,
+    # the landmarks inserted by the model and by its cache
+    from megatron_ext.data.landmarks import insert_landmarks
+    from tests.models.test_gpu import CHUNK
+
+    torch.manual_seed(0)
+    model = _gpu_model("drt_gca", bf16=True, params_dtype=torch.bfloat16).eval()
+    landmark = VOCAB - 1
+    fields = hf_config_fields(model.config, VOCAB, landmark_token_id=landmark)
+    hf = HSAGPTForCausalLM(HSAGPTConfig(**fields)).to("cuda", torch.bfloat16).eval()
+    hf.load_state_dict(hf_state_dict(model.state_dict(), tied=fields["tie_word_embeddings"]))
+    n = SEQ // CHUNK * (CHUNK - 1)
+    text = torch.randint(0, landmark, (2, n), generator=torch.Generator().manual_seed(3))
+    ids = torch.stack([insert_landmarks({"tokens": t, "labels": t, "loss_mask": torch.ones(n)}, CHUNK, landmark,
+                                        eod=0)["tokens"] for t in text]).cuda()
+    text = text.cuda()
+    prompt = n // 2 + 3
+    with torch.no_grad():
+        expected = model(ids, torch.arange(SEQ, device="cuda").expand(2, SEQ), None).float()
+        full = hf(text).logits.float()[..., :landmark]
+        cache = hf(text[:, :prompt], use_cache=True).past_key_values
+        steps = torch.cat([hf(text[:, t:t + 1], past_key_values=cache).logits.float()[..., :landmark]
+                           for t in range(prompt, n)], dim=1)
+    for got, want in ((full, expected[:, ids[0] != landmark, :landmark]), (steps, full[:, prompt:])):
+        err = (got - want).norm() / want.norm()
+        assert err < 2e-2, f"relative logits difference {err:.2e}"
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95

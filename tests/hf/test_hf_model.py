@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from megatron_ext.hf import HSAGPTConfig, HSAGPTForCausalLM  # noqa: E402
 from megatron_ext.hf.convert import hf_config_fields, hf_state_dict  # noqa: E402
 from megatron_ext.models import build_model  # noqa: E402
-from tests.models.tiny import FAMILIES, SEQ, VOCAB, tiny_config  # noqa: E402
+from tests.models.tiny import CHUNK, FAMILIES, SEQ, VOCAB, tiny_config  # noqa: E402
 
 CASES = {
     "gpt_full": dict(FAMILIES["gpt_full"]),
@@ -43,10 +43,20 @@ CASES = {
                                 moe_ffn_hidden_size=24, moe_router_score_function="sigmoid",
                                 moe_router_enable_expert_bias=True, moe_router_dtype="fp32",
                                 moe_experts_impl="grouped_gemm"),
+    # ALiBi in every causal attention (the HSA layers' inner SWA too), no RoPE in the decoder
+    "swa_hsa_alibi": dict(pattern="full [hsa swa]", swa_alibi=True, position_embedding_type="none",
+                          hsa_inner_swa=True, num_attention_heads=8),
+    # DRT (its data without landmark tokens: the ids go in as they are; with landmarks see the GCA tests below):
+    # ALiBi, two encoder layers, one group of two GCA layers; then two groups, RoPE, off-by-one softmax without
+    # the landmark null slot, plain residual, KV heads of their own
+    "drt_gca": dict(FAMILIES["drt_gca"]),
+    "drt_gca_options": dict(pattern="swa [gca] swa [gca swa]", gca_softmax_off_by_one=True,
+                            gca_landmark_null_slot=False, hsa_bypass_residual=False, gca_num_kv_heads=2),
 }
+LANDMARK = VOCAB - 1  # the GCA tests' landmark token; their text ids lie below it
 
 
-def _megatron_and_hf(case):
+def _megatron_and_hf(case, landmark_token_id=None):
     spec = dict(CASES[case])
     pattern = spec.pop("pattern")
     config = tiny_config(pattern, **spec)
@@ -64,7 +74,7 @@ def _megatron_and_hf(case):
         for name, buffer in model.named_buffers():
             if name.endswith("router.expert_bias"):  # learned during training; zero at init
                 buffer.copy_(0.5 * torch.randn_like(buffer))
-    fields = hf_config_fields(config, VOCAB)
+    fields = hf_config_fields(config, VOCAB, landmark_token_id=landmark_token_id)
     hf = HSAGPTForCausalLM(HSAGPTConfig(**fields, hsa_kernel_backend="reference")).eval()
     state = hf_state_dict(model.state_dict(), tied=fields["tie_word_embeddings"])
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -81,18 +91,70 @@ def test_hf_logits_equal_megatron_logits(megatron_world, case):
         expected = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
         got = hf(tokens).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    if "hsa" in case:  # the comparison covers the HSA path: without its output the logits move far
-        with torch.no_grad():
-            for layer in hf.decoder.layers:
-                if hasattr(layer, "cross_attention"):
-                    layer.cross_attention.output_proj.weight.zero_()
-            assert (hf(tokens).logits - got).abs().max() > 0.05
+    if "hsa" in case or "gca" in case:  # the comparison covers the HSA/GCA path: without it the logits move far
+        _assert_retrieval_output_moves_logits(hf, tokens, got)
     if "moe" in case:  # and the routed experts
         with torch.no_grad():
             for module in hf.modules():
                 if type(module).__name__ == "Experts":
                     module.weight2.zero_()
             assert (hf(tokens).logits - got).abs().max() > 0.05
+
+
+def _assert_retrieval_output_moves_logits(hf, tokens, logits):
+    with torch.no_grad():
+        for layer in hf.decoder.layers:
+            if hasattr(layer, "cross_attention"):
+                layer.cross_attention.output_proj.weight.zero_()
+        assert (hf(tokens).logits - logits).nan_to_num().abs().max() > 0.05  # (a landmark column: -inf - -inf)
+
+
+def _text_and_model_ids(batch, chunks, seed):
+    """Text ids below the landmark, and the megatron model's input: the training data's landmark insertion."""
+    from megatron_ext.data.landmarks import insert_landmarks
+
+    text = torch.randint(0, LANDMARK, (batch, chunks * (CHUNK - 1)), generator=torch.Generator().manual_seed(seed))
+    model_ids = torch.stack([
+        insert_landmarks({"tokens": t, "labels": t, "loss_mask": torch.ones(len(t))}, CHUNK, LANDMARK, eod=0)["tokens"]
+        for t in text])
+    return text, model_ids
+
+
+@pytest.mark.parametrize("case", ["drt_gca", "drt_gca_options"])
+def test_gca_model_takes_text_and_inserts_the_landmarks_itself(megatron_world, case):
+    # megatron's model reads the training data's layout (a landmark closing every chunk); the Hugging Face model
+    # takes text only: its logits are megatron's at the text positions, the landmark's column -inf
+    model, hf = _megatron_and_hf(case, landmark_token_id=LANDMARK)
+    text, model_ids = _text_and_model_ids(2, SEQ // CHUNK, seed=3)
+    with torch.no_grad():
+        expected = model(model_ids, torch.arange(SEQ).expand(2, SEQ), None)
+        got = hf(text).logits
+    is_text = model_ids[0] != LANDMARK
+    assert int(is_text.sum()) == text.shape[1]
+    torch.testing.assert_close(got[..., :LANDMARK], expected[:, is_text, :LANDMARK], rtol=1e-4, atol=1e-4)
+    assert torch.isneginf(got[..., LANDMARK]).all()
+    _assert_retrieval_output_moves_logits(hf, text, got)
+    with pytest.raises(ValueError, match="landmark token"):
+        hf(model_ids)
+
+
+@pytest.mark.parametrize("prompt", [1, CHUNK - 1, 2 * (CHUNK - 1) + 3])
+def test_gca_cached_steps_give_the_logits_of_the_whole_text(megatron_world, prompt):
+    # the oracle is the model on the whole text (itself equal to megatron's, above); the steps cross 3 chunks,
+    # each completed by the landmark the cache inserts
+    _, hf = _megatron_and_hf("drt_gca", landmark_token_id=LANDMARK)
+    text, _ = _text_and_model_ids(2, 5, seed=8)
+    with torch.no_grad():
+        full = hf(text).logits
+        out = hf(text[:, :prompt], use_cache=True)
+        got, cache = [out.logits], out.past_key_values
+        for t in range(prompt, text.shape[1]):
+            out = hf(text[:, t:t + 1], past_key_values=cache)
+            assert cache.get_seq_length() == t + 1 and cache.length == t + 1 + (t + 1) // (CHUNK - 1)
+            got.append(out.logits)
+    torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-4, atol=1e-4)
+    generated = hf.generate(text[:, :prompt], max_new_tokens=10, do_sample=False)
+    assert not (generated == LANDMARK).any()
 
 
 def test_hf_loss_is_the_shifted_cross_entropy(megatron_world):
@@ -141,7 +203,9 @@ def test_generation_with_the_default_use_cache(megatron_world):
 # prompts of 1 token (no chunk yet), a whole chunk (nothing pending) and a chunk and a part
 @pytest.mark.parametrize("case, prompt", [("swa_hsa", 1), ("swa_hsa", 8), ("swa_hsa", 13), ("gpt_full", 13),
                                           ("gpt_swa", 13), ("swa_hsa_options", 13), ("swa_hsa_layernorm_untied", 13),
-                                          ("swa_hsa_softmax_scale", 1), ("swa_hsa_moe", 13)])
+                                          ("swa_hsa_softmax_scale", 1), ("swa_hsa_moe", 13),
+                                          ("swa_hsa_alibi", 13), ("drt_gca", 1), ("drt_gca", 8),
+                                          ("drt_gca_options", 13)])
 def test_cached_steps_give_the_logits_of_the_whole_sequence(megatron_world, case, prompt):
     # The oracle is the model on the whole sequence (itself equal to megatron's, above): a prompt, then one token
     # per call with the cache, through 3 chunk boundaries and past every window
@@ -154,7 +218,7 @@ def test_cached_steps_give_the_logits_of_the_whole_sequence(megatron_world, case
         cache = out.past_key_values
         for t in range(prompt, tokens.shape[1]):
             out = hf(tokens[:, t:t + 1], past_key_values=cache)
-            assert out.past_key_values is cache and cache.length == t + 1
+            assert out.past_key_values is cache and cache.length == cache.get_seq_length() == t + 1
             got.append(out.logits)
     torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-4, atol=1e-4)
     # several new tokens in one call run one by one
@@ -175,12 +239,13 @@ def test_the_cache_keeps_windows_and_whole_chunks_only(megatron_world):
     assert windows == {hf.config.swa_window_size}  # every attention of this model is a window
 
 
-def test_unconvertible_models_are_refused_by_name(megatron_world):
-    for family, what in (("drt_gca", "layer kinds ['gca']"),):
-        spec = dict(FAMILIES[family])
-        config = tiny_config(spec.pop("pattern"), **spec)
-        with pytest.raises(ValueError, match=r"cannot be converted .*" + what.replace("[", r"\[").replace("]", r"\]")):
-            hf_config_fields(config, VOCAB)
+def test_layer_kinds_without_a_hf_implementation_are_refused_by_name(megatron_world, monkeypatch):
+    from megatron_ext.models import registry
+
+    monkeypatch.setitem(registry.ATTENTION_KINDS, "local", registry.ATTENTION_KINDS["swa"])  # a user's own kind
+    config = tiny_config("swa local")
+    with pytest.raises(ValueError, match=r"cannot be converted .*layer kinds \['local'\]"):
+        hf_config_fields(config, VOCAB)
 
 
 @pytest.mark.parametrize("option, what", [
