@@ -777,8 +777,9 @@ class HSAGPTPreTrainedModel(PreTrainedModel):
 
 class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
     """Embedding -> decoder layers of ``config.layer_pattern`` -> final norm -> logits (the output layer shares
-    the embedding's weight when ``tie_word_embeddings``). Positions are 0..s-1 of each sequence (RoPE); padding is
-    not masked: batch sequences of equal length."""
+    the embedding's weight when ``tie_word_embeddings``). Positions are 0..s-1 of each sequence (RoPE). Right
+    padding (``attention_mask``) is accepted without a cache, for scoring batches of unequal lengths; generation
+    needs prompts of equal length."""
 
     def __init__(self, config: HSAGPTConfig):
         super().__init__(config)
@@ -811,9 +812,16 @@ class HSAGPTForCausalLM(HSAGPTPreTrainedModel, GenerationMixin):
         if landmark is not None and bool((input_ids == landmark).any()):
             raise ValueError(f"input_ids hold the landmark token {landmark}: pass text only, the model inserts a "
                              f"landmark after every {self.config.hsa_chunk_size - 1} text tokens itself")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding (attention_mask with zeros) is not supported: batch sequences of equal length")
         cache = past_key_values
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # Right padding (each row's real tokens first) leaves the real tokens' logits exact: every layer is
+            # causal and HSA/GCA retrieve only complete chunks before a token's own. Left padding would move every
+            # chunk boundary, and a cache would grow each row from a different position.
+            mask = attention_mask.bool()
+            if not bool((mask[:, 1:] <= mask[:, :-1]).all()) or cache is not None or use_cache:
+                raise ValueError("attention_mask: only right padding (each row's real tokens first) without a cache, "
+                                 "as for scoring; its padded positions' logits are meaningless. Generate from "
+                                 "batches of prompts of equal length (or one at a time)")
         if cache is not None and not isinstance(cache, HSAGPTCache):
             raise TypeError(f"past_key_values must be the HSAGPTCache this model returned, got {type(cache).__name__}")
         if cache is None and use_cache:

@@ -361,3 +361,22 @@ def test_expert_bias_stays_fp32_when_the_model_is_cast_to_bf16():
     assert router.expert_bias.dtype == torch.float32 and torch.equal(router.expert_bias, bias)
     _, experts = router(torch.randn(5, 8, dtype=torch.bfloat16))
     assert experts.flatten().tolist() == [2] * 5
+
+
+@pytest.mark.parametrize("case, landmark", [("swa_hsa", None), ("drt_gca", LANDMARK)])
+def test_right_padded_batches_give_each_sequences_own_logits(megatron_world, case, landmark):
+    # scoring batches of unequal lengths: right padding leaves every real position's logits those of the sequence
+    # alone; left padding and padded generation are refused
+    _, hf = _megatron_and_hf(case, landmark_token_id=landmark)
+    tokens = torch.randint(0, VOCAB - 1, (2, 40), generator=torch.Generator().manual_seed(11))
+    lengths = [40, 27]
+    mask = (torch.arange(40)[None] < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        batch = hf(tokens.masked_fill(mask == 0, 0), attention_mask=mask).logits
+        for row, n in enumerate(lengths):
+            alone = hf(tokens[row:row + 1, :n]).logits[0]
+            torch.testing.assert_close(batch[row, :n], alone, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="only right padding"):
+            hf(tokens, attention_mask=mask.flip(1))
+        with pytest.raises(ValueError, match="only right padding"):
+            hf(tokens, attention_mask=mask, use_cache=True)
