@@ -52,6 +52,9 @@ CASES = {
     "drt_gca": dict(FAMILIES["drt_gca"]),
     "drt_gca_options": dict(pattern="swa [gca] swa [gca swa]", gca_softmax_off_by_one=True,
                             gca_landmark_null_slot=False, hsa_bypass_residual=False, gca_num_kv_heads=2),
+    # GCA layers with MoE MLPs (a dense first layer)
+    "drt_gca_moe": dict(pattern="swa:dense [gca*2]", num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                        swa_alibi=True, position_embedding_type="none", moe_experts_impl="grouped_gemm"),
 }
 LANDMARK = VOCAB - 1  # the GCA tests' landmark token; their text ids lie below it
 
@@ -205,7 +208,7 @@ def test_generation_with_the_default_use_cache(megatron_world):
                                           ("gpt_swa", 13), ("swa_hsa_options", 13), ("swa_hsa_layernorm_untied", 13),
                                           ("swa_hsa_softmax_scale", 1), ("swa_hsa_moe", 13),
                                           ("swa_hsa_alibi", 13), ("drt_gca", 1), ("drt_gca", 8),
-                                          ("drt_gca_options", 13)])
+                                          ("drt_gca_options", 13), ("drt_gca_moe", 13)])
 def test_cached_steps_give_the_logits_of_the_whole_sequence(megatron_world, case, prompt):
     # The oracle is the model on the whole sequence (itself equal to megatron's, above): a prompt, then one token
     # per call with the cache, through 3 chunk boundaries and past every window
