@@ -126,9 +126,10 @@ class SelfAttention(nn.Module):
     def __init__(self, config: HSAGPTConfig, *, num_query_groups: int, qkv_bias: bool, qk_norm: bool,
                  qk_norm_factory=None, alibi: bool = False):
         super().__init__()
-        # the causal layers' ALiBi (DRT); fp32 slopes made at each forward: a buffer would be rounded by a cast to
-        # bf16, and left on the meta device by from_pretrained (not in the checkpoint)
+        # the causal layers' ALiBi (DRT): fp32 slopes made on the first forward on a device and kept (a buffer would be
+        # rounded by a cast to bf16, and left on the meta device by from_pretrained: it is not in the checkpoint)
         self.alibi = alibi
+        self._slopes: dict[torch.device, torch.Tensor] = {}
         self.heads = config.num_attention_heads
         self.groups = num_query_groups
         self.head_dim = config.kv_channels
@@ -166,11 +167,7 @@ class SelfAttention(nn.Module):
         # query head n belongs to KV group n // per_group
         k, v = (t.repeat_interleave(per_group, dim=2) for t in (k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        slopes = None
-        if self.alibi:
-            from megatron_ext.kernels.alibi import alibi_slopes
-
-            slopes = alibi_slopes(self.heads).to(q.device)
+        slopes = self._alibi_slopes(q.device) if self.alibi else None
         band = window if window is not None and window < s - 1 else None  # a window past the sequence: causal
         if decoding and slopes is not None:  # the new token is the last key: ALiBi by distance from it
             distance = torch.arange(k.shape[2], device=q.device) - (k.shape[2] - 1)
@@ -181,6 +178,13 @@ class SelfAttention(nn.Module):
         else:  # plain causal without an [s, s] mask: SDPA's fused kernels
             o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale)
         return self.linear_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+    def _alibi_slopes(self, device):
+        if device not in self._slopes:  # once: a host-to-device copy in every decode step would stall the host
+            from megatron_ext.kernels.alibi import alibi_slopes
+
+            self._slopes[device] = alibi_slopes(self.heads).to(device)
+        return self._slopes[device]
 
 
 BAND_BLOCK = 1024  # query rows per step of banded_attention (at least the window)
@@ -202,8 +206,7 @@ def banded_attention(q, k, v, window: Optional[int], scale: float, block: Option
         j = torch.arange(first, end, device=q.device)[None, :]
         mask = (j <= i) if window is None else (j <= i) & (i - j <= window)
         if slopes is not None:  # a float mask: the bias where attending, -inf elsewhere
-            bias = slopes[:, None, None] * (j - i).float()
-            mask = torch.where(mask, bias, torch.tensor(float("-inf"), device=q.device)).to(q.dtype)
+            mask = (slopes[:, None, None] * (j - i).float()).masked_fill(~mask, float("-inf")).to(q.dtype)
         out[:, :, start:end] = F.scaled_dot_product_attention(
             q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], attn_mask=mask, scale=scale)
     return out
