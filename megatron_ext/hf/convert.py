@@ -82,11 +82,17 @@ def _unsupported_moe(config) -> list[str]:
     return problems
 
 
-def hf_config_fields(config, vocab_size: int, landmark_token_id: int | None = None) -> dict:
+def hf_config_fields(config, vocab_size: int, landmark_token_id: int | None = None,
+                     landmark_chunk_size: int | None = None) -> dict:
     """The ``config.json`` fields (``HSAGPTConfig``) of a megatron ``HSAConfig``; ValueError if it has parts the
     Hugging Face model does not implement. ``landmark_token_id``: the landmark of a GCA model's training data
-    (``--data-landmark-chunk-size``), which the Hugging Face model inserts itself; the vocabulary keeps its row."""
+    (``--data-landmark-chunk-size``, ``landmark_chunk_size``), which the Hugging Face model inserts itself at the end
+    of each of its chunks; the vocabulary keeps its row."""
     problems = _unsupported(config)
+    if landmark_token_id is not None and landmark_chunk_size is not None and (
+            config.retrieval_kind is None or landmark_chunk_size != config.hsa_chunk_size):
+        problems.append(f"landmark tokens every {landmark_chunk_size} tokens in its data, which is not its chunk size "
+                        f"(the Hugging Face model inserts them at the end of each of its HSA/GCA chunks)")
     if problems:
         raise ValueError("this model cannot be converted to the Hugging Face model of megatron_ext.hf: it has "
                          + "; ".join(problems))
@@ -229,6 +235,7 @@ class MegatronCheckpoint(NamedTuple):
     # when the data used the default (the tokenizer's vocabulary size, not stored by older checkpoints), None
     # without landmarks
     landmark_token_id: int | str | None
+    landmark_chunk_size: int | None  # --data-landmark-chunk-size
 
 
 TOKENIZER_LANDMARK = "tokenizer vocab size"
@@ -310,7 +317,8 @@ def load_megatron_checkpoint(path: str, iteration: int | None = None) -> Megatro
                and n not in (model_state if os.path.isfile(single) else loaded[key])]
     if missing:
         _lacks(directory, missing)
-    return MegatronCheckpoint(config, args.padded_vocab_size, model.state_dict(), _landmark_token_id(args))
+    return MegatronCheckpoint(config, args.padded_vocab_size, model.state_dict(), _landmark_token_id(args),
+                              getattr(args, "data_landmark_chunk_size", None))
 
 
 def _lacks(directory: str, missing: list[str]):

@@ -48,7 +48,7 @@ def test_converted_model_gives_the_checkpoint_logits(checkpoint, tmp_path, megat
     fields = json.load(open(out / "config.json"))
     assert fields["layer_pattern"] == "swa [hsa swa]" and fields["tie_word_embeddings"] is False
 
-    config, vocab, state, _ = load_megatron_checkpoint(str(checkpoint))
+    config, vocab, state, *_ = load_megatron_checkpoint(str(checkpoint))
     model = build_model(config, vocab_size=vocab).eval()
     model.load_state_dict(state)
     assert model.decoder.layers[1].retrieval.rank_decay.item() != 0.0  # trained: not the initial value
@@ -71,7 +71,7 @@ def test_vocab_size_drops_the_padding_rows(checkpoint, tmp_path, megatron_world)
     proc = _convert("--load", str(checkpoint), "--save", str(out), "--vocab-size", "100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(out / "config.json"))["vocab_size"] == 100
-    config, vocab, state, _ = load_megatron_checkpoint(str(checkpoint))
+    config, vocab, state, *_ = load_megatron_checkpoint(str(checkpoint))
     model = build_model(config, vocab_size=vocab).eval()
     model.load_state_dict(state)
     hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
@@ -204,7 +204,7 @@ def test_moe_checkpoint_of_two_expert_parallel_ranks_converts(tmp_path, megatron
     fields = json.load(open(out / "config.json"))
     assert fields["num_moe_experts"] == 4 and fields["moe_layers"] == [0, 1, 2]
 
-    config, vocab, state, _ = load_megatron_checkpoint(str(save))
+    config, vocab, state, *_ = load_megatron_checkpoint(str(save))
     model = build_model(config, vocab_size=vocab).eval()
     model.load_state_dict(state)
     assert model.decoder.layers[0].mlp.router.expert_bias.abs().sum() > 0  # trained: the bias moved
@@ -233,7 +233,8 @@ def test_converted_gca_model_inserts_the_landmarks_of_its_training_data(tmp_path
                 "--save-interval", "3"]).check()
     proc = _convert("--load", str(save), "--save", str(out), "--dtype", "fp32")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config, vocab, state, landmark = load_megatron_checkpoint(str(save))
+    config, vocab, state, landmark, landmark_chunk = load_megatron_checkpoint(str(save))
+    assert landmark_chunk == 8
     fields = json.load(open(out / "config.json"))
     assert fields["landmark_token_id"] == landmark == 128  # the default id: the tokenizer's vocabulary size
     assert fields["swa_alibi"] is True and fields["layer_pattern"] == "swa [gca swa]"

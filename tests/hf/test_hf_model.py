@@ -242,6 +242,17 @@ def test_the_cache_keeps_windows_and_whole_chunks_only(megatron_world):
     assert windows == {hf.config.swa_window_size}  # every attention of this model is a window
 
 
+def test_landmarks_at_other_intervals_than_the_chunks_are_refused(megatron_world):
+    # the Hugging Face model inserts a landmark at the end of each of its chunks, as GCA's data has them
+    spec = dict(CASES["drt_gca"])
+    config = tiny_config(spec.pop("pattern"), **spec)
+    assert hf_config_fields(config, VOCAB, landmark_token_id=LANDMARK, landmark_chunk_size=CHUNK)["landmark_token_id"]
+    for pattern, chunk in (("swa [gca swa]", 2 * CHUNK), ("swa*2", CHUNK)):
+        config = tiny_config(pattern, swa_alibi=True, position_embedding_type="none")
+        with pytest.raises(ValueError, match="cannot be converted .*landmark tokens every"):
+            hf_config_fields(config, VOCAB, landmark_token_id=LANDMARK, landmark_chunk_size=chunk)
+
+
 def test_layer_kinds_without_a_hf_implementation_are_refused_by_name(megatron_world, monkeypatch):
     from megatron_ext.models import registry
 
