@@ -519,44 +519,67 @@ class HSAAttention(nn.Module):
         return self.output_proj(o.reshape(b, s, -1))
 
 
-class HSALayer(nn.Module):
-    """The HSA layer. The model's first one builds the chunk memory and each group's first one retrieves, both from
-    the layer's input; an optional inner SWA runs first; with the bypass residual the HSA output reaches the
-    residual stream only through the MLP: out = x + MLP(norm(x + HSA(norm x)))."""
+class _RetrievalLayer(nn.Module):
+    """What the HSA and GCA layers share: the model's first one builds the chunk memory and each group's first one
+    retrieves, both from the layer's input; an inner SWA (when ``window``) runs first; with the bypass residual the
+    retrieval output reaches the residual stream only through the MLP: out = x + MLP(norm(x + A(norm x)))."""
 
-    def __init__(self, config: HSAGPTConfig, layer_index: int, *, builds_memory: bool, retrieves: bool):
+    kind: str
+    memory_fields: tuple[str, ...]
+
+    def __init__(self, config: HSAGPTConfig, layer_index: int, *, memory: Optional[nn.Module],
+                 retrieval: Optional[nn.Module], attention: nn.Module, window: Optional[int]):
         super().__init__()
         self.config = config
-        self.chunk_memory = HSAChunkMemory(config) if builds_memory else None
-        self.retrieval = HSARetrieval(config) if retrieves else None
-        self.window = (config.hsa_inner_window_size or config.swa_window_size) if config.hsa_inner_swa else None
-        if config.hsa_inner_swa:
+        self.chunk_memory = memory
+        self.retrieval = retrieval
+        self.window = window
+        if window is not None:
             self.input_layernorm = _norm(config, config.hidden_size)
             self.self_attention = _causal_self_attention(config)
         self.pre_cross_attn_layernorm = _norm(config, config.hidden_size)
-        self.cross_attention = HSAAttention(config)
+        self.cross_attention = attention
         self.pre_mlp_layernorm = _norm(config, config.hidden_size)
         self.mlp = _mlp(config, layer_index)
 
     def forward(self, x, angles, memory, state=None, step=None):
         if self.chunk_memory is not None:
             built = self.chunk_memory(x) if state is None else self.chunk_memory.cached(x, state, step.valid)
-            memory = dict(zip(("landmarks", "keys", "values"), built))
+            memory = dict(zip(self.memory_fields, built))
         if self.retrieval is not None:
-            memory = dict(memory)
-            memory["indices"], memory["weights"] = self.retrieval(
-                x, memory["landmarks"], position=step.position if step and step.decoding else None)
+            memory = {**memory, **self._retrieve(x, memory, state, step)}
         if memory is None or "indices" not in memory:
-            raise RuntimeError("an HSA layer got no chunk memory or selection from the layers below")
+            raise RuntimeError(f"a {self.kind} layer got no chunk memory or selection from the layers below")
         if self.window is not None:
             x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.window,
                                         state=state, valid=step.valid if step else None)
         a = self.cross_attention(self.pre_cross_attn_layernorm(x), memory["keys"], memory["values"],
-                                 memory["indices"], memory["weights"])
+                                 memory["indices"], memory["weights"], **self._attention_options(step))
         if self.config.hsa_bypass_residual:
             return x + self.mlp(self.pre_mlp_layernorm(x + a)), memory
         x = x + a
         return x + self.mlp(self.pre_mlp_layernorm(x)), memory
+
+    def _attention_options(self, step) -> dict:
+        return {}
+
+
+class HSALayer(_RetrievalLayer):
+    """The HSA layer: a shared memory (landmarks, K/V) and a per-token selection; the inner SWA is optional."""
+
+    kind = "HSA"
+    memory_fields = ("landmarks", "keys", "values")
+
+    def __init__(self, config: HSAGPTConfig, layer_index: int, *, builds_memory: bool, retrieves: bool):
+        window = (config.hsa_inner_window_size or config.swa_window_size) if config.hsa_inner_swa else None
+        super().__init__(config, layer_index, memory=HSAChunkMemory(config) if builds_memory else None,
+                         retrieval=HSARetrieval(config) if retrieves else None, attention=HSAAttention(config),
+                         window=window)
+
+    def _retrieve(self, x, memory, state, step):
+        indices, weights = self.retrieval(x, memory["landmarks"],
+                                          position=step.position if step and step.decoding else None)
+        return dict(indices=indices, weights=weights)
 
 
 class GCAChunkMemory(nn.Module):
@@ -678,44 +701,28 @@ class GCAAttention(nn.Module):
         return self.output_proj(o.reshape(b, s, -1))
 
 
-class GCALayer(nn.Module):
-    """The GCA layer (DRT's upper layers): x + SWA(norm x), then the GCA output through the bypass residual; the
-    model's first one builds the chunk memory and each group's first one retrieves, both from the layer's input."""
+class GCALayer(_RetrievalLayer):
+    """The GCA layer (DRT's upper layers): always an inner SWA; each group projects its own chunk K/V and makes one
+    selection per chunk, which serves the next chunk."""
+
+    kind = "GCA"
+    memory_fields = ("landmarks", "encoded")
 
     def __init__(self, config: HSAGPTConfig, layer_index: int, *, builds_memory: bool, retrieves: bool):
-        super().__init__()
-        self.config = config
-        self.chunk_memory = GCAChunkMemory(config) if builds_memory else None
-        self.retrieval = GCARetrieval(config) if retrieves else None
-        self.input_layernorm = _norm(config, config.hidden_size)
-        self.self_attention = _causal_self_attention(config)
-        self.pre_cross_attn_layernorm = _norm(config, config.hidden_size)
-        self.cross_attention = GCAAttention(config)
-        self.pre_mlp_layernorm = _norm(config, config.hidden_size)
-        self.mlp = _mlp(config, layer_index)
+        super().__init__(config, layer_index, memory=GCAChunkMemory(config) if builds_memory else None,
+                         retrieval=GCARetrieval(config) if retrieves else None, attention=GCAAttention(config),
+                         window=config.swa_window_size)
 
-    def forward(self, x, angles, memory, state=None, step=None):
-        if self.chunk_memory is not None:
-            built = self.chunk_memory(x) if state is None else self.chunk_memory.cached(x, state, step.valid)
-            memory = dict(zip(("landmarks", "encoded"), built))
-        if self.retrieval is not None:
-            memory = dict(memory)
-            if state is None:
-                selected, _ = self.retrieval(x, memory["landmarks"], memory["encoded"])
-            else:
-                selected = self.retrieval.cached(x, memory["landmarks"], memory["encoded"],
-                                                 state.setdefault("retrieval", {}), step)
-            memory.update(zip(("indices", "weights", "keys", "values"), selected))
-        if memory is None or "indices" not in memory:
-            raise RuntimeError("a GCA layer got no chunk memory or selection from the layers below")
-        x = x + self.self_attention(self.input_layernorm(x), angles, causal=True, window=self.config.swa_window_size,
-                                    state=state, valid=step.valid if step else None)
-        a = self.cross_attention(self.pre_cross_attn_layernorm(x), memory["keys"], memory["values"],
-                                 memory["indices"], memory["weights"], decoding=bool(step and step.decoding))
-        if self.config.hsa_bypass_residual:
-            return x + self.mlp(self.pre_mlp_layernorm(x + a)), memory
-        x = x + a
-        return x + self.mlp(self.pre_mlp_layernorm(x)), memory
+    def _retrieve(self, x, memory, state, step):
+        if state is None:
+            selected, _ = self.retrieval(x, memory["landmarks"], memory["encoded"])
+        else:
+            selected = self.retrieval.cached(x, memory["landmarks"], memory["encoded"],
+                                             state.setdefault("retrieval", {}), step)
+        return dict(zip(("indices", "weights", "keys", "values"), selected))
+
+    def _attention_options(self, step) -> dict:
+        return dict(decoding=bool(step and step.decoding))
 
 
 class Decoder(nn.Module):
