@@ -41,18 +41,22 @@ class _Oracle(torch.nn.Module):
         return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})
 
 
-def _tiny_hf_model():
+def _tiny_hf_model(family: str = "swa_hsa"):
     from megatron_ext.hf import HSAGPTConfig, HSAGPTForCausalLM
 
     torch.manual_seed(0)
-    config = HSAGPTConfig(vocab_size=300, hidden_size=64, ffn_hidden_size=96, num_layers=3,
-                          layer_pattern="swa [hsa swa]", num_attention_heads=4, num_query_groups=2,
-                          swa_window_size=16, hsa_chunk_size=8, hsa_topk=2, hsa_kernel_backend="reference")
+    # DRT: GCA layers, ALiBi, a landmark token (299, above the byte-level ids) that the model inserts itself
+    drt = dict(layer_pattern="swa [gca swa]", swa_alibi=True, position_embedding_type="none", landmark_token_id=299)
+    fields = dict(vocab_size=300, hidden_size=64, ffn_hidden_size=96, num_layers=3, layer_pattern="swa [hsa swa]",
+                  num_attention_heads=4, num_query_groups=2, swa_window_size=16, hsa_chunk_size=8, hsa_topk=2,
+                  hsa_kernel_backend="reference")
+    config = HSAGPTConfig(**{**fields, **(drt if family == "drt" else {})})
     return HSAGPTForCausalLM(config).eval()
 
 
-def test_scores_match_greedy_generation_and_the_full_cross_entropy(passkey):
-    model = _tiny_hf_model()
+@pytest.mark.parametrize("family", ["swa_hsa", "drt"])
+def test_scores_match_greedy_generation_and_the_full_cross_entropy(passkey, family):
+    model = _tiny_hf_model(family)
     records = score_task_dataset(model, passkey, "cpu", vocab_size=300, log=lambda msg: None)
     assert len(records) == 6
     for record, (prompt, answer, _) in zip(records, iter_task_samples(passkey)):
