@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_ext.compat import cpu as cpu_compat
-    from megatron_ext.hf.convert import (hf_config_fields, hf_state_dict, landmark_for_vocab, load_megatron_checkpoint,
+    from megatron_ext.hf.convert import (hf_config_fields, hf_state_dict, load_megatron_checkpoint, resolve_landmark,
                                          save_hf_directory)
     from megatron_ext.testing import initialize_megatron_parallel, teardown_megatron_parallel
 
@@ -63,13 +63,13 @@ def main(argv=None) -> int:
     initialize_megatron_parallel()
     try:
         try:
-            config, vocab, state, landmark, landmark_chunk = load_megatron_checkpoint(args.load, args.iteration)
+            config, vocab, state, landmark_chunk, landmark = load_megatron_checkpoint(args.load, args.iteration)
             if args.vocab_size is not None and not 0 < args.vocab_size <= vocab:
                 raise ValueError(f"--vocab-size {args.vocab_size}: the checkpoint's embedding has {vocab} rows; give "
                                  f"the tokenizer's number of ids, at most {vocab}")
             # a GCA model's landmark row stays (the model inserts the token itself, never generates it)
             fields = hf_config_fields(config, args.vocab_size or vocab,
-                                      landmark_token_id=landmark_for_vocab(landmark, args.vocab_size),
+                                      landmark_token_id=resolve_landmark(landmark_chunk, landmark, args.vocab_size),
                                       landmark_chunk_size=landmark_chunk)
         except (FileNotFoundError, ValueError) as e:
             print(f"convert_checkpoint_to_hf: {e}", file=sys.stderr)

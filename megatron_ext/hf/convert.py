@@ -231,27 +231,17 @@ class MegatronCheckpoint(NamedTuple):
     config: object  # the model's HSAConfig
     padded_vocab_size: int
     state: dict  # the one-rank model's state dict
-    # the landmark token of a GCA model's training data (--data-landmark-chunk-size): its id, TOKENIZER_LANDMARK
-    # when the data used the default (the tokenizer's vocabulary size, not stored by older checkpoints), None
-    # without landmarks
-    landmark_token_id: int | str | None
-    landmark_chunk_size: int | None  # --data-landmark-chunk-size
+    landmark_chunk_size: int | None  # --data-landmark-chunk-size of its training data (None: no landmark tokens)
+    # the landmark's id as stored (None: no landmarks, or older checkpoints of data that used the default id, the
+    # tokenizer's vocabulary size)
+    landmark_token_id: int | None
 
 
-TOKENIZER_LANDMARK = "tokenizer vocab size"
-
-
-def _landmark_token_id(args):
-    if not getattr(args, "data_landmark_chunk_size", None):
-        return None
-    landmark = getattr(args, "data_landmark_token_id", None)
-    return TOKENIZER_LANDMARK if landmark is None else int(landmark)
-
-
-def landmark_for_vocab(landmark_token_id, vocab_size: int | None) -> int | None:
-    """The landmark id to give ``hf_config_fields``: a stored id as it is; the tokenizer default needs the
-    tokenizer's vocabulary size (``--vocab-size``)."""
-    if landmark_token_id != TOKENIZER_LANDMARK:
+def resolve_landmark(landmark_chunk_size: int | None, landmark_token_id: int | None,
+                     vocab_size: int | None) -> int | None:
+    """The landmark id to give ``hf_config_fields``: None without landmark data; the stored id; else the default
+    id, the tokenizer's vocabulary size (``--vocab-size``), which older checkpoints do not store."""
+    if not landmark_chunk_size or landmark_token_id is not None:
         return landmark_token_id
     if vocab_size is None:
         raise ValueError("the checkpoint's data had landmark tokens with the default id, the tokenizer's vocabulary "
@@ -317,8 +307,10 @@ def load_megatron_checkpoint(path: str, iteration: int | None = None) -> Megatro
                and n not in (model_state if os.path.isfile(single) else loaded[key])]
     if missing:
         _lacks(directory, missing)
-    return MegatronCheckpoint(config, args.padded_vocab_size, model.state_dict(), _landmark_token_id(args),
-                              getattr(args, "data_landmark_chunk_size", None))
+    chunk = getattr(args, "data_landmark_chunk_size", None)
+    landmark = getattr(args, "data_landmark_token_id", None) if chunk else None
+    return MegatronCheckpoint(config, args.padded_vocab_size, model.state_dict(), chunk,
+                              None if landmark is None else int(landmark))
 
 
 def _lacks(directory: str, missing: list[str]):

@@ -233,7 +233,7 @@ def test_converted_gca_model_inserts_the_landmarks_of_its_training_data(tmp_path
                 "--save-interval", "3"]).check()
     proc = _convert("--load", str(save), "--save", str(out), "--dtype", "fp32")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config, vocab, state, landmark, landmark_chunk = load_megatron_checkpoint(str(save))
+    config, vocab, state, landmark_chunk, landmark = load_megatron_checkpoint(str(save))
     assert landmark_chunk == 8
     fields = json.load(open(out / "config.json"))
     assert fields["landmark_token_id"] == landmark == 128  # the default id: the tokenizer's vocabulary size
@@ -251,8 +251,8 @@ def test_converted_gca_model_inserts_the_landmarks_of_its_training_data(tmp_path
     columns = torch.arange(vocab) != landmark
     torch.testing.assert_close(got[..., columns], expected[..., columns], rtol=2e-5, atol=2e-5)
     # a checkpoint that does not store the default id (older ones) needs the tokenizer's size to know it
-    from megatron_ext.hf.convert import TOKENIZER_LANDMARK, landmark_for_vocab
+    from megatron_ext.hf.convert import resolve_landmark
 
-    assert landmark_for_vocab(TOKENIZER_LANDMARK, 129) == 129
+    assert resolve_landmark(8, None, 129) == 129
     with pytest.raises(ValueError, match="give --vocab-size"):
-        landmark_for_vocab(TOKENIZER_LANDMARK, None)
+        resolve_landmark(8, None, None)
