@@ -1,16 +1,18 @@
 """End-to-end training throughput of ``pretrain_hsa.py``: SWA+HSA-345M against SWA-only and dense GPTs of its size.
 
 Each model trains ``--train-iters`` iterations (default 50) through the full production path: megatron's training
-loop, bf16 (Float16Module), Megatron DDP + distributed optimizer, warm-up + cosine LR, mock data at 8K tokens,
-``--micro-batch-size`` (default 1) with gradient accumulation to ``--global-batch-size``; ``--extra`` appends
-arguments for all three models (e.g. ``--extra="--cross-entropy-loss-fusion"``). The three models run one after another in this
-one invocation (same GPU, same software), each in its own process. Throughput is the median over the log
+loop, bf16 (Float16Module), Megatron DDP + distributed optimizer, warm-up + cosine LR, mock data of
+``--seq-length`` tokens (default 8K), ``--micro-batch-size`` (default 1) with gradient accumulation to
+``--global-batch-size``; ``--extra`` appends arguments for all three models (e.g.
+``--extra="--cross-entropy-loss-fusion"``). The three models run one after another in this one invocation (same GPU, same software), each in its own process. Throughput is the median over the log
 intervals after ``--skip-iters`` (compilation and warm-up excluded) of pretrain_hsa's ``[perf]`` line: tokens/s,
 TFLOP/s per GPU from ``megatron_ext.training.flops`` (SWA, HSA and MoE counted as built) and MFU against the H100's
 989 dense bf16 TFLOP/s.
 
     python benchmarks/train.py --out benchmarks/results/train.jsonl --markdown benchmarks/results/train.md
     python benchmarks/train.py --smoke          # tiny sizes, 4 iterations: checks the script on a CPU
+    python benchmarks/train.py --seq-length 65536 --global-batch-size 2 \
+        --extra="--recompute-granularity selective --recompute-modules core_attn mlp"   # 64K on one 80 GB GPU
     python benchmarks/train.py --models swa_hsa_345m,swa_hsa_345m_unfused,gpt_345m_swa,gpt_345m_swa_unfused \
         --micro-batch-size 2 --global-batch-size 8   # the fused kernels' effect, side by side
 """
