@@ -6,7 +6,9 @@ as megatron-core's ``context`` (``TransformerBlock`` threads ``context`` from ea
 layer's input). Each retrieval group's first layer attaches its :class:`Selection`; later layers of the group
 reuse it. Plain SWA/full layers pass the object through untouched.
 
-Everything here is tensors plus two ints, so a pipeline-parallel hand-off can send it between stages as it is.
+Everything here is tensors plus two ints: :func:`encode_memory` turns a memory into a flat list of tensors and a
+spec of ints, and :func:`decode_memory` rebuilds it, so a pipeline-parallel hand-off can send it between stages and
+a recomputed layer can take and return it as plain tensor arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ChunkMemory", "Selection", "split_chunks", "merge_chunks", "without_sequence_parallel"]
+__all__ = ["ChunkMemory", "Selection", "split_chunks", "merge_chunks", "without_sequence_parallel", "encode_memory",
+           "decode_memory", "memory_tensor_layouts"]
 
 
 def without_sequence_parallel(config):
@@ -99,3 +102,81 @@ def merge_chunks(x: torch.Tensor, batch: int) -> torch.Tensor:
     S, bc, h = x.shape
     C = bc // batch
     return x.reshape(S, batch, C, h).permute(1, 2, 0, 3).reshape(batch, C * S, h)
+
+
+# ---- flat form: the spec lists the dataclass fields in order (None / int / tensor dtype + shape / nested dataclass)
+_NONE, _INT, _TENSOR, _DATACLASS = 0, 1, 2, 3
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.bool, torch.uint8,
+           torch.float64]
+_CLASSES = [ChunkMemory, Selection]
+
+
+def encode_memory(memory: Optional[ChunkMemory]) -> tuple[list[int], list[torch.Tensor]]:
+    """(spec, tensors) of a chunk memory (or None): the tensors in field order, the rest of the structure in ints."""
+    spec: list[int] = []
+    tensors: list[torch.Tensor] = []
+    _encode(memory, spec, tensors)
+    return spec, tensors
+
+
+def decode_memory(spec: list[int], tensors) -> Optional[ChunkMemory]:
+    """Inverse of :func:`encode_memory` (``tensors`` in the order it gave them)."""
+    memory, _ = _decode(spec, 0, list(tensors))
+    return memory
+
+
+def memory_tensor_layouts(spec: list[int]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of every tensor the spec names, in order."""
+    out, pos = [], 0
+    while pos < len(spec):
+        kind = spec[pos]
+        if kind == _NONE:
+            pos += 1
+        elif kind == _INT:
+            pos += 2
+        elif kind == _TENSOR:
+            ndim = spec[pos + 2]
+            out.append((_DTYPES[spec[pos + 1]], tuple(spec[pos + 3 : pos + 3 + ndim])))
+            pos += 3 + ndim
+        else:
+            pos += 3
+    return out
+
+
+def _encode(value, spec: list[int], tensors: list[torch.Tensor]) -> None:
+    if value is None:
+        spec.append(_NONE)
+    elif isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)) and not dataclasses.is_dataclass(value):
+        raise TypeError(f"the chunk memory's flat form cannot hold a {type(value).__name__}")
+    elif isinstance(value, int):
+        spec += [_INT, value]
+    elif isinstance(value, torch.Tensor):
+        if value.dtype not in _DTYPES:
+            raise TypeError(f"the chunk memory's flat form cannot hold dtype {value.dtype}")
+        spec += [_TENSOR, _DTYPES.index(value.dtype), value.dim(), *value.shape]
+        tensors.append(value)
+    else:
+        fields = dataclasses.fields(value)
+        spec += [_DATACLASS, _CLASSES.index(type(value)), len(fields)]
+        for f in fields:
+            _encode(getattr(value, f.name), spec, tensors)
+
+
+def _decode(spec: list[int], pos: int, tensors: list[torch.Tensor]):
+    """-> (value, next position); ``tensors`` are consumed in order."""
+    kind = spec[pos]
+    if kind == _NONE:
+        return None, pos + 1
+    if kind == _INT:
+        return spec[pos + 1], pos + 2
+    if kind == _TENSOR:
+        ndim = spec[pos + 2]
+        return tensors.pop(0), pos + 3 + ndim
+    cls = _CLASSES[spec[pos + 1]]
+    n = spec[pos + 2]
+    pos += 3
+    values = []
+    for _ in range(n):
+        v, pos = _decode(spec, pos, tensors)
+        values.append(v)
+    return cls(*values), pos

@@ -33,6 +33,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_ext.layers.chunk_memory import ChunkMemory
+from megatron_ext.layers.layer_recompute import LayerRecompute
 from megatron_ext.layers.packing import flat_cu_seqlens
 
 __all__ = ["RetrievalLayerSubmodules", "RetrievalTransformerLayer"]
@@ -44,8 +45,9 @@ class RetrievalLayerSubmodules(TransformerLayerSubmodules):
     retrieval: Optional[Union[ModuleSpec, type]] = None
 
 
-class RetrievalTransformerLayer(TransformerLayer):
-    """A TransformerLayer whose ``cross_attention`` slot holds HSA or GCA over the chunk memory."""
+class RetrievalTransformerLayer(LayerRecompute, TransformerLayer):
+    """A TransformerLayer whose ``cross_attention`` slot holds HSA or GCA over the chunk memory (recomputing itself
+    under the per-layer full recomputation, see ``layers/layer_recompute.py``)."""
 
     def __init__(self, config, submodules: RetrievalLayerSubmodules, layer_number: int = 1,
                  group: Optional[int] = None, **kwargs):
@@ -56,6 +58,7 @@ class RetrievalTransformerLayer(TransformerLayer):
         self.chunk_memory = build_module(submodules.chunk_memory, **common) if submodules.chunk_memory else None
         self.retrieval = build_module(submodules.retrieval, **common) if submodules.retrieval else None
         self.has_inner_attention = not isinstance(self.self_attention, IdentityOp)
+        self._setup_recompute(config, layer_number)
 
     def _gather_sequence(self, x):
         """Sequence parallelism: the whole sequence on every rank. The modules fed with it are plain TP modules
@@ -64,10 +67,13 @@ class RetrievalTransformerLayer(TransformerLayer):
             return x
         return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
 
-    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
-                rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
-                inference_context=None, packed_seq_params=None, sequence_len_offset=None, padding_mask=None,
-                **kwargs):
+    def forward(self, hidden_states, context=None, **kwargs):
+        return self._run(self._forward, hidden_states, context, kwargs)
+
+    def _forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
+                 rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                 inference_context=None, packed_seq_params=None, sequence_len_offset=None, padding_mask=None,
+                 **kwargs):
         if inference_context is not None:
             raise NotImplementedError("retrieval layers have no megatron inference path; use the kernels' *_decode")
         x = hidden_states  # [s/TP, b, h] under sequence parallelism, else [s, b, h]

@@ -17,9 +17,10 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_ext.layers.core_attention import core_attention_builder
+from megatron_ext.layers.layer_recompute import RecomputingTransformerLayer
 from megatron_ext.layers.norms import norm_builder
 from megatron_ext.layers.self_attention import FusedRotarySelfAttention
 
@@ -51,10 +52,11 @@ def dense_mlp_builder():
 
 
 def attention_layer_spec(config, attention: ModuleSpec, mlp) -> ModuleSpec:
-    """A pre-norm ``TransformerLayer``: x + attn(norm x), then + mlp(norm x)."""
+    """A pre-norm ``TransformerLayer``: x + attn(norm x), then + mlp(norm x) (one that can recompute itself, see
+    ``layers/layer_recompute.py``)."""
     norm = norm_builder(config)
     return ModuleSpec(
-        module=TransformerLayer,
+        module=RecomputingTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=attention,

@@ -123,6 +123,12 @@ class HSAConfig(TransformerConfig):
     moe_experts_impl: str = "auto"
     """Experts of MoE layers: 'auto' (TE if importable, else grouped GEMM), 'te', 'grouped_gemm', 'sequential'."""
 
+    # ---------------- derived, not flags ----------------
+    layer_recompute_method: Optional[str] = dataclasses.field(default=None, metadata={"derived": True})
+    """Full recomputation of a retrieval model, done by its layers ('uniform' or 'block'; layers/layer_recompute.py):
+    set from recompute_granularity='full', which megatron's block cannot run with the chunk memory as context."""
+    layer_recompute_num_layers: Optional[int] = dataclasses.field(default=None, metadata={"derived": True})
+
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
             self.kv_channels = self.hidden_size // self.num_attention_heads
@@ -135,6 +141,19 @@ class HSAConfig(TransformerConfig):
             self.hetereogenous_dist_checkpoint = True
 
     # ------------------------------------------------------------------------------------------------------------
+    def _layer_recompute_instead_of_block(self):
+        """recompute_granularity='full' of a retrieval model: each layer recomputes itself (megatron's block would
+        save the chunk memory, its ``context``, as a checkpoint input, which must be a tensor); megatron's fields
+        are cleared so that the block runs the layers plainly."""
+        method, n = self.recompute_method, self.recompute_num_layers
+        if method == "uniform" and n != 1:
+            self._fail("recompute_num_layers", f"recompute_method 'uniform' with {n} layers per recomputed unit: the "
+                       "layers of a model with HSA/GCA layers recompute one by one (each saves its own input)",
+                       "use --recompute-num-layers 1 (every layer), or --recompute-method block with N (the first "
+                       "N layers of each pipeline stage)")
+        self.layer_recompute_method, self.layer_recompute_num_layers = method, n
+        self.recompute_granularity = self.recompute_method = self.recompute_num_layers = None
+
     def _fail(self, field: str, problem: str, fix: str):
         raise ValueError(f"HSAConfig.{field}: {problem}. Fix: {fix}")
 
@@ -294,8 +313,7 @@ class HSAConfig(TransformerConfig):
                        f"{S}-token chunks (context parallelism never splits a chunk)",
                        f"use a multiple of {2 * cp * S}")
         if self.recompute_granularity == "full":
-            self._fail("recompute_granularity", "'full' recomputation drops the chunk memory that the block threads "
-                       "from layer to layer", "use 'selective' or None")
+            self._layer_recompute_instead_of_block()
         if self.fp32_residual_connection and kinds & {"hsa", "gca"}:
             self._fail("fp32_residual_connection", "the HSA/GCA retrieval layers (chunk encoder, retrieval, "
                        "HSA/GCA projections) take the residual stream in the parameters' dtype",

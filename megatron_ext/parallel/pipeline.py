@@ -20,83 +20,14 @@ exchange shapes before each transfer).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
+
+from megatron_ext.layers.chunk_memory import decode_memory, encode_memory, memory_tensor_layouts
 
 __all__ = ["pack_stage_output", "unpack_stage_input", "install_chunk_memory_handoff"]
 
 _MAGIC = 0x48534150  # "HSAP"
 _ALIGN = 16
-_NONE, _INT, _TENSOR, _DATACLASS = 0, 1, 2, 3
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.bool, torch.uint8,
-           torch.float64]
-
-
-def _memory_classes():
-    from megatron_ext.layers.chunk_memory import ChunkMemory, Selection
-
-    return [ChunkMemory, Selection]
-
-
-def _encode(value, spec: list[int], tensors: list[torch.Tensor]) -> None:
-    if value is None:
-        spec.append(_NONE)
-    elif isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)) and not dataclasses.is_dataclass(value):
-        raise TypeError(f"the chunk memory hand-off cannot send a {type(value).__name__}")
-    elif isinstance(value, int):
-        spec += [_INT, value]
-    elif isinstance(value, torch.Tensor):
-        if value.dtype not in _DTYPES:
-            raise TypeError(f"the chunk memory hand-off cannot send dtype {value.dtype}")
-        spec += [_TENSOR, _DTYPES.index(value.dtype), value.dim(), *value.shape]
-        tensors.append(value)
-    else:
-        classes = _memory_classes()
-        fields = dataclasses.fields(value)
-        spec += [_DATACLASS, classes.index(type(value)), len(fields)]
-        for f in fields:
-            _encode(getattr(value, f.name), spec, tensors)
-
-
-def _decode(spec: list[int], pos: int, tensors: list[torch.Tensor]):
-    """-> (value, next position); ``tensors`` are consumed in order."""
-    kind = spec[pos]
-    if kind == _NONE:
-        return None, pos + 1
-    if kind == _INT:
-        return spec[pos + 1], pos + 2
-    if kind == _TENSOR:
-        ndim = spec[pos + 2]
-        return tensors.pop(0), pos + 3 + ndim
-    cls = _memory_classes()[spec[pos + 1]]
-    n = spec[pos + 2]
-    pos += 3
-    values = []
-    for _ in range(n):
-        v, pos = _decode(spec, pos, tensors)
-        values.append(v)
-    return cls(*values), pos
-
-
-def _tensor_layouts(spec: list[int]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    """(dtype, shape) of every tensor in the spec, in order."""
-    out, pos = [], 0
-    while pos < len(spec):
-        kind = spec[pos]
-        if kind == _NONE:
-            pos += 1
-        elif kind == _INT:
-            pos += 2
-        elif kind == _TENSOR:
-            ndim = spec[pos + 2]
-            out.append((_DTYPES[spec[pos + 1]], tuple(spec[pos + 3 : pos + 3 + ndim])))
-            pos += 3 + ndim
-        else:
-            pos += 3
-    return out
-
-
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -168,9 +99,7 @@ class _Unpack(torch.autograd.Function):
 
 def pack_stage_output(hidden: torch.Tensor, memory) -> torch.Tensor:
     """hidden [s, b, h] + chunk memory (or None) -> [R + s, b, h] in hidden's dtype (see the module docstring)."""
-    spec: list[int] = []
-    tensors: list[torch.Tensor] = []
-    _encode(memory, spec, tensors)
+    spec, tensors = encode_memory(memory)
     header = [_MAGIC, 0, len(spec), *spec]
     offsets, size = _byte_offsets(len(header), [(t.dtype, tuple(t.shape)) for t in tensors])
     s, b, h = hidden.shape
@@ -193,10 +122,10 @@ def unpack_stage_input(packed: torch.Tensor):
         )
     header_bytes = 8 * (3 + spec_len)
     spec = _as_bytes(packed[:payload_rows].detach())[24:header_bytes].view(torch.int64).tolist()
-    layouts = _tensor_layouts(spec)
+    layouts = memory_tensor_layouts(spec)
     offsets, _ = _byte_offsets(3 + spec_len, layouts)
     hidden, *tensors = _Unpack.apply(packed, payload_rows, layouts, offsets)
-    memory, _ = _decode(spec, 0, tensors)
+    memory = decode_memory(spec, tensors)
     return hidden, memory
 
 

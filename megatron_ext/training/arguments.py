@@ -52,7 +52,8 @@ def environment_defaults() -> dict[str, Any]:
 
 
 def _hsa_config_fields():
-    """HSAConfig's own fields (those TransformerConfig lacks): the source of truth for the HSA/GCA/SWA flags."""
+    """HSAConfig's own fields (those TransformerConfig lacks) but for those it derives from others: the source of
+    truth for the HSA/GCA/SWA flags."""
     import dataclasses
 
     from megatron.core.transformer import TransformerConfig
@@ -60,7 +61,7 @@ def _hsa_config_fields():
     from megatron_ext.models import HSAConfig
 
     base = {f.name for f in dataclasses.fields(TransformerConfig)}
-    return [f for f in dataclasses.fields(HSAConfig) if f.name not in base]
+    return [f for f in dataclasses.fields(HSAConfig) if f.name not in base and not f.metadata.get("derived")]
 
 
 def _field_docs(cls) -> dict[str, str]:

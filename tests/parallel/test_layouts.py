@@ -27,6 +27,7 @@ from tests.parallel.equivalence import Layout
 # gloo pairs such messages by posting order and silently swaps activations and gradients. Megatron-LM's
 # training arguments turn batching off when it overlaps p2p with compute; we turn it off here.
 _VPP = dict(pp=2, vpp=2, config={"batch_p2p_comm": False})
+_FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 LAYOUTS: dict[str, list[Layout]] = {
     "gpt": [
@@ -46,7 +47,10 @@ LAYOUTS: dict[str, list[Layout]] = {
     # stage 1, so the chunk memory and the selection cross the boundary.
     # CP=2 splits the 32 tokens in megatron's 4 pieces (ranks hold pieces 0+3 and 1+2), 2 chunks each; the SWA
     # window and the retrieval reach across pieces.
-    "swa_hsa": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
+    # pp2_recompute: every layer recomputes itself (--recompute-granularity full), the memory's gradients crossing
+    # the stage boundary and the layers' checkpoints.
+    "swa_hsa": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2),
+                Layout("pp2_recompute", pp=2, config=_FULL_RECOMPUTE)],
     "swa_hsa_shared_retrieval": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
     # QK-norm in the chunk encoder only (megatron's finalize_model_grads would not sum its grads over TP).
     "swa_hsa_no_decoder_qk_norm": [Layout("tp2", tp=2)],
@@ -55,7 +59,8 @@ LAYOUTS: dict[str, list[Layout]] = {
     "swa_hsa_gumbel": [Layout("tp2", tp=2), Layout("cp2", cp=2)],
     # Hk=1 < TP: memory K/V replicated, query heads split.
     "swa_hsa_one_kv_head": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("cp2", cp=2)],
-    "gca": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
+    "gca": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2),
+            Layout("tp2_sp_recompute", tp=2, sp=True, config=_FULL_RECOMPUTE)],
     # Fused kernels: sequence-parallel norms, the loss over a vocabulary split in two, RoPE of CP pieces.
     "swa_hsa_fused": [Layout("tp2_sp", tp=2, sp=True), Layout("cp2", cp=2)],
     "swa_hsa_moe": [Layout("ep2", ep=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],

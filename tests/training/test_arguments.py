@@ -74,6 +74,7 @@ def test_every_hsa_config_field_has_a_flag(monkeypatch):
     args = _parse(monkeypatch, [])
     for field in arguments._hsa_config_fields():  # noqa: SLF001
         assert hasattr(args, field.name), f"HSAConfig.{field.name} cannot be set from the command line"
+    assert not hasattr(args, "layer_recompute_method")  # derived from --recompute-granularity full, not a flag
 
 
 @pytest.mark.parametrize("text, message", [
