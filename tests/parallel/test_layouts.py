@@ -63,7 +63,8 @@ LAYOUTS: dict[str, list[Layout]] = {
             Layout("tp2_sp_recompute", tp=2, sp=True, config=_FULL_RECOMPUTE)],
     # Fused kernels: sequence-parallel norms, the loss over a vocabulary split in two, RoPE of CP pieces.
     "swa_hsa_fused": [Layout("tp2_sp", tp=2, sp=True), Layout("cp2", cp=2)],
-    "swa_hsa_moe": [Layout("ep2", ep=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2)],
+    "swa_hsa_moe": [Layout("ep2", ep=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2),
+                    Layout("ep2_recompute", ep=2, config=_FULL_RECOMPUTE)],
     "moe_aux_free": [
         Layout("ep2_alltoall", ep=2),
         Layout("tp2_sp", tp=2, sp=True),
