@@ -43,6 +43,9 @@ MODELS = [  # (name, label, config[, extra pretrain_hsa.py arguments])
     # measure what those kernels give in the same invocation (--models swa_hsa_345m,swa_hsa_345m_unfused,...).
     ("swa_hsa_345m_unfused", "SWA+HSA-345M, megatron's norms/RoPE/loss", "examples/swa_hsa_345m.yaml",
      ["--fused-kernel-backend", "reference"]),
+    # Not run by default: DRT-128M, the GCA model (mock data has no landmark tokens: each chunk's last token plays
+    # the landmark's part)
+    ("drt_128m", "DRT-128M (swa*6 [gca*6])", "examples/drt_128m.yaml"),
     ("gpt_345m_swa_unfused", "GPT-345M SWA-only, megatron's norms/RoPE/loss", "examples/gpt_345m_swa.yaml",
      ["--fused-kernel-backend", "reference"]),
 ]
