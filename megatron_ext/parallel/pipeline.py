@@ -28,6 +28,8 @@ __all__ = ["pack_stage_output", "unpack_stage_input", "install_chunk_memory_hand
 
 _MAGIC = 0x48534150  # "HSAP"
 _ALIGN = 16
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
