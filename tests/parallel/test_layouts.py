@@ -48,9 +48,13 @@ LAYOUTS: dict[str, list[Layout]] = {
     # CP=2 splits the 32 tokens in megatron's 4 pieces (ranks hold pieces 0+3 and 1+2), 2 chunks each; the SWA
     # window and the retrieval reach across pieces.
     # pp2_recompute: every layer recomputes itself (--recompute-granularity full), the memory's gradients crossing
-    # the stage boundary and the layers' checkpoints.
+    # the stage boundary and the layers' checkpoints; pp2_recompute_block: the first layer of each stage;
+    # tp2_recompute_distributed: each saved layer input split over the TP ranks (--distribute-saved-activations).
     "swa_hsa": [Layout("tp2", tp=2), Layout("tp2_sp", tp=2, sp=True), Layout("pp2", pp=2), Layout("cp2", cp=2),
-                Layout("pp2_recompute", pp=2, config=_FULL_RECOMPUTE)],
+                Layout("pp2_recompute", pp=2, config=_FULL_RECOMPUTE),
+                Layout("pp2_recompute_block", pp=2, config=dict(_FULL_RECOMPUTE, recompute_method="block")),
+                Layout("tp2_recompute_distributed", tp=2,
+                       config=dict(_FULL_RECOMPUTE, distribute_saved_activations=True))],
     "swa_hsa_shared_retrieval": [Layout("tp2", tp=2), Layout("pp2", pp=2)],
     # QK-norm in the chunk encoder only (megatron's finalize_model_grads would not sum its grads over TP).
     "swa_hsa_no_decoder_qk_norm": [Layout("tp2", tp=2)],
