@@ -203,25 +203,36 @@ def gather_roof(config: str, L: int, dtype: torch.dtype, rep: int, once: bool = 
 
 
 # Kernel variants the benchmark can time side by side: name -> (schedule, TUNING overrides).
+# the defaults before session 15 (2026-11-24): no passes by token ranges into fp16 accumulators; the older "previous
+# defaults" below build on it
+SESSION14 = {"fwd_token_range": 0, "bwd_dq_acc": "fp32"}
 VARIANTS = {
     "auto": ("auto", {}),
-    # chunk backward split into token ranges: fp32 atomics for dK/dV (and, since 2026-11-23 session 3, for dq: no
-    # per-slot dq buffer)
+    # chunk backward split into token ranges: atomics for dK/dV (fp32) and dq (fp16 for bf16 since session 15)
     "auto_split": ("auto", {"bwd_token_range": 4096}),
     "auto_split1024": ("auto", {"bwd_token_range": 1024}),
     "token": ("token", {}),
     "chunk": ("chunk", {}),
-    "chunk_atomic": ("chunk", {"fwd_token_range": 1024}),  # chunk forward by token ranges, fp32 atomic output
-    "auto_nosplit": ("auto", {"bwd_token_range": 0}),  # never split the backward (the default before session 3)
+    "chunk_unsplit": ("chunk", {"fwd_token_range": 0, "bwd_token_range": 0}),  # per-slot buffers, no atomics
+    "auto_session14": ("auto", SESSION14),
+    # chunk forward by token ranges, adding into an fp32 or an fp16 (scaled) accumulator with atomics
+    "chunk_atomic": ("chunk", {"fwd_token_range": 1024, "fwd_atomic_acc": "fp32"}),
+    **{f"chunk_atomic16_{r}": ("chunk", {"fwd_token_range": r, "fwd_atomic_acc": "fp16"}) for r in (1024, 2048, 4096)},
+    # both passes by the same token ranges: fp16 accumulators for the output and dq (or fp32 for dq), fp32 dK/dV
+    **{f"split16_{r}": ("chunk", {"fwd_token_range": r, "fwd_atomic_acc": "fp16", "bwd_token_range": r,
+                                  "bwd_dq_acc": "fp16"}) for r in (1024, 2048, 4096, 8192)},
+    "split32_2048": ("chunk", {"fwd_token_range": 2048, "fwd_atomic_acc": "fp16", "bwd_token_range": 2048,
+                               "bwd_dq_acc": "fp32"}),
+    "auto_nosplit": ("auto", {**SESSION14, "bwd_token_range": 0}),  # never split the backward (before session 3)
     # the defaults before session 5: per-thread K/V loads in the token forward, one chunk-backward launch for all
     # KV heads with the slot sum after it
-    "auto_session4": ("auto", {"token_fwd_tma": False, "bwd_head_groups": 1}),
+    "auto_session4": ("auto", {**SESSION14, "token_fwd_tma": False, "bwd_head_groups": 1}),
     # the defaults before session 6: per-slot dq rows for every group size (no dS rows), 2-stage chunk backward at
     # head dim 128, the reverse index built by the backward
-    "auto_session5": ("auto", {"bwd_dq": "dq", "chunk_bwd": {64: (8, 3), 128: (8, 2), "default": (8, 1)},
+    "auto_session5": ("auto", {**SESSION14, "bwd_dq": "dq", "chunk_bwd": {64: (8, 3), 128: (8, 2), "default": (8, 1)},
                                "reverse_index_beside_fwd": False}),
     # the defaults before session 7: the token forward gathering K and V (no P-row forward)
-    "auto_session6": ("auto", {"fwd_p_rows": False}),
+    "auto_session6": ("auto", {**SESSION14, "fwd_p_rows": False}),
 }
 
 

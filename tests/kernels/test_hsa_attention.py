@@ -174,26 +174,116 @@ def test_triton_matches_reference(B, L, Hq, Hk, D, S, K, dtype, schedule, off_by
     check_against_reference(q, k, v, w, idx, S=S, dtype=dtype, schedule=schedule, off_by_one=off_by_one)
 
 
-@pytest.mark.parametrize("schedule", ["chunk", "token"])
-def test_backward_split_into_token_ranges(monkeypatch, schedule):
-    """The chunk backward split into token ranges (atomic fp32 dK/dV, and dq without the per-slot buffer) gives the
-    same gradients."""
+@pytest.mark.parametrize(
+    "schedule,G,dtype,dq_acc",
+    [("chunk", 2, torch.float32, "fp32"), ("token", 2, torch.float32, "fp32"), ("chunk", 2, torch.float16, "fp16"),
+     ("chunk", 16, torch.float16, "fp16")],
+)
+def test_backward_split_into_token_ranges(monkeypatch, schedule, G, dtype, dq_acc):
+    """The chunk backward split into token ranges (atomic fp32 dK/dV, and dq without the per-slot buffer, added into
+    an fp32 or a scaled fp16 accumulator) gives the same gradients."""
     from megatron_ext.kernels.hsa import attention
 
     monkeypatch.setitem(attention.TUNING, "bwd_token_range", 32)
-    q, k, v, w, idx = make_inputs(1, 100, 4, 2, 32, 16, 3, torch.float32, seed=21, invalid_frac=0.2)
-    check_against_reference(q, k, v, w, idx, S=16, dtype=torch.float32, schedule=schedule)
+    monkeypatch.setitem(attention.TUNING, "bwd_dq_acc", dq_acc)
+    q, k, v, w, idx = make_inputs(1, 100, 2 * G, 2, 32, 16, 3, dtype, seed=21 + G, invalid_frac=0.2)
+    check_against_reference(q, k, v, w, idx, S=16, dtype=dtype, schedule=schedule)
 
 
-@pytest.mark.parametrize("G,off_by_one,dtype", [(2, False, torch.float32), (16, True, torch.float16)])
-def test_forward_by_token_ranges_with_atomics(monkeypatch, G, off_by_one, dtype):
-    """The chunk forward by token ranges (atomic fp32 output, no per-slot buffer) gives the reference's output,
-    log-sum-exp (through the backward) and gradients; 100 tokens in ranges of 32 leave a partial last range."""
+@pytest.mark.parametrize(
+    "G,off_by_one,dtype,acc",
+    [(2, False, torch.float32, "fp32"), (16, True, torch.float16, "fp32"), (2, True, torch.float16, "fp16"),
+     (16, False, torch.float16, "fp16")],
+)
+def test_forward_by_token_ranges_with_atomics(monkeypatch, G, off_by_one, dtype, acc):
+    """The chunk forward by token ranges (atomic fp32 or scaled fp16 accumulator, no per-slot buffer) gives the
+    reference's output, log-sum-exp (through the backward) and gradients; 100 tokens in ranges of 32 leave a partial
+    last range."""
     from megatron_ext.kernels.hsa import attention
 
     monkeypatch.setitem(attention.TUNING, "fwd_token_range", 32)
+    monkeypatch.setitem(attention.TUNING, "fwd_atomic_acc", acc)
     q, k, v, w, idx = make_inputs(1, 100, 2 * G, 2, 32, 16, 3, dtype, seed=23 + G, invalid_frac=0.2)
     check_against_reference(q, k, v, w, idx, S=16, dtype=dtype, schedule="chunk", off_by_one=off_by_one)
+
+
+@pytest.mark.parametrize("v_scale,do_scale", [(1e6, 1e4), (1e-7, 1e-6)])
+def test_fp16_accumulators_keep_every_magnitude(monkeypatch, v_scale, do_scale):
+    """fp16 accumulators hold their sums scaled by a power of two from a bound on the partial sums: values that
+    would overflow fp16 (|O| ~ 1e6, |dq| ~ 1e11) or sink below its normals (|O| ~ 1e-7) keep fp16's relative
+    precision. fp32 inputs against the fp32 reference, so only the accumulators round."""
+    from megatron_ext.kernels.hsa import attention
+
+    for key, value in (("fwd_token_range", 32), ("bwd_token_range", 32), ("fwd_atomic_acc", "fp16"),
+                       ("bwd_dq_acc", "fp16")):
+        monkeypatch.setitem(attention.TUNING, key, value)
+    q, k, v, w, idx = make_inputs(1, 100, 16, 1, 32, 16, 3, torch.float32, seed=31, invalid_frac=0.2)
+    v = v * v_scale
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)) * do_scale
+    got = run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=16, schedule="chunk")
+    want = run_with_grads(hsa_attention_reference, q, k, v, w, idx, do, chunk_size=16)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 2e-3, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+def test_fp16_accumulator_scale_is_the_largest_safe_power_of_two():
+    from megatron_ext.kernels.hsa import attention
+
+    for bound in (1e11, 3.0, 2.0**-20, 1e-30):
+        scale = attention._fp16_accumulator_scale(torch.tensor(bound)).item()
+        assert math.log2(scale) == round(math.log2(scale))
+        assert scale * bound <= 2.0**15 < 2 * scale * bound
+    assert attention._fp16_accumulator_scale(torch.tensor(0.0)).item() == 2.0**115  # any finite scale would do
+    # the bounds hold: every partial sum of the forward and of dq stays within them
+    q, k, v, w, idx = make_inputs(1, 64, 4, 1, 32, 16, 3, torch.float32, seed=8)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    o_k = hsa_attention_reference(q, k, v, w, idx, chunk_size=16)
+    assert o_k.abs().max() <= attention._output_bound(v, w)
+    dq = torch.autograd.grad(
+        hsa_attention_reference(q.requires_grad_(), k, v, w, idx, chunk_size=16), q, do
+    )[0]
+    assert dq.abs().max() <= attention._dq_bound(k, v, w, do, q.shape[-1] ** -0.5)
+
+
+def test_auto_token_ranges_follow_the_measured_rule(monkeypatch):
+    """"auto" runs both passes by token ranges into fp16 accumulators for bf16 on a GPU (the forward when one KV head's
+    K holds >= 2**20 elements, the backward also needs G >= 16 and K >= 16): L/16 rounded down to a power of two,
+    from 1024 up to 32 MiB of q and accumulator rows per KV head, the backward into at most 16 ranges; never for
+    other dtypes, nor in deterministic mode. The rule is asserted on shapes (no GPU needed)."""
+    from megatron_ext.kernels.hsa import attention
+
+    monkeypatch.setattr(attention, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+
+    def ranges(L, G, D, K, dtype=torch.bfloat16, kv_len=None, programs=10**6):
+        shape = attention.PassShape(L, kv_len or L, G, D, K, dtype, cuda)
+        fwd = attention._fwd_token_range(shape)
+        assert (attention.auto_schedules(G, 64, D, True, shape)[0] == "chunk") == (fwd > 0 or G < 16)
+        return fwd, attention._bwd_token_range(shape, programs)
+
+    assert ranges(65536, 16, 128, 16) == (4096, 4096)  # config A
+    # capped at 4096 tokens x 16 heads x 128 x 4 bytes = 32 MiB; the backward takes at most 16 ranges
+    assert ranges(131072, 16, 128, 16) == (4096, 0)
+    assert ranges(131072, 16, 64, 32) == (8192, 8192)
+    assert ranges(16384, 16, 128, 16) == (1024, 1024)
+    assert ranges(65536, 16, 64, 32) == (4096, 4096)  # the 345M model's layer
+    assert ranges(8192, 16, 64, 32, programs=128) == (0, 1024)  # K holds 2**19 elements: token forward
+    assert ranges(65536, 16, 64, 8) == (4096, 0)  # config B: K < 16, unsplit backward
+    assert ranges(65536, 2, 128, 16) == (4096, 0)  # config C: G < 16
+    assert ranges(262144, 2, 128, 16) == (16384, 0)
+    assert ranges(65536, 16, 128, 16, dtype=torch.float16) == (0, 0)  # fp32 accumulators: no ranges by default
+    assert ranges(1024, 16, 128, 16, kv_len=2**20) == (0, 0)  # a single range
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert ranges(65536, 16, 128, 16) == (0, 0)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setitem(attention.TUNING, "fwd_token_range", "some")
+    with pytest.raises(ValueError, match="fwd_token_range"):
+        ranges(65536, 16, 128, 16)
 
 
 def test_deterministic_mode_never_adds_with_atomics(monkeypatch):
@@ -525,13 +615,42 @@ def test_every_group_size_gpu(G):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("acc", ["fp16", "fp32"])
 @pytest.mark.parametrize("Hq,Hk,D", [(64, 4, 128), (16, 1, 64), (16, 8, 128)])
-def test_forward_by_token_ranges_gpu(monkeypatch, Hq, Hk, D):
+def test_forward_by_token_ranges_gpu(monkeypatch, Hq, Hk, D, acc):
     from megatron_ext.kernels.hsa import attention
 
     monkeypatch.setitem(attention.TUNING, "fwd_token_range", 1024)
+    monkeypatch.setitem(attention.TUNING, "fwd_atomic_acc", acc)
     q, k, v, w, idx = make_inputs(1, 4096, Hq, Hk, D, 64, 16, torch.bfloat16, seed=Hq + D)
     check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="chunk")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hk,D,K", [(64, 4, 128, 16), (16, 1, 64, 32), (16, 8, 128, 16)])
+def test_auto_atomic_passes_match_the_deterministic_ones_gpu(monkeypatch, Hq, Hk, D, K):
+    """At 16K tokens "auto" runs bf16 by 1024-token ranges into fp16 accumulators (the backward too for G >= 16);
+    its output and gradients match those of the deterministic per-slot buffers (a second schedule) within bf16
+    rounding, V of magnitude 1e4 included (fp16 would overflow unscaled)."""
+    from megatron_ext.kernels.hsa import attention
+
+    q, k, v, w, idx = make_inputs(1, 16384, Hq, Hk, D, 64, K, torch.bfloat16, seed=Hq + K, invalid_frac=0.1)
+    v = v * 1e4
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(q)
+    built = []
+    build = attention.build_reverse_index
+    monkeypatch.setattr(attention, "build_reverse_index", lambda i, c, r=0: built.append(r) or build(i, c, r))
+    got = run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=64)
+    assert built == [1024]  # one index by token ranges, shared by both passes
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        want = run_with_grads(hsa_attention, q, k, v, w, idx, do, chunk_size=64)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 1e-2, f"{name}: relative error {rel_err(a, b):.2e}"
 
 
 @pytest.mark.gpu
@@ -583,11 +702,13 @@ def test_fp32_gpu_is_exact():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dq_acc", ["fp16", "fp32"])
 @pytest.mark.parametrize("Hq,Hk,D", [(64, 4, 128), (16, 8, 128)])
-def test_backward_split_into_token_ranges_gpu(monkeypatch, Hq, Hk, D):
+def test_backward_split_into_token_ranges_gpu(monkeypatch, Hq, Hk, D, dq_acc):
     from megatron_ext.kernels.hsa import attention
 
     monkeypatch.setitem(attention.TUNING, "bwd_token_range", 1024)
+    monkeypatch.setitem(attention.TUNING, "bwd_dq_acc", dq_acc)
     q, k, v, w, idx = make_inputs(1, 4096, Hq, Hk, D, 64, 16, torch.bfloat16, seed=Hq)
     check_against_reference(q, k, v, w, idx, S=64, dtype=torch.bfloat16, schedule="auto")
 

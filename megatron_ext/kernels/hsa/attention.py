@@ -14,6 +14,11 @@ chunk  one program per (chunk, KV head): it loads the chunk's K/V once and visit
        forward's, KV-head group by KV-head group with the sums on a second stream) or, when G >= 16 and S < D,
        per-slot dS rows [B, L, Hk, K, G, S] that the token kernel multiplies by the gathered K chunks (half the
        bytes, one MMA less in the chunk kernel).
+chunk by token ranges (the default for bf16 on GPUs, long enough memories): the chunk forward takes one token range
+       at a time, so that its q rows stay in L2, and each pair adds its weighted output into the output with
+       atomics; for G >= 16 and K >= 16 the chunk backward splits by the same ranges and adds dq the same way. The
+       accumulators are fp16 for bf16 inputs (half the atomic traffic that bounds these kernels), holding their sums
+       times a power of two from a bound on every partial sum (see _fp16_accumulator_scale); fp32 otherwise.
 rows   (forward only, G >= 16 and S < D when a backward follows) the chunk kernel, by token ranges whose q rows
        stay in L2, writes each pair's weighted softmax rows w_k P_k [G, S]; the token kernel then sums P_k V_k over
        the gathered V chunks. The token forward gathers K and V for every pair (bound by the L2's bandwidth); this
@@ -70,15 +75,25 @@ TUNING = {
     "chunk_fwd_p_rows": 64,
     "chunk_bwd_rows": 128,
     "chunk_bwd_ds_rows": 64,  # A at 64K: 64 rows (4, 3) 26.6 ms, 128 rows (8, 3) 27.3-27.5, (8, 2) 28.3
-    # Chunk backward split into token ranges of this many tokens, adding dK/dV and dq into fp32 tensors with atomics
-    # (0 = no split: deterministic, no atomics, but per-slot dq or dS rows: up to K times dq's memory). "auto":
-    # 1024-token ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one (chunk 0,
-    # selected by about K*S*(1 + ln(C/K)) pairs) would otherwise set the kernel's time; measured on H100 (hsa.md,
-    # session 3): 2.2x faster for the 345M model's HSA layer at 8K, worse for configs A, B (64K) and C.
+    # Chunk backward split into token ranges of this many tokens, adding dq (into an accumulator, "bwd_dq_acc") and
+    # dK/dV (into fp32) with atomics (0 = no split: deterministic, no atomics, but per-slot dq or dS rows: up to K
+    # times dq's memory). "auto" (see _bwd_token_range): with an fp16 dq accumulator, G >= 16 and K >= 16, the
+    # forward's ranges if there are at most 16 (_auto_token_range; A at 64K: 27.3 -> 26.0 ms and half the memory,
+    # hsa.md run 21);
+    # otherwise 1024-token ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one
+    # (chunk 0, selected by about K*S*(1 + ln(C/K)) pairs) would otherwise set the kernel's time (session 3: 2.2x
+    # faster for the 345M model's HSA layer at 8K).
     "bwd_token_range": "auto",
-    # Chunk forward by token ranges of this many tokens, adding into an fp32 output with atomics (0 = one range and
-    # a per-slot output buffer summed by a second kernel: deterministic, but K times the output's memory).
-    "fwd_token_range": 0,
+    # Chunk forward by token ranges of this many tokens, adding into an output accumulator with atomics (0 = one
+    # range and a per-slot output buffer summed by a second kernel: deterministic, but K times the output's memory).
+    # "auto": _auto_token_range when the accumulator is fp16, else 0.
+    "fwd_token_range": "auto",
+    # The accumulator of that atomic forward: "fp32", or "fp16" holding the output times a power of two chosen so
+    # that no partial sum can overflow (see _fp16_accumulator_scale); "auto": fp16 for bf16 inputs (3 mantissa bits
+    # more than the output; half the atomic traffic: A at 64K, chunk kernel 14.5 -> 9.0 ms), fp32 otherwise.
+    "fwd_atomic_acc": "auto",
+    # The same for dq in the chunk backward split into token ranges (dK/dV, sums over many more pairs, stay fp32).
+    "bwd_dq_acc": "auto",
     # Token forward loads K/V chunks with TMA bulk copies (one per chunk) instead of per-thread loads (sm_90+, rows
     # of at most 256 bytes, K/V starting on 16 bytes; otherwise per-thread loads).
     "token_fwd_tma": True,
@@ -183,7 +198,7 @@ def _segment(OFFSETS, b, h, c, r, NC, NR, RP, HK: tl.constexpr):
 
 @triton.jit
 def _hsa_fwd_chunk_kernel(
-    Q, K, V, W, PAIRS, OFFSETS, OUT, LSE,
+    Q, K, V, W, PAIRS, OFFSETS, OUT, LSE, OUT_SCALE,
     qk_scale, L, NC, NR, RP, h0, NH,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
@@ -194,7 +209,8 @@ def _hsa_fwd_chunk_kernel(
     the range that selected it; OUT_ROWS says what each pair writes:
 
     "o"        its weighted output w_k O_k to its row of the per-slot buffer OUT [B, L, Hk, K, G, D];
-    "o_atomic" the same, added into the fp32 output OUT [B, L, Hq, D] (Q's strides) with atomics;
+    "o_atomic" the same times OUT_SCALE[0], added into the accumulator OUT [B, L, Hq, D] (Q's strides; fp32, or
+               fp16 with a power-of-two scale that keeps every partial sum in range) with atomics;
     "p"        its weighted softmax rows w_k P_k to its row of the per-slot buffer OUT [B, L, Hk, K, G, S], which the
                token kernel multiplies by the gathered V chunks (V is not read here).
     The programs of one token range run together, so their q rows (and atomic output rows) stay in L2.
@@ -217,6 +233,8 @@ def _hsa_fwd_chunk_kernel(
         r_g = offs_r % BLOCK_G
         r_mask = (start + r_pair < end) & (r_g < G)
         pair = tl.load(PAIRS + start + r_pair, mask=r_mask, other=0)
+        if OUT_ROWS == "o_atomic":
+            out_scale = tl.load(OUT_SCALE)
         for p0 in range(start, end, BLOCK_P):
             t = (pair // TOPK).to(tl.int64)
             slot = pair % TOPK
@@ -236,6 +254,7 @@ def _hsa_fwd_chunk_kernel(
             else:
                 o_k = tl.dot(p.to(vc.dtype), vc, input_precision=PREC) * (w / l)[:, None]
                 if OUT_ROWS == "o_atomic":
+                    o_k = (o_k * out_scale).to(OUT.dtype.element_ty)
                     tl.atomic_add(OUT + q_off[:, None] + offs_d[None, :], o_k, mask=tile_mask, sem="relaxed")
                 else:
                     tl.store(OUT + row[:, None] * D + offs_d[None, :], o_k.to(OUT.dtype.element_ty), mask=tile_mask)
@@ -268,6 +287,15 @@ def _slot_sum_kernel(
             acc += tl.load(BUF + row[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     o_off = b.to(tl.int64) * s_ob + t.to(tl.int64) * s_ol + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :]
     tl.store(OUT + o_off, acc.to(OUT.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _unscale_kernel(ACC, OUT, SCALE, N, BLOCK: tl.constexpr):
+    """OUT = ACC / SCALE[0] in OUT's dtype (a power-of-two scale: the division is exact)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.load(ACC + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (acc * (1.0 / tl.load(SCALE))).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -333,7 +361,7 @@ def _hsa_token_rows_kernel(
 
 @triton.jit
 def _hsa_bwd_chunk_kernel(
-    Q, K, V, W, DO, LSE, DW, PAIRS, OFFSETS, DK, DV, DQBUF,
+    Q, K, V, W, DO, LSE, DW, PAIRS, OFFSETS, DK, DV, DQBUF, DQ_SCALE,
     qk_scale, sm_scale, L, NC, NR, RP, h0, NH,
     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
     HK: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
@@ -343,7 +371,7 @@ def _hsa_bwd_chunk_kernel(
     """dK/dV of one (chunk, token range, KV head h0 + i < h0 + NH) from the pairs that selected it, each pair's
     weight gradient dw = sum_g Delta (to DW [B, L, Hk, K]) and, by DQ_OUT, what dq needs:
     "none"; "dq": each pair's dq, to its row of the per-slot buffer DQBUF [B, L, Hk, K, G, D] (or, with SPLIT, added
-    into the fp32 dq DQBUF with Q's strides); "ds": each pair's dS (the operand of dq = dS K, in K's dtype) to its
+    into the accumulator DQBUF with Q's strides, times DQ_SCALE[0]); "ds": each pair's dS (the operand of dq = dS K, in K's dtype) to its
     row of the per-slot buffer DQBUF [B, L, Hk, K, G, S], which the token kernel multiplies by the gathered K.
 
     Without SPLIT there is one launch range (NR = 1, over all RP ranges of the index) and dK/dV are stored; with
@@ -367,6 +395,8 @@ def _hsa_bwd_chunk_kernel(
     offs_r = tl.arange(0, BLOCK_P * BLOCK_G)
     r_pair = offs_r // BLOCK_G
     r_g = offs_r % BLOCK_G
+    if SPLIT and DQ_OUT == "dq":
+        dq_scale = tl.load(DQ_SCALE) * sm_scale
     for p0 in range(start, end, BLOCK_P):
         pidx = p0 + r_pair
         r_mask = (pidx < end) & (r_g < G)
@@ -400,11 +430,13 @@ def _hsa_bwd_chunk_kernel(
         if DQ_OUT == "ds":
             tl.store(DQBUF + row[:, None] * S + offs_s[None, :], ds.to(DQBUF.dtype.element_ty), mask=r_mask[:, None])
         if DQ_OUT == "dq":
-            dq = tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * sm_scale
+            dq = tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
             if SPLIT:
+                dq = (dq * dq_scale).to(DQBUF.dtype.element_ty)
                 tl.atomic_add(DQBUF + q_off[:, None] + offs_d[None, :], dq, mask=tile_mask, sem="relaxed")
             else:
-                tl.store(DQBUF + row[:, None] * D + offs_d[None, :], dq.to(DQBUF.dtype.element_ty), mask=tile_mask)
+                dq = (dq * sm_scale).to(DQBUF.dtype.element_ty)
+                tl.store(DQBUF + row[:, None] * D + offs_d[None, :], dq, mask=tile_mask)
     rows = (c * S + offs_s).to(tl.int64)
     out_off = kv_off + rows[:, None] * s_kl + offs_d[None, :]
     if SPLIT:
@@ -493,20 +525,83 @@ def _pairs_per_tile(group_pad: int, rows_key: str) -> int:
     return max(1, TUNING[rows_key] // group_pad, 16 // group_pad)
 
 
-def _auto_bwd_token_range(chunk_programs: int, device: torch.device) -> int:
-    """``TUNING["bwd_token_range"] == "auto"``: 1024-token ranges when the chunk programs are few for the GPU."""
-    if interpreter_enabled() or device.type != "cuda":
+class PassShape(NamedTuple):
+    """What the choice of a pass's token ranges depends on."""
+
+    seq_len: int  # L, query tokens
+    kv_len: int  # C * S, memory tokens
+    group_size: int  # G
+    head_dim: int  # D
+    topk: int  # K
+    dtype: torch.dtype
+    device: torch.device
+
+
+# Token ranges of the atomic passes with fp16 accumulators (hsa.md run 21, H100, bf16): L/16 rounded down to a power
+# of two, from 1024 up to what keeps one KV head's q rows and accumulator rows of a range within 32 MiB of L2
+# (G*D*4 bytes a token: config A 4096 tokens); none while one KV head's K (or V) holds fewer than 2**20 elements,
+# where the token forward's gathers hit L2 (the 345M model's layer at 8K: token forward 0.42 ms, ranges 0.82 ms).
+# Measured forward + backward at 64K: A 14.9 + 27.1 -> 11.3 + 25.8 ms (peak 13.7 -> 7.0 GiB); 345M layer 4.07 + 8.2
+# -> 2.58 + 6.53 ms; C (forward only) 5.91 -> 3.87 ms.
+ATOMIC_RANGE_MIN_KV_ELEMENTS = 2**20
+ATOMIC_RANGE_L2_BYTES = 32 * 2**20
+# The backward splits by those ranges into at most this many: its fp32 dK/dV partial sums grow with chunks x ranges
+# (A at 128K, 32 ranges of 4096 tokens: 64.4 ms against 54.7 unsplit; 16 ranges at 64K: 26.0 against 27.3).
+ATOMIC_BWD_MAX_RANGES = 16
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _auto_token_range(shape: PassShape) -> int:
+    """The token range of an atomic pass under "auto" (see ATOMIC_RANGE_*), 0 = none."""
+    if interpreter_enabled() or shape.device.type != "cuda":
         return 0
-    return 1024 if chunk_programs <= 4 * torch.cuda.get_device_properties(device).multi_processor_count else 0
+    if shape.kv_len * shape.head_dim < ATOMIC_RANGE_MIN_KV_ELEMENTS:
+        return 0
+    cap = _prev_power_of_2(ATOMIC_RANGE_L2_BYTES // (shape.group_size * shape.head_dim * 4))
+    token_range = min(max(1024, _prev_power_of_2(shape.seq_len // 16)), cap)
+    return token_range if token_range < shape.seq_len else 0
 
 
-def _bwd_token_range(chunk_programs: int, L: int, device: torch.device) -> int:
-    """Token range of the chunk backward, 0 = unsplit (``TUNING["bwd_token_range"]``; never split under
-    torch.use_deterministic_algorithms, whose atomics add in no fixed order)."""
-    token_range = 0 if torch.are_deterministic_algorithms_enabled() else TUNING["bwd_token_range"]
+def _resolve_token_range(key: str, shape: PassShape, auto) -> int:
+    """``TUNING[key]`` as a token range (0 = one range: no atomics), never split under
+    torch.use_deterministic_algorithms (Megatron's --deterministic-mode), whose atomics add in no fixed order."""
+    token_range = TUNING[key]
+    if torch.are_deterministic_algorithms_enabled():
+        return 0
     if token_range == "auto":
-        token_range = _auto_bwd_token_range(chunk_programs, device)
-    return token_range if 0 < token_range < L else 0
+        token_range = auto()
+    if not isinstance(token_range, int) or token_range < 0:
+        raise ValueError(f'TUNING["{key}"] must be "auto" or a token count >= 0, got {token_range!r}')
+    return token_range if token_range < shape.seq_len else 0
+
+
+def _fwd_token_range(shape: PassShape) -> int:
+    """Token range of the chunk forward's atomic mode, 0 = the per-slot buffer (``TUNING["fwd_token_range"]``)."""
+    fp16_acc = _atomic_accumulator("fwd_atomic_acc", shape.dtype) == torch.float16
+    return _resolve_token_range("fwd_token_range", shape, lambda: _auto_token_range(shape) if fp16_acc else 0)
+
+
+def _bwd_token_range(shape: PassShape, chunk_programs: int) -> int:
+    """Token range of the chunk backward, 0 = unsplit (``TUNING["bwd_token_range"]``)."""
+
+    def auto():
+        fp16_acc = _atomic_accumulator("bwd_dq_acc", shape.dtype) == torch.float16
+        if fp16_acc and shape.group_size >= TOKEN_SCHEDULE_MIN_GROUP and shape.topk >= 16:
+            token_range = _auto_token_range(shape)
+            if token_range and -(-shape.seq_len // token_range) <= ATOMIC_BWD_MAX_RANGES:
+                return token_range
+        if interpreter_enabled() or shape.device.type != "cuda":
+            return 0
+        return 1024 if chunk_programs <= 4 * _sm_count(shape.device) else 0
+
+    return _resolve_token_range("bwd_token_range", shape, auto)
 
 
 def _tma_loads(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
@@ -605,11 +700,15 @@ def _bwd_dq_rows(group_size: int, chunk_size: int, head_dim: int) -> str:
 TOKEN_SCHEDULE_MIN_GROUP = 16
 
 
-def auto_schedules(group_size: int, chunk_size: int, head_dim: int, for_backward: bool) -> tuple[str, str]:
-    """(forward, backward) loop orders of ``schedule="auto"``: forward "token" for G >= 16 (the group's query heads
-    fill the MMA rows), "rows" when moreover a backward follows and ``TUNING["fwd_p_rows"]`` allows it (see
-    ``_fwd_p_rows``), else "chunk"; backward "chunk" (the fastest measured for every group size)."""
-    if group_size < TOKEN_SCHEDULE_MIN_GROUP:
+def auto_schedules(
+    group_size: int, chunk_size: int, head_dim: int, for_backward: bool, shape: PassShape | None = None
+) -> tuple[str, str]:
+    """(forward, backward) loop orders of ``schedule="auto"``: forward "chunk" when it runs by token ranges into an
+    fp16 accumulator (``_fwd_token_range`` of ``shape``: bf16 on a GPU, long enough sequences), else "token" for
+    G >= 16 (the group's query heads fill the MMA rows), "rows" when moreover a backward follows and
+    ``TUNING["fwd_p_rows"]`` allows it (see ``_fwd_p_rows``), else "chunk"; backward "chunk" (the fastest measured
+    for every group size)."""
+    if group_size < TOKEN_SCHEDULE_MIN_GROUP or (shape is not None and _fwd_token_range(shape) > 0):
         return "chunk", "chunk"
     return ("rows" if for_backward and _fwd_p_rows(group_size, chunk_size, head_dim) else "token"), "chunk"
 
@@ -624,6 +723,10 @@ def _fwd_p_rows(group_size: int, chunk_size: int, head_dim: int) -> bool:
     if mode == "auto":
         return group_size >= TOKEN_SCHEDULE_MIN_GROUP and chunk_size < head_dim
     return mode
+
+
+def _pass_shape(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor) -> PassShape:
+    return PassShape(q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q.shape[3], indices.shape[-1], q.dtype, q.device)
 
 
 def _launch(name: str, block_d: int = 0, token_tile: int = 0) -> dict:
@@ -662,7 +765,7 @@ def hsa_attention_forward(
     if schedule == "token":
         side = None
         if for_backward and reverse is None and TUNING["reverse_index_beside_fwd"] and NC > 0:
-            if _bwd_token_range(B * Hk * NC, L, q.device) == 0:
+            if _bwd_token_range(_pass_shape(q, k, indices), B * Hk * NC) == 0:
                 built = []
                 side = _SideStream(q.device, priority=-1)  # queued first, so it does not wait for the kernel
                 side.run(lambda: built.append(build_reverse_index(indices, NC)))
@@ -682,12 +785,12 @@ def hsa_attention_forward(
     group_pad = next_power_of_2(G)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
 
-    def chunk_kernel(out, index, out_rows, tuning):
+    def chunk_kernel(out, index, out_rows, tuning, out_scale=weights):  # out_scale: read by "o_atomic" only
         n_ranges = 1 if index.token_range == 0 else -(-L // index.token_range)
         launch_ranges = 1 if out_rows == "o" else n_ranges  # "o" rows: one program per chunk over all ranges
         if NC > 0:
             _hsa_fwd_chunk_kernel[(NC, launch_ranges, B * Hk)](
-                q, k, v, weights, index.pairs, index.offsets, out, lse, qk_scale, L, NC, launch_ranges,
+                q, k, v, weights, index.pairs, index.offsets, out, lse, out_scale, qk_scale, L, NC, launch_ranges,
                 n_ranges // launch_ranges, 0, Hk, *strides, HK=Hk, G=G, TOPK=K, S=S, D=D, BLOCK_G=group_pad,
                 BLOCK_P=_pairs_per_tile(group_pad, tuning + "_rows"), BLOCK_D=BLOCK_D, OFF_BY_ONE=off_by_one,
                 OUT_ROWS=out_rows, PREC=prec, **_launch(tuning, BLOCK_D),
@@ -707,19 +810,24 @@ def hsa_attention_forward(
             ROWS_IN=True, TMA=tma, PREC=prec, **_launch("token_fwd_rows", token_tile=BLOCK_G * BLOCK_D),
         )
         return o, lse, reverse
-    # fp32 atomics add in no fixed order: torch.use_deterministic_algorithms(True) (Megatron's --deterministic-mode)
-    # keeps the per-slot buffers
-    token_range = 0 if torch.are_deterministic_algorithms_enabled() else TUNING["fwd_token_range"]
+    # atomics add in no fixed order: torch.use_deterministic_algorithms(True) (Megatron's --deterministic-mode) keeps
+    # the per-slot buffers
+    token_range = _fwd_token_range(_pass_shape(q, k, indices))
     # One launch over all KV heads: launching head groups with their epilogues (zero-fill, conversion, slot sum)
     # on a side stream, as the backward does, measured slower for the forward (A and C at 64K, session 5).
-    if 0 < token_range < L:
-        # Pairs add their weighted outputs into an fp32 output, token range by token range; the index by token
+    if token_range:
+        # Pairs add their weighted outputs into an accumulator, token range by token range; the index by token
         # ranges serves the backward too (which takes each chunk's ranges at once)
         if reverse is None or reverse.token_range != token_range:
             reverse = build_reverse_index(indices, NC, token_range)
-        out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        chunk_kernel(out, reverse, "o_atomic", "chunk_fwd")
-        return out.to(q.dtype), lse, reverse
+        acc_dtype = _atomic_accumulator("fwd_atomic_acc", q.dtype)
+        acc = torch.zeros(q.shape, device=q.device, dtype=acc_dtype)
+        if acc_dtype == torch.float32:
+            chunk_kernel(acc, reverse, "o_atomic", "chunk_fwd", torch.ones((), device=q.device))
+            return acc.to(q.dtype), lse, reverse
+        scale = _fp16_accumulator_scale(_output_bound(v, weights))
+        chunk_kernel(acc, reverse, "o_atomic", "chunk_fwd", scale)
+        return _unscale(acc, scale, q.dtype), lse, reverse
     if reverse is None:
         reverse = build_reverse_index(indices, NC)
     obuf = empty_output(B, L, Hk, K, G, D, device=q.device, dtype=q.dtype)
@@ -727,6 +835,61 @@ def hsa_attention_forward(
     o = empty_output(*q.shape, device=q.device, dtype=q.dtype)
     _slot_sum(obuf, indices, o, NC, 0, Hk, G, group_pad, BLOCK_D)
     return o, lse, reverse
+
+
+def _atomic_accumulator(key: str, dtype: torch.dtype) -> torch.dtype:
+    """``TUNING[key]`` ("fwd_atomic_acc" or "bwd_dq_acc") resolved for inputs of ``dtype``: the dtype that pairs add
+    their outputs into with atomics. fp16 for bf16 inputs: 3 mantissa bits more than the result, half the atomic
+    traffic of fp32."""
+    mode = TUNING[key]
+    if mode not in ("auto", "fp16", "fp32"):
+        raise ValueError(f'TUNING["{key}"] must be "auto", "fp16" or "fp32", got {mode!r}')
+    if mode == "auto":
+        mode = "fp16" if dtype == torch.bfloat16 else "fp32"
+    return torch.float16 if mode == "fp16" else torch.float32
+
+
+# An fp16 accumulator holds its sums times a power of two that keeps every partial sum within 2**15 (half of fp16's
+# largest finite value) by a bound computed on the device (no host synchronisation). Scaling by a power of two is
+# exact, and only values 2**-29 times the bound and below fall among fp16's subnormals.
+FP16_ACCUMULATOR_BOUND_EXP = 15
+
+
+def _fp16_accumulator_scale(bound: torch.Tensor) -> torch.Tensor:
+    """The power of two s (fp32 scalar tensor) with s * bound <= 2**15 < 2 * s * bound."""
+    return torch.exp2(FP16_ACCUMULATOR_BOUND_EXP - torch.ceil(torch.log2(bound.float().clamp_min(2.0**-100))))
+
+
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, math.inf).float() if x.numel() else torch.zeros((), device=x.device)
+
+
+def _max_weight_sum(weights: torch.Tensor) -> torch.Tensor:
+    """max over (token, KV head) of sum_k |w_k|."""
+    if weights.numel() == 0:
+        return torch.zeros((), device=weights.device)
+    return torch.linalg.vector_norm(weights, 1, dim=-1).amax()
+
+
+def _output_bound(v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """|any partial sum over slots of w_k P_k V_k| <= max|V| * max sum_k |w_k| (each softmax row sums to <= 1)."""
+    return _max_abs(v) * _max_weight_sum(weights)
+
+
+def _dq_bound(k, v, weights, do, sm_scale: float) -> torch.Tensor:
+    """|any partial sum over slots of scale * dS_k K_k| with dS_k = w_k P_k (dP_k - Delta_k), dP_k = dO V_k^T:
+    |dP - Delta| <= 2 max_s |dP_s| <= 2 ||dO row|| max_s ||V_s|| <= 2 D max|dO| max|V|, and the softmax row sums to
+    <= 1, so the bound is scale * max|K| * max sum_k |w_k| * 2 D max|dO| max|V|."""
+    D = do.shape[-1]
+    return sm_scale * 2 * D * _max_abs(k) * _max_weight_sum(weights) * _max_abs(do) * _max_abs(v)
+
+
+def _unscale(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """acc / scale in ``dtype``, one pass."""
+    out = empty_output(*acc.shape, device=acc.device, dtype=dtype)
+    block = 4096
+    _unscale_kernel[(triton.cdiv(acc.numel(), block),)](acc, out, scale, acc.numel(), BLOCK=block, num_warps=8)
+    return out
 
 
 def _slot_sum(buf, indices, out, num_chunks, h0, nh, G, block_g, block_d):
@@ -747,7 +910,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     BLOCK_D = max(16, next_power_of_2(D))
     prec = dot_precision(q.dtype)
     qk_scale = sm_scale * LOG2E
-    token_range = _bwd_token_range(B * Hk * NC, L, q.device)
+    token_range = _bwd_token_range(_pass_shape(q, k, indices), B * Hk * NC)
     split = token_range > 0
     # the forward's index serves unsplit (any token ranges: a chunk's are consecutive) or split by the same ranges
     if reverse is None or (split and reverse.token_range != token_range):
@@ -777,10 +940,11 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     descs = (_rows_descriptor(k, S, BLOCK_D), _rows_descriptor(v, S, BLOCK_D)) if tma else (None, None)
     token_g = max(16, group_pad)
 
-    def chunk_kernel(dq_out, h0, nh, mode):
+    def chunk_kernel(dq_out, h0, nh, mode, dq_scale=weights):  # dq_scale: read with SPLIT only
         if NC > 0:
             _hsa_bwd_chunk_kernel[(NC, n_ranges, B * nh)](
-                q, k, v, weights, do, lse, dw, reverse.pairs, reverse.offsets, dk, dv, dq_out, qk_scale, sm_scale, L,
+                q, k, v, weights, do, lse, dw, reverse.pairs, reverse.offsets, dk, dv, dq_out, dq_scale, qk_scale,
+                sm_scale, L,
                 NC, n_ranges, index_ranges // n_ranges, h0, nh, *strides, DQ_OUT=mode, **chunk_meta,
             )
 
@@ -796,10 +960,16 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
         dq = empty_output(*q.shape, device=q.device, dtype=q.dtype)
         chunk_kernel(dq, 0, Hk, "none")
         token_kernel(None, 0, Hk)
-    elif split:  # every pair adds its dq into an fp32 dq (Q's strides): no per-slot buffer
-        dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        chunk_kernel(dq32, 0, Hk, "dq")
-        dq = dq32.to(q.dtype)
+    elif split:  # every pair adds its dq into an accumulator (Q's strides): no per-slot buffer
+        acc_dtype = _atomic_accumulator("bwd_dq_acc", q.dtype)
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=acc_dtype)
+        if acc_dtype == torch.float32:
+            chunk_kernel(dq_acc, 0, Hk, "dq", torch.ones((), device=q.device))
+            dq = dq_acc.to(q.dtype)
+        else:
+            scale = _fp16_accumulator_scale(_dq_bound(k, v, weights, do, sm_scale))
+            chunk_kernel(dq_acc, 0, Hk, "dq", scale)
+            dq = _unscale(dq_acc, scale, q.dtype)
     else:
         # Per-slot rows, head group by head group; each group's second step runs on the side stream beside the next
         # group's chunk kernel. "dq": per-slot dq rows, summed over the slots; "ds": per-slot dS rows, which the token

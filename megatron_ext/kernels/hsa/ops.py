@@ -18,7 +18,8 @@ __all__ = ["hsa_retrieval", "hsa_attention", "hsa_decode", "ATTENTION_SCHEDULES"
 #   MMA rows, so it is efficient when G >= 16.
 # "chunk": one program per (chunk, KV head) visits the (token, slot) pairs that selected it (reverse index) and
 #   packs several tokens per tile, so small groups (G < 16) still fill the MMA rows; per-slot results are summed
-#   afterwards through a [B, L, Hk, K, G, D] buffer.
+#   afterwards through a [B, L, Hk, K, G, D] buffer, or (bf16 on GPUs, long memories) added with atomics into an
+#   fp16 accumulator, token range by token range.
 # "auto": the fastest measured per shape (megatron_ext.kernels.hsa.attention.auto_schedules).
 # "token" / "chunk" use that order in both passes ("token" is the one without per-slot buffers: least memory).
 ATTENTION_SCHEDULES = ("auto", "token", "chunk")
@@ -138,13 +139,14 @@ def hsa_attention(
             q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=sm_scale,
             softmax_off_by_one=softmax_off_by_one,
         )
-    from megatron_ext.kernels.hsa.attention import HSAAttentionFunction, auto_schedules
+    from megatron_ext.kernels.hsa.attention import HSAAttentionFunction, PassShape, auto_schedules
 
     # ctx.needs_input_grad ignores torch.no_grad(): whether a backward can follow is decided here
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, weights))
     if schedule == "auto":
         group = q.shape[2] // k.shape[2]
-        fwd_schedule, bwd_schedule = auto_schedules(group, chunk_size, q.shape[-1], for_backward)
+        shape = PassShape(q.shape[1], k.shape[1], group, q.shape[-1], indices.shape[-1], q.dtype, q.device)
+        fwd_schedule, bwd_schedule = auto_schedules(group, chunk_size, q.shape[-1], for_backward, shape)
     else:
         fwd_schedule = bwd_schedule = schedule
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
