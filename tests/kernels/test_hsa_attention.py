@@ -247,8 +247,8 @@ def test_fp16_accumulator_scale_is_the_largest_safe_power_of_two():
 
 
 def test_auto_token_ranges_follow_the_measured_rule(monkeypatch):
-    """"auto" runs both passes by token ranges into fp16 accumulators for bf16 on a GPU (the forward when one KV head's
-    K holds >= 2**20 elements, the backward also needs G >= 16 and K >= 16): L/16 rounded down to a power of two,
+    """"auto" runs both passes by token ranges into fp16 accumulators for bf16 on a GPU (q of >= 2**24 elements; the
+    forward when one KV head's K holds >= 2**20 elements, the backward also needs G >= 16 and K >= 16): L/16 rounded down to a power of two,
     from 1024 up to 32 MiB of q and accumulator rows per KV head, the backward into at most 16 ranges; never for
     other dtypes, nor in deterministic mode. The rule is asserted on shapes (no GPU needed)."""
     from megatron_ext.kernels.hsa import attention
@@ -257,8 +257,8 @@ def test_auto_token_ranges_follow_the_measured_rule(monkeypatch):
     monkeypatch.setattr(attention, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
 
-    def ranges(L, G, D, K, dtype=torch.bfloat16, kv_len=None, programs=10**6):
-        shape = attention.PassShape(L, kv_len or L, G, D, K, dtype, cuda)
+    def ranges(L, G, D, K, dtype=torch.bfloat16, kv_len=None, programs=10**6, kv_heads=4):
+        shape = attention.PassShape(L, kv_len or L, G, D, K, L * G * kv_heads * D, dtype, cuda)
         fwd = attention._fwd_token_range(shape)
         assert (attention.auto_schedules(G, 64, D, True, shape)[0] == "chunk") == (fwd > 0 or G < 16)
         return fwd, attention._bwd_token_range(shape, programs)
@@ -266,10 +266,13 @@ def test_auto_token_ranges_follow_the_measured_rule(monkeypatch):
     assert ranges(65536, 16, 128, 16) == (4096, 4096)  # config A
     # capped at 4096 tokens x 16 heads x 128 x 4 bytes = 32 MiB; the backward takes at most 16 ranges
     assert ranges(131072, 16, 128, 16) == (4096, 0)
-    assert ranges(131072, 16, 64, 32) == (8192, 8192)
+    assert ranges(131072, 16, 64, 32, kv_heads=1) == (8192, 8192)
     assert ranges(16384, 16, 128, 16) == (1024, 1024)
-    assert ranges(65536, 16, 64, 32) == (4096, 4096)  # the 345M model's layer
-    assert ranges(8192, 16, 64, 32, programs=128) == (0, 1024)  # K holds 2**19 elements: token forward
+    assert ranges(65536, 16, 64, 32, kv_heads=1) == (4096, 4096)  # the 345M model's layer
+    # K holds 2**19 elements: the token forward, and the backward by 1024-token ranges since its chunk programs are
+    # few (with an fp32 dq: q has 2**23 elements, fewer than FP16_ACCUMULATOR_MIN_ELEMENTS)
+    assert ranges(8192, 16, 64, 32, programs=128, kv_heads=1) == (0, 1024)
+    assert ranges(65536, 1, 64, 16, kv_heads=1) == (0, 0)  # 2**22 elements: fp32 accumulators, no ranges
     assert ranges(65536, 16, 64, 8) == (4096, 0)  # config B: K < 16, unsplit backward
     assert ranges(65536, 2, 128, 16) == (4096, 0)  # config C: G < 16
     assert ranges(262144, 2, 128, 16) == (16384, 0)

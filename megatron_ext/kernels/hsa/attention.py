@@ -89,8 +89,9 @@ TUNING = {
     # "auto": _auto_token_range when the accumulator is fp16, else 0.
     "fwd_token_range": "auto",
     # The accumulator of that atomic forward: "fp32", or "fp16" holding the output times a power of two chosen so
-    # that no partial sum can overflow (see _fp16_accumulator_scale); "auto": fp16 for bf16 inputs (3 mantissa bits
-    # more than the output; half the atomic traffic: A at 64K, chunk kernel 14.5 -> 9.0 ms), fp32 otherwise.
+    # that no partial sum can overflow (see _fp16_accumulator_scale); "auto": fp16 for bf16 inputs of at least
+    # FP16_ACCUMULATOR_MIN_ELEMENTS (3 mantissa bits more than the output; half the atomic traffic: A at 64K, chunk
+    # kernel 14.5 -> 9.0 ms), fp32 otherwise.
     "fwd_atomic_acc": "auto",
     # The same for dq in the chunk backward split into token ranges (dK/dV, sums over many more pairs, stay fp32).
     "bwd_dq_acc": "auto",
@@ -533,6 +534,7 @@ class PassShape(NamedTuple):
     group_size: int  # G
     head_dim: int  # D
     topk: int  # K
+    elements: int  # of q (B * L * Hq * D): the size of an output or dq accumulator
     dtype: torch.dtype
     device: torch.device
 
@@ -584,7 +586,7 @@ def _resolve_token_range(key: str, shape: PassShape, auto) -> int:
 
 def _fwd_token_range(shape: PassShape) -> int:
     """Token range of the chunk forward's atomic mode, 0 = the per-slot buffer (``TUNING["fwd_token_range"]``)."""
-    fp16_acc = _atomic_accumulator("fwd_atomic_acc", shape.dtype) == torch.float16
+    fp16_acc = _atomic_accumulator("fwd_atomic_acc", shape.dtype, shape.elements) == torch.float16
     return _resolve_token_range("fwd_token_range", shape, lambda: _auto_token_range(shape) if fp16_acc else 0)
 
 
@@ -592,7 +594,7 @@ def _bwd_token_range(shape: PassShape, chunk_programs: int) -> int:
     """Token range of the chunk backward, 0 = unsplit (``TUNING["bwd_token_range"]``)."""
 
     def auto():
-        fp16_acc = _atomic_accumulator("bwd_dq_acc", shape.dtype) == torch.float16
+        fp16_acc = _atomic_accumulator("bwd_dq_acc", shape.dtype, shape.elements) == torch.float16
         if fp16_acc and shape.group_size >= TOKEN_SCHEDULE_MIN_GROUP and shape.topk >= 16:
             token_range = _auto_token_range(shape)
             if token_range and -(-shape.seq_len // token_range) <= ATOMIC_BWD_MAX_RANGES:
@@ -725,8 +727,9 @@ def _fwd_p_rows(group_size: int, chunk_size: int, head_dim: int) -> bool:
     return mode
 
 
-def _pass_shape(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor) -> PassShape:
-    return PassShape(q.shape[1], k.shape[1], q.shape[2] // k.shape[2], q.shape[3], indices.shape[-1], q.dtype, q.device)
+def pass_shape(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor) -> PassShape:
+    B, L, Hq, D = q.shape
+    return PassShape(L, k.shape[1], Hq // k.shape[2], D, indices.shape[-1], q.numel(), q.dtype, q.device)
 
 
 def _launch(name: str, block_d: int = 0, token_tile: int = 0) -> dict:
@@ -765,7 +768,7 @@ def hsa_attention_forward(
     if schedule == "token":
         side = None
         if for_backward and reverse is None and TUNING["reverse_index_beside_fwd"] and NC > 0:
-            if _bwd_token_range(_pass_shape(q, k, indices), B * Hk * NC) == 0:
+            if _bwd_token_range(pass_shape(q, k, indices), B * Hk * NC) == 0:
                 built = []
                 side = _SideStream(q.device, priority=-1)  # queued first, so it does not wait for the kernel
                 side.run(lambda: built.append(build_reverse_index(indices, NC)))
@@ -812,7 +815,7 @@ def hsa_attention_forward(
         return o, lse, reverse
     # atomics add in no fixed order: torch.use_deterministic_algorithms(True) (Megatron's --deterministic-mode) keeps
     # the per-slot buffers
-    token_range = _fwd_token_range(_pass_shape(q, k, indices))
+    token_range = _fwd_token_range(pass_shape(q, k, indices))
     # One launch over all KV heads: launching head groups with their epilogues (zero-fill, conversion, slot sum)
     # on a side stream, as the backward does, measured slower for the forward (A and C at 64K, session 5).
     if token_range:
@@ -820,7 +823,7 @@ def hsa_attention_forward(
         # ranges serves the backward too (which takes each chunk's ranges at once)
         if reverse is None or reverse.token_range != token_range:
             reverse = build_reverse_index(indices, NC, token_range)
-        acc_dtype = _atomic_accumulator("fwd_atomic_acc", q.dtype)
+        acc_dtype = _atomic_accumulator("fwd_atomic_acc", q.dtype, q.numel())
         acc = torch.zeros(q.shape, device=q.device, dtype=acc_dtype)
         if acc_dtype == torch.float32:
             chunk_kernel(acc, reverse, "o_atomic", "chunk_fwd", torch.ones((), device=q.device))
@@ -837,15 +840,21 @@ def hsa_attention_forward(
     return o, lse, reverse
 
 
-def _atomic_accumulator(key: str, dtype: torch.dtype) -> torch.dtype:
-    """``TUNING[key]`` ("fwd_atomic_acc" or "bwd_dq_acc") resolved for inputs of ``dtype``: the dtype that pairs add
-    their outputs into with atomics. fp16 for bf16 inputs: 3 mantissa bits more than the result, half the atomic
-    traffic of fp32."""
+# "auto" accumulators are fp16 from this many elements up: below, the half-dozen small launches of the scale cost
+# more host time than fp16 saves (the 345M model's layer at 8K, 2**23 elements: backward 1.00 -> 1.28 ms).
+FP16_ACCUMULATOR_MIN_ELEMENTS = 2**24
+
+
+def _atomic_accumulator(key: str, dtype: torch.dtype, elements: int) -> torch.dtype:
+    """``TUNING[key]`` ("fwd_atomic_acc" or "bwd_dq_acc") resolved for inputs of ``dtype`` and an accumulator of
+    ``elements``: the dtype that pairs add their outputs into with atomics. "auto": fp16 for large bf16 passes (3
+    mantissa bits more than the result, half the atomic traffic of fp32), else fp32."""
     mode = TUNING[key]
     if mode not in ("auto", "fp16", "fp32"):
         raise ValueError(f'TUNING["{key}"] must be "auto", "fp16" or "fp32", got {mode!r}')
     if mode == "auto":
-        mode = "fp16" if dtype == torch.bfloat16 else "fp32"
+        large = elements >= FP16_ACCUMULATOR_MIN_ELEMENTS
+        mode = "fp16" if dtype == torch.bfloat16 and large else "fp32"
     return torch.float16 if mode == "fp16" else torch.float32
 
 
@@ -910,7 +919,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
     BLOCK_D = max(16, next_power_of_2(D))
     prec = dot_precision(q.dtype)
     qk_scale = sm_scale * LOG2E
-    token_range = _bwd_token_range(_pass_shape(q, k, indices), B * Hk * NC)
+    token_range = _bwd_token_range(pass_shape(q, k, indices), B * Hk * NC)
     split = token_range > 0
     # the forward's index serves unsplit (any token ranges: a chunk's are consecutive) or split by the same ranges
     if reverse is None or (split and reverse.token_range != token_range):
@@ -961,7 +970,7 @@ def hsa_attention_backward(q, k, v, weights, indices, do, lse, chunk_size, sm_sc
         chunk_kernel(dq, 0, Hk, "none")
         token_kernel(None, 0, Hk)
     elif split:  # every pair adds its dq into an accumulator (Q's strides): no per-slot buffer
-        acc_dtype = _atomic_accumulator("bwd_dq_acc", q.dtype)
+        acc_dtype = _atomic_accumulator("bwd_dq_acc", q.dtype, q.numel())
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=acc_dtype)
         if acc_dtype == torch.float32:
             chunk_kernel(dq_acc, 0, Hk, "dq", torch.ones((), device=q.device))

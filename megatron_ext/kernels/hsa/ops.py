@@ -139,14 +139,15 @@ def hsa_attention(
             q, k, v, weights, indices, chunk_size=chunk_size, sm_scale=sm_scale,
             softmax_off_by_one=softmax_off_by_one,
         )
-    from megatron_ext.kernels.hsa.attention import HSAAttentionFunction, PassShape, auto_schedules
+    from megatron_ext.kernels.hsa.attention import HSAAttentionFunction, auto_schedules, pass_shape
 
     # ctx.needs_input_grad ignores torch.no_grad(): whether a backward can follow is decided here
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, weights))
     if schedule == "auto":
         group = q.shape[2] // k.shape[2]
-        shape = PassShape(q.shape[1], k.shape[1], group, q.shape[-1], indices.shape[-1], q.dtype, q.device)
-        fwd_schedule, bwd_schedule = auto_schedules(group, chunk_size, q.shape[-1], for_backward, shape)
+        fwd_schedule, bwd_schedule = auto_schedules(
+            group, chunk_size, q.shape[-1], for_backward, pass_shape(q, k, indices)
+        )
     else:
         fwd_schedule = bwd_schedule = schedule
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
