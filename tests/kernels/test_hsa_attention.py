@@ -248,7 +248,7 @@ def test_fp16_accumulator_scale_is_the_largest_safe_power_of_two():
 
 def test_auto_token_ranges_follow_the_measured_rule(monkeypatch):
     """"auto" runs both passes by token ranges into fp16 accumulators for bf16 on a GPU (q of >= 2**24 elements; the
-    forward when one KV head's K holds >= 2**20 elements, the backward also needs G >= 16 and K >= 16): L/16 rounded down to a power of two,
+    forward when one KV head's K holds >= 2**20 elements and K >= 16, the backward also needs G >= 16): L/16 rounded down to a power of two,
     from 1024 up to 32 MiB of q and accumulator rows per KV head, the backward into at most 16 ranges; never for
     other dtypes, nor in deterministic mode. The rule is asserted on shapes (no GPU needed)."""
     from megatron_ext.kernels.hsa import attention
@@ -273,7 +273,7 @@ def test_auto_token_ranges_follow_the_measured_rule(monkeypatch):
     # few (with an fp32 dq: q has 2**23 elements, fewer than FP16_ACCUMULATOR_MIN_ELEMENTS)
     assert ranges(8192, 16, 64, 32, programs=128, kv_heads=1) == (0, 1024)
     assert ranges(65536, 1, 64, 16, kv_heads=1) == (0, 0)  # 2**22 elements: fp32 accumulators, no ranges
-    assert ranges(65536, 16, 64, 8) == (4096, 0)  # config B: K < 16, unsplit backward
+    assert ranges(65536, 16, 64, 8, kv_heads=1) == (0, 0)  # config B: top-8, token forward, unsplit backward
     assert ranges(65536, 2, 128, 16) == (4096, 0)  # config C: G < 16
     assert ranges(262144, 2, 128, 16) == (16384, 0)
     assert ranges(65536, 16, 128, 16, dtype=torch.float16) == (0, 0)  # fp32 accumulators: no ranges by default

@@ -16,7 +16,7 @@ chunk  one program per (chunk, KV head): it loads the chunk's K/V once and visit
        bytes, one MMA less in the chunk kernel).
 chunk by token ranges (the default for bf16 on GPUs, long enough memories): the chunk forward takes one token range
        at a time, so that its q rows stay in L2, and each pair adds its weighted output into the output with
-       atomics; for G >= 16 and K >= 16 the chunk backward splits by the same ranges and adds dq the same way. The
+       atomics; for G >= 16 the chunk backward splits by the same ranges and adds dq the same way. The
        accumulators are fp16 for bf16 inputs (half the atomic traffic that bounds these kernels), holding their sums
        times a power of two from a bound on every partial sum (see _fp16_accumulator_scale); fp32 otherwise.
 rows   (forward only, G >= 16 and S < D when a backward follows) the chunk kernel, by token ranges whose q rows
@@ -77,8 +77,8 @@ TUNING = {
     "chunk_bwd_ds_rows": 64,  # A at 64K: 64 rows (4, 3) 26.6 ms, 128 rows (8, 3) 27.3-27.5, (8, 2) 28.3
     # Chunk backward split into token ranges of this many tokens, adding dq (into an accumulator, "bwd_dq_acc") and
     # dK/dV (into fp32) with atomics (0 = no split: deterministic, no atomics, but per-slot dq or dS rows: up to K
-    # times dq's memory). "auto" (see _bwd_token_range): with an fp16 dq accumulator, G >= 16 and K >= 16, the
-    # forward's ranges if there are at most 16 (_auto_token_range; A at 64K: 27.3 -> 26.0 ms and half the memory,
+    # times dq's memory). "auto" (see _bwd_token_range): with an fp16 dq accumulator and G >= 16, the forward's
+    # ranges if there are at most 16 (_auto_token_range; A at 64K: 27.3 -> 26.0 ms and half the memory,
     # hsa.md run 21);
     # otherwise 1024-token ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one
     # (chunk 0, selected by about K*S*(1 + ln(C/K)) pairs) would otherwise set the kernel's time (session 3: 2.2x
@@ -542,10 +542,13 @@ class PassShape(NamedTuple):
 # Token ranges of the atomic passes with fp16 accumulators (hsa.md run 21, H100, bf16): L/16 rounded down to a power
 # of two, from 1024 up to what keeps one KV head's q rows and accumulator rows of a range within 32 MiB of L2
 # (G*D*4 bytes a token: config A 4096 tokens); none while one KV head's K (or V) holds fewer than 2**20 elements,
-# where the token forward's gathers hit L2 (the 345M model's layer at 8K: token forward 0.42 ms, ranges 0.82 ms).
+# where the token forward's gathers hit L2 (the 345M model's layer at 8K: token forward 0.42 ms, ranges 0.82 ms), nor
+# for top-k < 16, where the fixed costs per token (zero-fill, scale, conversion) weigh more (config B, top-8: 1.08-1.09
+# ms against the token forward's 1.06-1.07).
 # Measured forward + backward at 64K: A 14.9 + 27.1 -> 11.3 + 25.8 ms (peak 13.7 -> 7.0 GiB); 345M layer 4.07 + 8.2
 # -> 2.58 + 6.53 ms; C (forward only) 5.91 -> 3.87 ms.
 ATOMIC_RANGE_MIN_KV_ELEMENTS = 2**20
+ATOMIC_RANGE_MIN_TOPK = 16
 ATOMIC_RANGE_L2_BYTES = 32 * 2**20
 # The backward splits by those ranges into at most this many: its fp32 dK/dV partial sums grow with chunks x ranges
 # (A at 128K, 32 ranges of 4096 tokens: 64.4 ms against 54.7 unsplit; 16 ranges at 64K: 26.0 against 27.3).
@@ -564,7 +567,7 @@ def _auto_token_range(shape: PassShape) -> int:
     """The token range of an atomic pass under "auto" (see ATOMIC_RANGE_*), 0 = none."""
     if interpreter_enabled() or shape.device.type != "cuda":
         return 0
-    if shape.kv_len * shape.head_dim < ATOMIC_RANGE_MIN_KV_ELEMENTS:
+    if shape.kv_len * shape.head_dim < ATOMIC_RANGE_MIN_KV_ELEMENTS or shape.topk < ATOMIC_RANGE_MIN_TOPK:
         return 0
     cap = _prev_power_of_2(ATOMIC_RANGE_L2_BYTES // (shape.group_size * shape.head_dim * 4))
     token_range = min(max(1024, _prev_power_of_2(shape.seq_len // 16)), cap)
@@ -595,7 +598,7 @@ def _bwd_token_range(shape: PassShape, chunk_programs: int) -> int:
 
     def auto():
         fp16_acc = _atomic_accumulator("bwd_dq_acc", shape.dtype, shape.elements) == torch.float16
-        if fp16_acc and shape.group_size >= TOKEN_SCHEDULE_MIN_GROUP and shape.topk >= 16:
+        if fp16_acc and shape.group_size >= TOKEN_SCHEDULE_MIN_GROUP:
             token_range = _auto_token_range(shape)
             if token_range and -(-shape.seq_len // token_range) <= ATOMIC_BWD_MAX_RANGES:
                 return token_range
