@@ -247,10 +247,11 @@ def test_fp16_accumulator_scale_is_the_largest_safe_power_of_two():
 
 
 def test_auto_token_ranges_follow_the_measured_rule(monkeypatch):
-    """"auto" runs both passes by token ranges into fp16 accumulators for bf16 on a GPU (q of >= 2**24 elements; the
-    forward when one KV head's K holds >= 2**20 elements and K >= 16, the backward also needs G >= 16): L/16 rounded down to a power of two,
-    from 1024 up to 32 MiB of q and accumulator rows per KV head, the backward into at most 16 ranges; never for
-    other dtypes, nor in deterministic mode. The rule is asserted on shapes (no GPU needed)."""
+    """"auto" runs both passes by token ranges into fp16 accumulators for bf16 on a GPU (q of >= 2**24 elements;
+    the forward when one KV head's K holds >= 2**20 elements and K >= 16, the backward also needs G >= 16): L/16
+    rounded down to a power of two, from 1024 up to 32 MiB of q and accumulator rows per KV head, the backward into
+    at most 16 ranges; never for other dtypes, nor in deterministic mode. The rule is asserted on shapes (no GPU
+    needed)."""
     from megatron_ext.kernels.hsa import attention
 
     monkeypatch.setattr(attention, "interpreter_enabled", lambda: False)

@@ -78,9 +78,8 @@ TUNING = {
     # Chunk backward split into token ranges of this many tokens, adding dq (into an accumulator, "bwd_dq_acc") and
     # dK/dV (into fp32) with atomics (0 = no split: deterministic, no atomics, but per-slot dq or dS rows: up to K
     # times dq's memory). "auto" (see _bwd_token_range): with an fp16 dq accumulator and G >= 16, the forward's
-    # ranges if there are at most 16 (_auto_token_range; A at 64K: 27.3 -> 26.0 ms and half the memory,
-    # hsa.md run 21);
-    # otherwise 1024-token ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one
+    # ranges if there are at most 16 (_auto_token_range; A at 64K: 27.3 -> 26.0 ms and half the memory, hsa.md
+    # run 21); otherwise 1024-token ranges when there are few chunk programs (B * Hk * C <= 4 per SM), whose longest one
     # (chunk 0, selected by about K*S*(1 + ln(C/K)) pairs) would otherwise set the kernel's time (session 3: 2.2x
     # faster for the 345M model's HSA layer at 8K).
     "bwd_token_range": "auto",
@@ -371,9 +370,10 @@ def _hsa_bwd_chunk_kernel(
 ):
     """dK/dV of one (chunk, token range, KV head h0 + i < h0 + NH) from the pairs that selected it, each pair's
     weight gradient dw = sum_g Delta (to DW [B, L, Hk, K]) and, by DQ_OUT, what dq needs:
-    "none"; "dq": each pair's dq, to its row of the per-slot buffer DQBUF [B, L, Hk, K, G, D] (or, with SPLIT, added
-    into the accumulator DQBUF with Q's strides, times DQ_SCALE[0]); "ds": each pair's dS (the operand of dq = dS K, in K's dtype) to its
-    row of the per-slot buffer DQBUF [B, L, Hk, K, G, S], which the token kernel multiplies by the gathered K.
+    "none"; "dq": each pair's dq, to its row of the per-slot buffer DQBUF [B, L, Hk, K, G, D] (or, with SPLIT, times
+    DQ_SCALE[0] added into the accumulator DQBUF with Q's strides); "ds": each pair's dS (the operand of dq = dS K,
+    in K's dtype) to its row of the per-slot buffer DQBUF [B, L, Hk, K, G, S], which the token kernel multiplies by
+    the gathered K.
 
     Without SPLIT there is one launch range (NR = 1, over all RP ranges of the index) and dK/dV are stored; with
     SPLIT the programs of one token range run together (their q/dO and dq rows stay in L2) and add their partial
