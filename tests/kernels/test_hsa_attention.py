@@ -176,7 +176,7 @@ def test_triton_matches_reference(B, L, Hq, Hk, D, S, K, dtype, schedule, off_by
 
 @pytest.mark.parametrize(
     "schedule,G,dtype,dq_acc",
-    [("chunk", 2, torch.float32, "fp32"), ("token", 2, torch.float32, "fp32"), ("chunk", 2, torch.float16, "fp16"),
+    [("chunk", 2, torch.float32, "fp32"), ("token", 2, torch.float32, "fp32"), ("chunk", 3, torch.float16, "fp16"),
      ("chunk", 16, torch.float16, "fp16")],
 )
 def test_backward_split_into_token_ranges(monkeypatch, schedule, G, dtype, dq_acc):
@@ -191,11 +191,11 @@ def test_backward_split_into_token_ranges(monkeypatch, schedule, G, dtype, dq_ac
 
 
 @pytest.mark.parametrize(
-    "G,off_by_one,dtype,acc",
-    [(2, False, torch.float32, "fp32"), (16, True, torch.float16, "fp32"), (2, True, torch.float16, "fp16"),
-     (16, False, torch.float16, "fp16")],
+    "B,G,off_by_one,dtype,acc",
+    [(1, 2, False, torch.float32, "fp32"), (1, 16, True, torch.float16, "fp32"), (1, 2, True, torch.float16, "fp16"),
+     (1, 16, False, torch.float16, "fp16"), (2, 3, False, torch.float16, "fp16")],
 )
-def test_forward_by_token_ranges_with_atomics(monkeypatch, G, off_by_one, dtype, acc):
+def test_forward_by_token_ranges_with_atomics(monkeypatch, B, G, off_by_one, dtype, acc):
     """The chunk forward by token ranges (atomic fp32 or scaled fp16 accumulator, no per-slot buffer) gives the
     reference's output, log-sum-exp (through the backward) and gradients; 100 tokens in ranges of 32 leave a partial
     last range."""
@@ -203,7 +203,7 @@ def test_forward_by_token_ranges_with_atomics(monkeypatch, G, off_by_one, dtype,
 
     monkeypatch.setitem(attention.TUNING, "fwd_token_range", 32)
     monkeypatch.setitem(attention.TUNING, "fwd_atomic_acc", acc)
-    q, k, v, w, idx = make_inputs(1, 100, 2 * G, 2, 32, 16, 3, dtype, seed=23 + G, invalid_frac=0.2)
+    q, k, v, w, idx = make_inputs(B, 100, 2 * G, 2, 32, 16, 3, dtype, seed=23 + G, invalid_frac=0.2)
     check_against_reference(q, k, v, w, idx, S=16, dtype=dtype, schedule="chunk", off_by_one=off_by_one)
 
 
