@@ -82,7 +82,7 @@ SWEEP = [  # (schedule, TUNING overrides) tried by --sweep; kernel: (num_warps, 
     ("auto", {"chunk_bwd": (8, 3)}),
     ("auto", {"bwd_token_range": 0}),
     ("auto", {"bwd_token_range": 8192}),
-    # split backward: dK/dV and dq add into fp32 tensors with atomics (no per-slot dq buffer)
+    # split backward: dK/dV (fp32) and dq (TUNING["bwd_dq_acc"]) add with atomics (no per-slot dq buffer)
     ("auto", {"bwd_token_range": 512}),
     ("auto", {"bwd_token_range": 1024}),
     ("auto", {"bwd_token_range": 2048}),
